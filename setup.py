@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minidiff",
+    version="0.1.0",
+    description="Stable Diffusion 1.5 and Diff-Plugin (CVPR 2024) from scratch in plain PyTorch",
+    packages=find_packages(include=["minidiff", "minidiff.*"]),
+    package_data={"minidiff": ["bpe_simple_vocab_16e6.txt.gz"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1,<3",
+        "safetensors>=0.4",
+        "ftfy>=6.1",
+        "regex",
+        "pillow>=9",
+        "numpy",
+        "scipy",
+        "tqdm",
+    ],
+    extras_require={
+        # Reference libraries for the parity tests only; minidiff never imports them.
+        # diffusers 0.35 is the newest that sits beside transformers 4.x (huggingface_hub < 1.0), and
+        # transformers 4.x still ships the slow CLIPTokenizer that SD-1.x and Diff-Plugin used.
+        "test": ["pytest", "diffusers==0.35.2", "transformers==4.57.6", "accelerate"],
+    },
+)
