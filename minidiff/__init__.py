@@ -1,0 +1,29 @@
+"""minidiff: Stable Diffusion 1.5 and Diff-Plugin (CVPR 2024) in plain PyTorch.
+
+Importing the package loads no weights, no vocabulary and no optional dependency: the public names below
+are resolved on first use from the module that defines them.
+"""
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "load_stable_diffusion": "weights",
+    "load_clip_vision": "weights",
+    "StableDiffusion": "weights",
+    "CLIPTokenizer": "tokenizer",
+    "CLIPTextModel": "clip",
+    "CLIPVisionModel": "clip",
+    "clip_preprocess": "clip",
+    "UNet": "unet",
+    "AutoencoderKL": "vae",
+}
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"minidiff.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
