@@ -44,8 +44,7 @@ def load_strict(model, state_dict, what, dtype=None, device="cpu", ignore=()):
     starting with one of `ignore`. Raises CheckpointError naming the first offenders. Returns the model in eval mode.
     """
     expected = model.state_dict()
-    given = {k: v for k, v in state_dict.items() if not k.startswith(tuple(ignore)) if ignore} if ignore \
-        else state_dict
+    given = {k: v for k, v in state_dict.items() if not k.startswith(tuple(ignore))}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     if missing or unexpected:
