@@ -59,3 +59,78 @@ def load_strict(model, state_dict, what, dtype=None, device="cpu", ignore=()):
             for k, v in given.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE (AutoencoderKL): diffusers names -> original CompVis names, and the builder used for `first_stage_model.*`
+# and for a diffusers `vae/` folder. minidiff.vae names its modules after the original single file.
+# ---------------------------------------------------------------------------------------------------------------
+import re  # noqa: E402
+
+# (diffusers pattern, original replacement), applied in order to every key. decoder.up_blocks.{i} is handled apart:
+# diffusers counts up blocks from the lowest resolution, CompVis stores them at the encoder level's index.
+VAE_DIFFUSERS_RENAMES = [
+    (r"\.down_blocks\.(\d+)\.resnets\.", r".down.\1.block."),
+    (r"\.down_blocks\.(\d+)\.downsamplers\.0\.", r".down.\1.downsample."),
+    (r"\.up_blocks\.(\d+)\.resnets\.", r".up_blocks.\1.block."),
+    (r"\.up_blocks\.(\d+)\.upsamplers\.0\.", r".up_blocks.\1.upsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"\.conv_norm_out\.", ".norm_out."),
+    # mid-block attention: current names (to_q ...) and the legacy ones of older files (query ..., SD-1.4 era)
+    (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
+    (r"\.attn_1\.(to_q|query)\.", ".attn_1.q."),
+    (r"\.attn_1\.(to_k|key)\.", ".attn_1.k."),
+    (r"\.attn_1\.(to_v|value)\.", ".attn_1.v."),
+    (r"\.attn_1\.(to_out\.0|proj_attn)\.", ".attn_1.proj_out."),
+]
+
+
+def vae_from_diffusers(state_dict):
+    """Diffusers AutoencoderKL state dict -> original CompVis names (minidiff.vae). Tensors are not copied.
+
+    Attention projections are nn.Linear [C, C] in diffusers and 1x1 convs [C, C, 1, 1] in the original.
+    """
+    ups = {int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
+    out = {}
+    for key, tensor in state_dict.items():
+        new = key
+        for pattern, repl in VAE_DIFFUSERS_RENAMES:
+            new = re.sub(pattern, repl, new)
+        # up_blocks.i (i-th applied) -> up.(n-1-i) (stored at its resolution level)
+        new = re.sub(r"\.up_blocks\.(\d+)\.", lambda m: f".up.{len(ups) - 1 - int(m[1])}.", new)
+        if ".attn_1." in new and new.endswith("weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1] (a view)
+        out[new] = tensor
+    return out
+
+
+def vae_config_from_state_dict(state_dict):
+    """VAEConfig read from the tensor shapes of an original-layout VAE state dict."""
+    from minidiff.vae import VAEConfig
+    try:
+        ch, in_channels = state_dict["encoder.conv_in.weight"].shape[:2]
+        levels = sorted({int(m[1]) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+        blocks = {int(m[1]) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+        ch_mult = tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+        return VAEConfig(in_channels=in_channels, out_channels=state_dict["decoder.conv_out.weight"].shape[0],
+                         ch=ch, ch_mult=ch_mult, num_res_blocks=len(blocks),
+                         z_channels=state_dict["post_quant_conv.weight"].shape[0])
+    except KeyError as e:
+        keys = list(state_dict)[:3]
+        raise CheckpointError(f"VAE: no tensor {e} in the state dict; this is not an SD AutoencoderKL "
+                              f"({len(state_dict)} tensors, first {keys})") from None
+
+
+def build_vae(state_dict, dtype=None, device="cpu"):
+    """AutoencoderKL from an original-layout (`first_stage_model.*` minus the prefix) or diffusers-layout
+    state dict; the config is read from the shapes, so tiny test checkpoints load too. Strict, no weight copy."""
+    from minidiff.vae import AutoencoderKL
+    if any(".down_blocks." in k or ".mid_block." in k for k in state_dict):
+        state_dict = vae_from_diffusers(state_dict)
+    cfg = vae_config_from_state_dict(state_dict)
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg)  # no memory: load_strict assigns the checkpoint tensors
+    return load_strict(model, state_dict, "VAE", dtype=dtype, device=device)

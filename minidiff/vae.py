@@ -1,0 +1,226 @@
+"""The Stable Diffusion 1.x variational autoencoder (AutoencoderKL, "KL-f8": 8x downscale, 4 latent channels).
+
+Paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022), section 3.1
+and appendix G (the first-stage autoencoder with a KL penalty).
+Reference implementation mirrored: CompVis/stable-diffusion @ 21f890f, ldm/models/autoencoder.py (AutoencoderKL)
+and ldm/modules/diffusionmodules/model.py (Encoder, Decoder, ResnetBlock, AttnBlock, Downsample, Upsample).
+Parameter names are those of the original single-file checkpoint (`first_stage_model.*` minus the prefix), so
+`encoder.down.1.block.0.nin_shortcut.weight` in a file is `vae.encoder.down[1].block[0].nin_shortcut.weight`.
+The diffusers names (down_blocks / up_blocks / mid_block / to_q ...) are a rename table in minidiff/weights.py.
+
+    vae = AutoencoderKL(VAEConfig())
+    mean, logvar = vae.encode(images)              # images [B, 3, H, W] in [-1, 1] -> [B, 4, ceil(H/8), ceil(W/8)]
+    latents = LATENT_SCALE * mean                  # what the UNet sees (SD samples mean + std * noise in training)
+    images = vae.decode(latents / LATENT_SCALE)    # [B, 3, 8h, 8w], roughly in [-1, 1]
+"""
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidiff.layers import attention
+
+# SD-1.x latents are the VAE posterior scaled by this factor, chosen by CompVis so that the latents of the
+# training images have about unit variance (configs/stable-diffusion/v1-inference.yaml `scale_factor`).
+LATENT_SCALE = 0.18215
+
+GROUPS = 32  # GroupNorm groups everywhere in the VAE (CompVis Normalize(); diffusers norm_num_groups)
+EPS = 1e-6  # GroupNorm epsilon everywhere in the VAE (not torch's 1e-5 default)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL hyper-parameters; defaults are SD-1.x's first stage (v1-inference.yaml `ddconfig`)."""
+    in_channels: int = 3  # image channels in (RGB)
+    out_channels: int = 3  # image channels out
+    ch: int = 128  # base width; level i has ch * ch_mult[i] channels
+    ch_mult: tuple = (1, 2, 4, 4)  # one entry per resolution level; len-1 downsamplings -> 8x
+    num_res_blocks: int = 2  # ResnetBlocks per encoder level (the decoder has one more per level)
+    z_channels: int = 4  # latent channels (the encoder emits 2 * z: mean and log-variance)
+
+
+# A tiny configuration of the same architecture for fast tests (2 levels -> 2x downscale).
+TINY_VAE = replace(VAEConfig(), ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+
+def Normalize(channels):
+    return nn.GroupNorm(GROUPS, channels, eps=EPS)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, plus a 1x1 conv shortcut when the width changes (no time embedding in the VAE)."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.norm1 = Normalize(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = Normalize(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # CompVis calls the 1x1 shortcut nin_shortcut ("network in network"); diffusers calls it conv_shortcut.
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))  # dropout (0 in SD) omitted: inference only
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with 1x1 convs as the q/k/v/output projections."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = Normalize(ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # 1x1 convs, then flatten the image into a sequence of H*W tokens of width C
+        q = self.q(h).flatten(2).transpose(1, 2)  # [B, HW, C]
+        k = self.k(h).flatten(2).transpose(1, 2)  # [B, HW, C]
+        v = self.v(h).flatten(2).transpose(1, 2)  # [B, HW, C]
+        h = attention(q, k, v, heads=1)  # softmax(q k^T / sqrt(C)) v, [B, HW, C]
+        h = h.transpose(1, 2).reshape(B, C, H, W)  # [B, C, H, W]
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding only right and bottom by one (CompVis' asymmetric padding, kept for
+    checkpoint compatibility): an odd side H becomes (H + 1) / 2."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad (left, right, top, bottom) with zeros
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock - self-attention - ResnetBlock at the lowest resolution (CompVis keeps them as `mid.*`)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch)
+        self.attn_1 = AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: `block` (a list of ResnetBlocks) then an optional `downsample` or `upsample`."""
+
+    def __init__(self, blocks, resample_name=None, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.resample_name = resample_name
+        if resample is not None:
+            self.add_module(resample_name, resample)  # named as in the checkpoint: downsample / upsample
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        if self.resample_name is not None:
+            x = getattr(self, self.resample_name)(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Image [B, in, H, W] -> moments [B, 2z, H/8, W/8] (mean and log-variance, before quant_conv)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        in_ch = cfg.ch
+        for i, out_ch in enumerate(widths):
+            blocks = [ResnetBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks)]
+            last = i == len(widths) - 1
+            # every level but the last halves the resolution
+            self.down.append(Level(blocks, None if last else "downsample", None if last else Downsample(out_ch)))
+            in_ch = out_ch
+        self.mid = MidBlock(in_ch)
+        self.norm_out = Normalize(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent z [B, z, h, w] -> image [B, out, 8h, 8w]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1])
+        # CompVis builds the levels from the lowest resolution up but stores them at the index of the matching
+        # encoder level: up[len-1] runs first, up[0] last (the reverse of diffusers' up_blocks order).
+        levels = []
+        in_ch = widths[-1]
+        for i in reversed(range(len(widths))):
+            out_ch = widths[i]
+            # one more ResnetBlock per level than the encoder has
+            blocks = [ResnetBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks + 1)]
+            first = i == 0
+            levels.append(Level(blocks, None if first else "upsample", None if first else Upsample(out_ch)))
+            in_ch = out_ch
+        self.up = nn.ModuleList(reversed(levels))  # up[i] belongs to resolution level i
+        self.norm_out = Normalize(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):  # lowest resolution first
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder + Gaussian posterior + decoder. quant_conv / post_quant_conv are the 1x1 convs around the latent."""
+
+    def __init__(self, cfg=VAEConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    def encode(self, x):
+        """Images [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the posterior, each [B, z, ~H/8, ~W/8].
+
+        A latent sample is mean + exp(0.5 * logvar) * noise; the posterior mode is `mean` (Diff-Plugin's SCB
+        condition). logvar is clamped to [-30, 20] as CompVis' DiagonalGaussianDistribution does.
+        """
+        moments = self.quant_conv(self.encoder(x))  # [B, 2z, h, w]
+        mean, logvar = moments.chunk(2, dim=1)  # 2 x [B, z, h, w]
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        """Unscaled latents [B, z, h, w] (SD latents / LATENT_SCALE) -> images [B, 3, 8h, 8w], about [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
