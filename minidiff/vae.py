@@ -9,7 +9,7 @@ Parameter names are those of the original single-file checkpoint (`first_stage_m
 The diffusers names (down_blocks / up_blocks / mid_block / to_q ...) are a rename table in minidiff/weights.py.
 
     vae = AutoencoderKL(VAEConfig())
-    mean, logvar = vae.encode(images)              # images [B, 3, H, W] in [-1, 1] -> [B, 4, ceil(H/8), ceil(W/8)]
+    mean, logvar = vae.encode(images)              # images [B, 3, H, W] in [-1, 1] -> [B, 4, H//8, W//8]
     latents = LATENT_SCALE * mean                  # what the UNet sees (SD samples mean + std * noise in training)
     images = vae.decode(latents / LATENT_SCALE)    # [B, 3, 8h, 8w], roughly in [-1, 1]
 """
@@ -91,7 +91,7 @@ class AttnBlock(nn.Module):
 
 class Downsample(nn.Module):
     """Stride-2 3x3 conv after padding only right and bottom by one (CompVis' asymmetric padding, kept for
-    checkpoint compatibility): an odd side H becomes (H + 1) / 2."""
+    checkpoint compatibility): a side H becomes H // 2 (an odd one loses its last row)."""
 
     def __init__(self, ch):
         super().__init__()
@@ -144,7 +144,7 @@ class Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image [B, in, H, W] -> moments [B, 2z, H/8, W/8] (mean and log-variance, before quant_conv)."""
+    """Image [B, in, H, W] -> moments [B, 2z, H//8, W//8] (mean and log-variance, before quant_conv)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -212,7 +212,7 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
     def encode(self, x):
-        """Images [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the posterior, each [B, z, ~H/8, ~W/8].
+        """Images [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the posterior, each [B, z, H//8, W//8].
 
         A latent sample is mean + exp(0.5 * logvar) * noise; the posterior mode is `mean` (Diff-Plugin's SCB
         condition). logvar is clamped to [-30, 20] as CompVis' DiagonalGaussianDistribution does.
