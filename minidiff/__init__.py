@@ -9,6 +9,7 @@ import importlib
 _EXPORTS = {
     "load_stable_diffusion": "weights",
     "load_clip_vision": "weights",
+    "build_clip_text": "weights",
     "StableDiffusion": "weights",
     "CLIPTokenizer": "tokenizer",
     "CLIPTextModel": "clip",
