@@ -1,0 +1,212 @@
+"""Image files in and out for the tools: robust loading, the size cap, comparisons, atomic writes.
+
+Loading mirrors the official Diff-Plugin code (yuhaoliu7456/Diff-Plugin @ 79e12bb, infer.py l.90, through
+diffusers 0.17 `load_image`, utils/testing_utils.py l.262-290: PIL open, `ImageOps.exif_transpose`, convert
+RGB) and adds what that one-liner gets wrong or leaves to a traceback:
+- unreadable, truncated or non-image files raise `ImageError` (a ValueError) with a one-line message;
+- 16-bit and 32-bit grey (PIL modes I;16*, I) and float (F) images are scaled to 8 bits (PIL's own
+  `convert("RGB")` clips them, so a 16-bit photo comes out almost white);
+- images with transparency (RGBA, LA, PA, P with a transparent colour) are composited on white. The
+  official `convert("RGB")` drops alpha and shows whatever colour hides under transparent pixels (often
+  black); white is what such a file looks like on a page. Fully opaque files give the same pixels either way;
+- CMYK, YCbCr, LAB, 1-bit and palette images go through PIL's conversion to RGB.
+Each such step is recorded in an optional `notes` list so the tools can write down what was done.
+
+Size: the official resolution rule (infer.py l.96-107: short side raised to 512 when smaller, then
+multiples of 8) runs photos of any size at full size, and a 2834x2091 photo runs out of GPU memory.
+`fit_size` applies that rule (minidiff.plugin.official_resize) unless the result's long side would exceed
+`max_side`; then it downscales the photo once (LANCZOS) so the long side fits, multiples of 8, and says so.
+"""
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Default cap on the long side of the processed image. The official demo's largest setting is a short side of
+# 1024 (demo.py `image_resolution` slider 512-1024), i.e. 1536 long for a 3:2 photo; a 1536x1024 photo is a
+# 192x128 latent, 6x the work of 512x512, and fits a consumer GPU with SDPA attention.
+DEFAULT_MAX_SIDE = 1536
+OFFICIAL_SHORT_SIDE = 512  # infer.py l.96-107
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used (one-line message naming the file)."""
+
+
+def _to_8bit(arr, mode):
+    """Scale a 16/32-bit integer or float grey array to uint8 (PIL's convert would clip it)."""
+    arr = arr.astype(np.float64)
+    if mode == "F":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        # float images are usually 0..1; anything else is stretched to its own range
+        scale = 255.0 if (lo >= 0.0 and hi <= 1.0) else (255.0 / (hi - lo) if hi > lo else 0.0)
+        arr = (arr - (0.0 if (lo >= 0.0 and hi <= 1.0) else lo)) * scale
+    else:
+        hi = float(arr.max()) if arr.size else 0.0
+        # 8-bit values stored in a wide mode stay as they are; 16-bit range scales by 255/65535
+        arr = arr if hi <= 255 else arr * (255.0 / (65535.0 if hi <= 65535 else hi))
+    return np.clip(np.nan_to_num(arr).round(), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image, notes=None):
+    """Any PIL image -> 8-bit RGB, as described in the module docstring. Appends what it did to `notes`."""
+    notes = [] if notes is None else notes
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode.startswith("I") or mode == "F":
+        grey = Image.fromarray(_to_8bit(np.asarray(image), mode), mode="L")
+        notes.append(f"{mode} image scaled to 8 bits")
+        return grey.convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is not fully opaque
+            notes.append(f"{mode} image: transparency composited on white")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    notes.append(f"{mode} image converted to RGB")
+    return image.convert("RGB")
+
+
+def load_image(path, notes=None):
+    """An image file as 8-bit RGB PIL image, upright (EXIF orientation applied); ImageError if unusable."""
+    notes = [] if notes is None else notes
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: is a folder, not an image file")
+    try:
+        with warnings.catch_warnings():
+            # up to 2x PIL's MAX_IMAGE_PIXELS (~179 Mpx) is decoded (the cap downscales it); PIL refuses more
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decode now: a truncated file fails here, not later
+                orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation tag
+                upright = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
+                if orientation not in (1, None):
+                    notes.append(f"EXIF orientation {orientation} applied")
+                return to_rgb(upright, notes)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file (or an unsupported format)") from None
+    except Image.DecompressionBombError:
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise ImageError(f"{path}: image too large to decode safely (over {limit} pixels)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ImageError(f"{path}: unreadable or corrupt image ({first})") from None
+
+
+def list_images(folder):
+    """Image files directly inside `folder` (by suffix), sorted by name."""
+    names = sorted(n for n in os.listdir(folder)
+                   if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("."))
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
+def official_size(width, height):
+    """Size the official rule gives: short side raised to 512 when smaller (int() truncation), then
+    multiples of 8. Arithmetic only, to decide on the cap without building a huge image;
+    minidiff.plugin.official_resize does the actual resize and tests/test_imageio.py checks the two agree.
+    """
+    if width < OFFICIAL_SHORT_SIDE or height < OFFICIAL_SHORT_SIDE:
+        if width < height:
+            width, height = OFFICIAL_SHORT_SIDE, int(OFFICIAL_SHORT_SIDE / width * height)
+        else:
+            width, height = int(OFFICIAL_SHORT_SIDE / height * width), OFFICIAL_SHORT_SIDE
+    return width - width % 8, height - height % 8
+
+
+def fit_size(image, max_side=DEFAULT_MAX_SIDE):
+    """The image at the size the plugins run at, and a one-line note saying how it got there.
+
+    The official rule (minidiff.plugin.official_resize) unless its long side would exceed `max_side`; then
+    one LANCZOS downscale so the long side is <= max_side (multiples of 8, at least 8), even if the short
+    side ends below 512. max_side None or 0 turns the cap off.
+    """
+    w, h = image.size
+    ow, oh = official_size(w, h)
+    if not max_side or max(ow, oh) <= max_side:
+        from minidiff.plugin import official_resize  # the plugin stack is only needed when resizing for it
+        out = official_resize(image)
+        how = "unchanged" if out.size == (w, h) else "official rule (short side >= 512, multiples of 8)"
+        return out, f"{w}x{h} -> {out.size[0]}x{out.size[1]}: {how}"
+    scale = max_side / max(w, h)
+    tw = max(8, math.floor(max(1, round(w * scale)) / 8) * 8)
+    th = max(8, math.floor(max(1, round(h * scale)) / 8) * 8)
+    out = image.resize((tw, th), Image.LANCZOS)
+    return out, (f"{w}x{h} -> {tw}x{th}: capped (the official rule gives {ow}x{oh}, long side over "
+                 f"--max-side {max_side}; downscaled with LANCZOS)")
+
+
+def side_by_side(a, b):
+    """Input `a` resized to the result's size (PIL bicubic, as infer.py l.159) | result `b`, in one image."""
+    b = b.convert("RGB")
+    a = a.convert("RGB")
+    a = a if a.size == b.size else a.resize(b.size, Image.BICUBIC)
+    out = Image.new("RGB", (a.width + b.width, b.height))
+    out.paste(a, (0, 0))
+    out.paste(b, (a.width, 0))
+    return out
+
+
+def _atomic_write(path, write):
+    """Call write(tmp) on a temporary name in the destination folder, then rename it over `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on POSIX and Windows within one folder
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_png_atomic(image, path):
+    """Save a PIL image as PNG at `path` without ever leaving a half-written file there."""
+    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_json_atomic(obj, path):
+    """Write `obj` as indented JSON (UTF-8, trailing newline) at `path`, atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+def sha256_file(path, chunk=1 << 20):
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_path(path):
+    """SHA-256 of a file, or {relative path: SHA-256} of every file under a folder (diffusers, plugins)."""
+    if os.path.isfile(path):
+        return sha256_file(path)
+    found = {}
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            found[os.path.relpath(full, path)] = sha256_file(full)
+    return found
