@@ -168,6 +168,9 @@ def _atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)  # atomic on POSIX and Windows within one folder
     except BaseException:
         if os.path.exists(tmp):
