@@ -32,7 +32,8 @@ def report(**extra):
 
 def _run(code):
     # the working tree first on sys.path, whatever the current directory and the installed copy
-    proc = python_in_subprocess(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + PRELUDE + code, timeout=300)
+    head = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+    proc = python_in_subprocess(head + PRELUDE + code, timeout=300)
     assert proc.returncode == 0, f"import failed:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -47,7 +48,7 @@ def test_import_minidiff_is_light():
     result = _run("import minidiff\n"
                   "report(tokenizer='minidiff.tokenizer' in sys.modules, torch='torch' in sys.modules)")
     _check(result, "import minidiff")
-    assert not result["tokenizer"], "import minidiff imported minidiff.tokenizer (its vocabulary loads lazily)"
+    assert not result["tokenizer"], "import minidiff imported minidiff.tokenizer (it must load lazily)"
     print(f"[import] import minidiff pulls in torch: {result['torch']}")
 
 
