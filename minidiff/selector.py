@@ -1,0 +1,146 @@
+"""Diff-Plugin's Plugin-Selector: picks the Task-Plugins that a text instruction asks for.
+
+Paper: Liu et al., "Diff-Plugin: Revitalizing Details for Diffusion-based Low-level Tasks" (CVPR 2024), sec. 3.4
+(eq. 4-5) and sec. 3.2 (the predefined mapping table for composite requests).
+Reference implementation mirrored: yuhaoliu7456/Diff-Plugin @ 79e12bb, modules/prompt.py (PromptTunnerModel with
+tunner_for_visual=True) and demo.py l.85-160 (null entry, scoring, selection).
+
+Each plugin's TPB turns the photo's CLIP features into 256 prompt tokens; their max over tokens goes through the
+visual head `proj_v`, the pooled CLIP text embedding of the instruction through the text head `proj_t`; the score
+is exp(logit_scale) x cosine. A "null" entry, the pooled embedding of " " put through the VISUAL head, stands for
+"nothing to do". Plugins scoring above the threshold theta (0) run, in the official task order.
+
+    selector = load_selector("pre-trained/plugin_selector/PromptTunner.pt")
+    tasks, scores = select(selector, sd, clip_vision, plugins, photo, "remove the rain please")
+"""
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minidiff.plugin import TASKS, clip_features, strip_module_prefix
+from minidiff.weights import CheckpointError, load_strict, read_state_dict
+
+NULL = "null"  # the score entry meaning "no plugin": its row is last, as in the official demo (index 8)
+NULL_TEXT = " "  # the text whose pooled embedding is the null entry (demo.py l.98-100)
+FORMAT = "minidiff-selector"  # safetensors metadata "format" of minidiff's selector files
+
+# Predefined mapping table (paper sec. 3.2): composite requests that no single plugin covers -> sub-tasks. Each
+# entry: (regular expression matched case-insensitively on word boundaries, sub-tasks, why). The sub-tasks are
+# added to what the scores select, restricted to the available plugins, and run in the official task order.
+COMPOSITE = [
+    (r"storm(s|y)?|thunderstorm|rainstorm", ("derain", "dehaze"),
+     "a storm brings rain streaks and a veil of spray and mist (the paper's own example)"),
+    (r"snowstorms?|blizzards?", ("desnow", "dehaze"), "falling snow plus the haze of low visibility"),
+    (r"bad weather|severe weather|foul weather", ("derain", "dehaze"), "the weather degradations the plugins cover"),
+    (r"rainy night|night rain|raining at night", ("derain", "lowlight"), "rain streaks in a dark scene"),
+    (r"foggy night|misty night|hazy night|night fog", ("lowlight", "dehaze"), "fog in a dark scene"),
+    (r"night shots?|handheld at night|shaky night", ("lowlight", "deblur"),
+     "long handheld exposures in the dark are both dark and shaken"),
+    (r"photo(graph)? of (a|the|my) (screen|monitor|display|tv)", ("demoire", "highlight"),
+     "screen photos show moire patterns and specular glare"),
+    (r"old portrait|blurry portrait|blurred portrait", ("face", "deblur"), "soft faces need face restoration + deblur"),
+]
+
+
+class PluginSelector(nn.Module):
+    """PromptTunnerModel (visual variant): proj_v, proj_t Linear(768, 768) and a learned logit_scale."""
+
+    def __init__(self, dim=768):
+        super().__init__()
+        self.proj_v = nn.Linear(dim, dim)  # visual head VP: max-pooled TPB tokens -> shared space
+        self.proj_t = nn.Linear(dim, dim)  # text head TP: pooled CLIP text embedding -> shared space
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's temperature init, 0-d
+
+    def forward(self, visual, text):
+        """visual [N, dim] (max-pooled TPB tokens per plugin, + the null row), text [1, dim] -> scores [N]."""
+        v = F.normalize(self.proj_v(visual), dim=-1)  # [N, dim], unit length
+        q = F.normalize(self.proj_t(text), dim=-1)  # [1, dim]
+        return self.logit_scale.exp() * (v @ q.T)[:, 0]  # [N]: exp(logit_scale) * cosine
+
+
+def load_selector(path, dtype=torch.float32, device="cpu"):
+    """The official PromptTunner.pt ({'model': state dict}, keys maybe `module.`-prefixed) or a minidiff
+    .safetensors written by save_selector."""
+    path = os.fspath(path)
+    sd = strip_module_prefix(read_state_dict(path))
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("format") != FORMAT:
+                raise CheckpointError(f"{path}: no '{FORMAT}' metadata; not a minidiff selector file")
+    if "proj_v.weight" not in sd:
+        raise CheckpointError(f"{path}: no proj_v.weight; not a Diff-Plugin selector ({len(sd)} tensors)")
+    if "logit_scale" in sd:
+        sd["logit_scale"] = sd["logit_scale"].reshape(())  # accept a [1] scalar as well as a 0-d one
+    with torch.device("meta"):
+        model = PluginSelector(sd["proj_v.weight"].shape[0])
+    return load_strict(model, sd, f"plugin selector ({path})", dtype=dtype, device=device)
+
+
+def save_selector(selector, path, metadata=None):
+    """Write the selector as a minidiff .safetensors (atomically)."""
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta["format"] = FORMAT
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in selector.state_dict().items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def text_embedding(sd, text):
+    """Pooled CLIP text embedding [1, 768] (final-LN state at the first end-of-text token), no attention mask."""
+    p = next(sd.text_encoder.parameters())
+    _, pooled = sd.text_encoder(sd.tokenizer(text).to(p.device))
+    return pooled
+
+
+def composite_tasks(prompt, available):
+    """Sub-tasks from the COMPOSITE table whose pattern occurs in `prompt`, among `available`, and the patterns
+    that matched (for the record)."""
+    tasks, matched = [], []
+    for pattern, subtasks, _ in COMPOSITE:
+        if re.search(rf"\b(?:{pattern})\b", prompt, flags=re.IGNORECASE):
+            matched.append(pattern)
+            tasks += [t for t in subtasks if t in available and t not in tasks]
+    return tasks, matched
+
+
+def official_order(tasks, available):
+    """Official task order (TASKS) first, then other names in the order of `available`."""
+    rank = {t: i for i, t in enumerate(list(TASKS) + [t for t in available if t not in TASKS])}
+    return sorted(set(tasks), key=rank.__getitem__)
+
+
+@torch.no_grad()
+def scores(selector, sd, clip_vision, plugins, image, prompt):
+    """Raw scores {task: float, ..., "null": float} of `prompt` for `image` (the photo as loaded)."""
+    p = next(selector.parameters())
+    feats = clip_features(clip_vision, image)  # [1, 256, clip_dim], as the plugins see it
+    rows = [plugin.tpb(feats.to(p.device, p.dtype))[0].amax(dim=0) for plugin in plugins]  # N x [768]
+    # null row: 256 equal copies of the " " embedding in the official code; their max is the embedding itself
+    rows.append(text_embedding(sd, NULL_TEXT)[0].to(p.device, p.dtype))
+    s = selector(torch.stack(rows), text_embedding(sd, prompt).to(p.device, p.dtype))  # [N + 1]
+    return {name: float(v) for name, v in zip([pl.task for pl in plugins] + [NULL], s.tolist())}
+
+
+def select(selector, sd, clip_vision, plugins, image, prompt, threshold=0.0):
+    """Tasks to run for `prompt` and the raw scores (negative values kept, "null" included).
+
+    As demo.py: a plugin runs when its score is above `threshold` (0: negative scores are zeroed, then > 0);
+    when nothing is, the null entry wins and the list is empty (the photo stays as it is). A null score above the
+    threshold beside real tasks changes nothing (null is the identity). Tasks from the COMPOSITE table are added.
+    plugins: list of TaskPlugin (or a {task: TaskPlugin} dict). Returns (tasks in official order, scores).
+    """
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty: say what to do, e.g. 'remove the rain'")
+    plugins = list(plugins.values()) if isinstance(plugins, dict) else list(plugins)
+    names = [pl.task for pl in plugins]
+    s = scores(selector, sd, clip_vision, plugins, image, prompt)
+    chosen = [t for t in names if s[t] > threshold]
+    chosen += composite_tasks(prompt, names)[0]
+    return official_order(chosen, names), s
