@@ -272,3 +272,172 @@ def load_clip_vision(path, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = CLIPVisionModel(cfg)
     return load_strict(model, sd, what, dtype=dtype, device=device, ignore=CLIP_IGNORED)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stable Diffusion 1.x: the UNet rename table (diffusers -> CompVis names), the UNet config read from tensor shapes,
+# family checks with one-line errors, and load_stable_diffusion for the original single file or a diffusers folder.
+# ---------------------------------------------------------------------------------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+# Top-level diffusers UNet2DConditionModel modules -> CompVis UNetModel modules.
+UNET_DIFFUSERS_TOP = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+                      "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+# Block prefixes. Fields: b = diffusers block, j = layer in it, L = resnets per down block (up blocks have L + 1):
+# down = 1 + b(L+1) + j, op = (b+1)(L+1), up = b(L+1) + j, up_last = b(L+1) + L, slot = 2 if the up block has
+# attentions (Upsample after ResBlock + SpatialTransformer) else 1. The flag marks ResBlock prefixes.
+UNET_DIFFUSERS_BLOCKS = [
+    (r"down_blocks\.(?P<b>\d+)\.resnets\.(?P<j>\d+)\.", "input_blocks.{down}.0.", True),
+    (r"down_blocks\.(?P<b>\d+)\.attentions\.(?P<j>\d+)\.", "input_blocks.{down}.1.", False),
+    (r"down_blocks\.(?P<b>\d+)\.downsamplers\.0\.conv\.", "input_blocks.{op}.0.op.", False),
+    (r"mid_block\.resnets\.(?P<j>\d+)\.", "middle_block.{mid}.", True),
+    (r"mid_block\.attentions\.0\.", "middle_block.1.", False),
+    (r"up_blocks\.(?P<b>\d+)\.resnets\.(?P<j>\d+)\.", "output_blocks.{up}.0.", True),
+    (r"up_blocks\.(?P<b>\d+)\.attentions\.(?P<j>\d+)\.", "output_blocks.{up}.1.", False),
+    (r"up_blocks\.(?P<b>\d+)\.upsamplers\.0\.", "output_blocks.{up_last}.{slot}.", False),
+]
+# Inside a ResBlock (diffusers ResnetBlock2D -> CompVis ResBlock). SpatialTransformer names are the same in both.
+UNET_RESNET_RENAMES = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
+                       "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}
+
+
+def unet_from_diffusers(state_dict):
+    """Diffusers UNet2DConditionModel-style names -> CompVis names, for any block configuration (also the
+    diffusers-named Diff-Plugin SCB, whose down_blocks.0 / time_embedding map like a UNet's). Keys that no rule
+    matches (e.g. the SCB's controlnet_*) pass unchanged. Tensors are not copied."""
+    L = 1 + max([int(m[1]) for k in state_dict if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", k))],
+                default=-1)
+    attn_up = {int(m[1]) for k in state_dict if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    out = {}
+    for key, tensor in state_dict.items():
+        new = next((v + key[len(p):] for p, v in UNET_DIFFUSERS_TOP.items() if key.startswith(p)), key)
+        for pattern, template, is_resnet in UNET_DIFFUSERS_BLOCKS:
+            if m := re.match(pattern, key):
+                b, j = int(m.groupdict().get("b", 0)), int(m.groupdict().get("j", 0))
+                rest = key[m.end():]
+                if is_resnet:
+                    rest = next((v + rest[len(p):] for p, v in UNET_RESNET_RENAMES.items() if rest.startswith(p)),
+                                rest)
+                new = template.format(down=1 + b * (L + 1) + j, op=(b + 1) * (L + 1), mid=2 * j,
+                                      up=b * (L + 1) + j, up_last=b * (L + 1) + L, slot=2 if b in attn_up else 1)
+                new += rest
+                break
+        out[new] = tensor
+    return out
+
+
+def _check_sd1_unet(sd, what):
+    """One-line CheckpointError when a CompVis-named UNet state dict is not an SD 1.x text-to-image UNet."""
+    if any(k.startswith(("label_emb.", "add_embedding.")) for k in sd):
+        raise CheckpointError(f"{what}: UNet has label_emb/add_embedding (size and pooled-text conditioning): "
+                              "this looks like SDXL; minidiff loads SD 1.x")
+    if "input_blocks.0.0.weight" not in sd:
+        raise CheckpointError(f"{what}: no input_blocks.0.0 / conv_in tensor: not a Stable Diffusion UNet "
+                              f"({len(sd)} tensors, first {list(sd)[:3]})")
+    in_ch = sd["input_blocks.0.0.weight"].shape[1]
+    if in_ch != 4:
+        kind = {9: "an SD inpainting UNet", 8: "an InstructPix2Pix UNet"}.get(in_ch, "not an SD 1.x UNet")
+        raise CheckpointError(f"{what}: in_channels {in_ch}: this looks like {kind}; minidiff loads the "
+                              "4-channel text-to-image SD 1.x UNet")
+    ctx = next((v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    if ctx in (1024, 2048, 1280):
+        family = "SD 2.x" if ctx == 1024 else "SDXL"
+        raise CheckpointError(f"{what}: context width {ctx}: this looks like {family}; minidiff loads SD 1.x")
+    if any(k.endswith("proj_in.weight") and v.ndim == 2 for k, v in sd.items()):
+        raise CheckpointError(f"{what}: linear proj_in (use_linear_projection): this looks like SD 2.x; "
+                              "minidiff loads SD 1.x")
+    if any(".transformer_blocks.1." in k for k in sd):
+        raise CheckpointError(f"{what}: several transformer blocks per SpatialTransformer: this looks like SDXL; "
+                              "minidiff loads SD 1.x")
+
+
+def unet_config_from_state_dict(sd):
+    """UNetConfig read from the shapes of a CompVis-named UNet state dict (so tiny test checkpoints load).
+    Heads (8) and GroupNorm groups (32) are not visible in shapes and keep the SD 1.x values."""
+    from minidiff.unet import UNetConfig
+    mc, in_ch = sd["input_blocks.0.0.weight"].shape[:2]
+    n_in = 1 + max(int(m[1]) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k)))
+    ops = sorted(int(m[1]) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    L = ops[0] - 1 if ops else n_in - 1  # first Downsample follows the L ResBlocks of level 0
+    levels = len(ops) + 1
+    first = [1 + lv * (L + 1) for lv in range(levels)]  # first ResBlock of each level
+    mult = tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in first)
+    attn = tuple(lv for lv, i in enumerate(first) if f"input_blocks.{i}.1.norm.weight" in sd)
+    ctx = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    return UNetConfig(in_channels=in_ch, out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
+                      channel_mult=mult, num_res_blocks=L, attention_levels=attn, context_dim=ctx)
+
+
+def build_unet(state_dict, dtype=None, device="cpu", what="UNet"):
+    """UNet from a CompVis-named (`model.diffusion_model.*` minus the prefix) or diffusers-named state dict;
+    family checked, config from shapes, built on the meta device and filled strictly (no weight copy)."""
+    from minidiff.unet import UNet
+    if any(k.startswith(("conv_in.", "down_blocks.", "mid_block.")) for k in state_dict):
+        state_dict = unet_from_diffusers(state_dict)
+    _check_sd1_unet(state_dict, what)
+    try:
+        cfg = unet_config_from_state_dict(state_dict)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{what}: unusual UNet layout (no tensor {e}); minidiff loads the SD 1.x UNet") from None
+    with torch.device("meta"):
+        model = UNet(cfg)  # no memory: load_strict assigns the checkpoint tensors
+    return load_strict(model, state_dict, what, dtype=dtype, device=device)
+
+
+@dataclass
+class StableDiffusion:
+    """The four parts of an SD 1.x checkpoint: ids = tokenizer(texts); hidden, pooled = text_encoder(ids);
+    eps = unet(latents, t, hidden); vae.encode / vae.decode."""
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+
+
+SD_SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                           "text": "cond_stage_model.transformer."}
+SD_DIFFUSERS_FILES = {"unet": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
+                      "vae": ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"),
+                      "text": ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin")}
+
+
+def _file_keys(path):
+    """All tensor names of a checkpoint file (for error messages; safetensors reads only its header)."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    return list(read_state_dict(path))
+
+
+def _sd_part(path, part):
+    """State dict of one part (unet / vae / text) of a single file or a diffusers folder, read lazily."""
+    if os.path.isdir(path):
+        names = SD_DIFFUSERS_FILES[part]
+        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise CheckpointError(f"{path}: diffusers folder has no {names[0]} (or .bin): a part is missing")
+        return read_state_dict(found[0])
+    sd = read_state_dict(path, SD_SINGLE_FILE_PREFIXES[part])
+    if part == "unet" and not sd:
+        keys = _file_keys(path)
+        if any(k.startswith("conditioner.") for k in keys):
+            raise CheckpointError(f"{path}: conditioner.* text encoders: this looks like SDXL; minidiff loads SD 1.x")
+        raise CheckpointError(f"{path}: no model.diffusion_model.* tensors: not a Stable Diffusion single file "
+                              f"({len(keys)} tensors, first {keys[:3]})")
+    if part == "text":
+        # some early files store the CLIPTextModel without its text_model. level
+        sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+    return sd
+
+
+def load_stable_diffusion(path, dtype=torch.float32, device="cpu"):
+    """Tokenizer, CLIP text encoder, UNet and VAE of an SD 1.x checkpoint: the original single file
+    (.safetensors, read lazily; .ckpt through torch.load(weights_only=True)) or a diffusers folder
+    (unet/, vae/, text_encoder/). Strict, config from shapes, no second copy of the weights."""
+    from minidiff.tokenizer import CLIPTokenizer
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    unet = build_unet(_sd_part(path, "unet"), dtype, device, what=f"UNet ({path})")
+    vae = build_vae(_sd_part(path, "vae"), dtype, device)
+    text_encoder = build_clip_text(_sd_part(path, "text"), dtype, device)
+    return StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae)
