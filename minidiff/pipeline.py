@@ -1,0 +1,141 @@
+"""Plain Stable Diffusion 1.x sampling: text-to-image and img2img with classifier-free guidance.
+
+prompt -> CLIP text embeddings (negative prompt and prompt in one batch) -> denoising loop of a sampler from
+schedulers.py, eps = eps_uncond + guidance * (eps_text - eps_uncond) -> VAE decode -> PIL image.
+
+Paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022); classifier-free
+guidance: Ho & Salimans 2022; img2img ("SDEdit"): Meng et al. 2022. Mirrors diffusers v0.35.2
+src/diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py (StableDiffusionPipeline),
+pipeline_stable_diffusion_img2img.py (StableDiffusionImg2ImgPipeline) and src/diffusers/image_processor.py
+(VaeImageProcessor), including how they seed: ONE CPU torch.Generator(seed) supplies every random draw, in the
+pipelines' order (img2img: the VAE posterior sample, then the noise; DDPM: then one draw per step). So the same
+seed and weights give diffusers' image (tests/test_pipeline.py: within 2/255 on random tiny weights).
+"""
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from .schedulers import make_sampler
+from .vae import LATENT_SCALE
+
+
+def vae_scale_factor(vae):
+    """Pixels per latent cell: 2 ** (number of VAE levels - 1), 8 for SD (diffusers' vae_scale_factor)."""
+    return 2 ** (len(vae.cfg.ch_mult) - 1)
+
+
+@torch.no_grad()
+def encode_prompt(sd, prompt, negative_prompt=""):
+    """Cross-attention context [2, 77, width]: row 0 the negative ("unconditional") prompt, row 1 the prompt.
+
+    The last hidden state after the final LayerNorm (SD 1.x's context), no attention mask, as diffusers does.
+    """
+    device = next(sd.text_encoder.parameters()).device
+    ids = sd.tokenizer([negative_prompt, prompt]).to(device)  # [2, 77]
+    hidden, _ = sd.text_encoder(ids)  # [2, 77, width]
+    return hidden
+
+
+def preprocess(image, multiple=8):
+    """PIL image -> [1, 3, H, W] in [-1, 1], each side floored to a multiple of `multiple` by a LANCZOS resize
+    (a rescale, not a crop), as VaeImageProcessor.preprocess."""
+    image = image.convert("RGB")
+    w, h = (side - side % multiple for side in image.size)
+    if w == 0 or h == 0:
+        raise ValueError(f"image {image.size[0]}x{image.size[1]} is smaller than {multiple} pixels")
+    if (w, h) != image.size:
+        image = image.resize((w, h), resample=PIL.Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # [H, W, 3] in [0, 1]
+    return x.permute(2, 0, 1)[None] * 2.0 - 1.0  # [1, 3, H, W]
+
+
+def postprocess(images):
+    """[B, 3, H, W] decoder output (about [-1, 1]) -> list of PIL images: (x / 2 + 0.5).clamp(0, 1), x255, round."""
+    x = (images / 2 + 0.5).clamp(0, 1)
+    arr = x.cpu().permute(0, 2, 3, 1).float().numpy()  # [B, H, W, 3]
+    return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+
+
+@torch.no_grad()
+def denoise(sd, sampler, latents, context, guidance, generator=None, start=0, progress=True):
+    """Run `sampler` from timestep index `start` to the end with classifier-free guidance.
+
+    context [2, N, C] = (negative prompt, prompt). With guidance <= 1 diffusers skips the unconditional half
+    (one UNet row per step, eps = eps_text); so does this loop.
+    """
+    cfg = guidance > 1.0
+    if not cfg:
+        context = context[1:]  # [1, N, C]: the prompt only
+    for i in tqdm(range(start, len(sampler.timesteps)), disable=not progress, desc="sampling", unit="step"):
+        t = sampler.timesteps[i]
+        x = torch.cat([latents] * 2) if cfg else latents  # [2 or 1, 4, h, w]: one UNet batch for both halves
+        eps = sd.unet(sampler.scale_model_input(x, i), t, context)
+        if cfg:
+            eps_uncond, eps_text = eps.chunk(2)  # 2 x [1, 4, h, w]
+            eps = eps_uncond + guidance * (eps_text - eps_uncond)  # push away from the negative prompt
+        latents = sampler.step(eps, i, latents, generator=generator)
+    return latents
+
+
+def _unet_dtype_device(sd):
+    p = next(sd.unet.parameters())
+    return p.dtype, p.device
+
+
+def _randn(shape, generator, dtype, device):
+    """diffusers' randn_tensor with a CPU generator: draw on the CPU in `dtype`, then move."""
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+@torch.no_grad()
+def decode(sd, latents):
+    """SD latents -> PIL image (first of the batch): undo the latent scale, VAE-decode, postprocess."""
+    return postprocess(sd.vae.decode(latents / LATENT_SCALE))[0]
+
+
+@torch.no_grad()
+def txt2img(sd, prompt, *, negative_prompt="", steps=50, guidance=7.5, scheduler="ddim", seed=0, height=512,
+            width=512, progress=True):
+    """Text-to-image: the image diffusers' StableDiffusionPipeline gives for the same seed (CPU generator)."""
+    f = vae_scale_factor(sd.vae)
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+    dtype, device = _unet_dtype_device(sd)
+    sampler = make_sampler(scheduler, steps)
+    generator = torch.Generator().manual_seed(seed)
+    context = encode_prompt(sd, prompt, negative_prompt).to(dtype)
+    # The start latent: unit noise scaled to the sampler's first noise level (1 except for Euler).
+    shape = (1, sd.unet.cfg.in_channels, height // f, width // f)
+    latents = _randn(shape, generator, dtype, device) * sampler.init_noise_sigma
+    latents = denoise(sd, sampler, latents, context, guidance, generator, 0, progress)
+    return decode(sd, latents)
+
+
+@torch.no_grad()
+def img2img(sd, image, prompt, *, strength=0.8, negative_prompt="", steps=50, guidance=7.5, scheduler="ddim",
+            seed=0, progress=True):
+    """img2img (SDEdit): noise the photo's latent to the level `strength` of the way up and denoise from there.
+
+    Of `steps` timesteps only the last int(steps * strength) run (diffusers' get_timesteps). The image is rescaled
+    to multiples of 8 (LANCZOS); its latent is a SAMPLE of the VAE posterior, mean + std * noise, drawn first
+    from the seed's generator, then the forward-process noise. Same image as StableDiffusionImg2ImgPipeline.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    run = min(int(steps * strength), steps)  # number of steps that actually run
+    if run < 1:
+        raise ValueError(f"strength {strength} x steps {steps} leaves no step to run; raise one of them")
+    start = steps - run
+    dtype, device = _unet_dtype_device(sd)
+    sampler = make_sampler(scheduler, steps)
+    generator = torch.Generator().manual_seed(seed)
+    context = encode_prompt(sd, prompt, negative_prompt).to(dtype)
+    x = preprocess(image, vae_scale_factor(sd.vae)).to(device=device, dtype=dtype)
+    mean, logvar = sd.vae.encode(x)  # posterior of the photo, each [1, 4, h, w]
+    z = mean + torch.exp(0.5 * logvar) * _randn(mean.shape, generator, dtype, device)  # a posterior sample
+    x0 = LATENT_SCALE * z
+    noise = _randn(x0.shape, generator, dtype, device)
+    latents = sampler.add_noise_at(x0, noise, start)  # x_t at t = timesteps[start]
+    latents = denoise(sd, sampler, latents, context, guidance, generator, start, progress)
+    return decode(sd, latents)
