@@ -126,12 +126,29 @@ def official_size(width, height):
     return width - width % 8, height - height % 8
 
 
+def _rescale(image, scale):
+    """Resize by `scale`, sides rounded then floored to multiples of 8 (at least 8); LANCZOS down, BICUBIC up."""
+    tw, th = (max(8, round(v * scale) // 8 * 8) for v in image.size)
+    return image.resize((tw, th), Image.LANCZOS if scale < 1 else Image.BICUBIC)
+
+
+def cap_size(image, max_side=DEFAULT_MAX_SIDE):
+    """Downscale once so the long side is <= max_side (multiples of 8): (image, note), or (image, None)
+    unchanged when it already fits or max_side is None or 0 (no cap). For img2img."""
+    w, h = image.size
+    if not max_side or max(w, h) <= max_side:
+        return image, None
+    out = _rescale(image, max_side / max(w, h))
+    return out, f"{w}x{h} -> {out.size[0]}x{out.size[1]}: downscaled to --max-side {max_side} (LANCZOS)"
+
+
 def fit_size(image, max_side=DEFAULT_MAX_SIDE):
     """The image at the size the plugins run at, and a one-line note saying how it got there.
 
     The official rule (minidiff.plugin.official_resize) unless its long side would exceed `max_side`; then
-    one LANCZOS downscale so the long side is <= max_side (multiples of 8, at least 8), even if the short
-    side ends below 512. max_side None or 0 turns the cap off.
+    one rescale so the long side is exactly max_side (multiples of 8): a downscale of a big photo, or, for a
+    small elongated one that the 512 rule would stretch past the cap, a smaller upscale. The short side may
+    then end below 512. max_side None or 0 turns the cap off, as in the official code.
     """
     w, h = image.size
     ow, oh = official_size(w, h)
@@ -140,12 +157,9 @@ def fit_size(image, max_side=DEFAULT_MAX_SIDE):
         out = official_resize(image)
         how = "unchanged" if out.size == (w, h) else "official rule (short side >= 512, multiples of 8)"
         return out, f"{w}x{h} -> {out.size[0]}x{out.size[1]}: {how}"
-    scale = max_side / max(w, h)
-    tw = max(8, math.floor(max(1, round(w * scale)) / 8) * 8)
-    th = max(8, math.floor(max(1, round(h * scale)) / 8) * 8)
-    out = image.resize((tw, th), Image.LANCZOS)
-    return out, (f"{w}x{h} -> {tw}x{th}: capped (the official rule gives {ow}x{oh}, long side over "
-                 f"--max-side {max_side}; downscaled with LANCZOS)")
+    out = _rescale(image, max_side / max(w, h))
+    return out, (f"{w}x{h} -> {out.size[0]}x{out.size[1]}: capped (the official rule gives {ow}x{oh}, "
+                 f"long side over --max-side {max_side}; rescaled so the long side is {max_side})")
 
 
 def side_by_side(a, b):

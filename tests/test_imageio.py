@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidiff.imageio import (ImageError, fit_size, list_images, load_image, official_size, save_json_atomic,
+from minidiff.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_size, save_json_atomic,
                               save_png_atomic, sha256_file, side_by_side)
 
 
@@ -129,7 +129,7 @@ def test_list_images_skips_other_files(tmp_path):
 @pytest.mark.parametrize("size", [(1, 1), (300, 200), (200, 300), (511, 511), (512, 512), (700, 530),
                                   (1000, 3), (2834, 2091)])
 def test_official_size_matches_official_resize(size):
-    official_resize = pytest.importorskip("minidiff.plugin").official_resize
+    from minidiff.plugin import official_resize
     if max(official_size(*size)) > 4096:
         pytest.skip("too large to build here")
     assert official_resize(Image.new("RGB", size)).size == official_size(*size)
@@ -142,8 +142,12 @@ def test_fit_size_rule_and_cap():
     assert out.size == (1536, 1128) and "capped" in note
     out, note = fit_size(Image.new("RGB", (100, 2000)), max_side=1536)  # official rule would give 512x10240
     assert max(out.size) <= 1536 and out.size[0] % 8 == 0 and "capped" in note
+    assert out.size == (72, 1536)  # upscaled 1.3x (BICUBIC), not stretched to 512 wide
     out, note = fit_size(Image.new("RGB", (3000, 1)), max_side=1536)
     assert out.size == (1536, 8)
+    assert cap_size(Image.new("RGB", (600, 400)), 1536)[1] is None
+    out, note = cap_size(Image.new("RGB", (3001, 2000)), 1536)
+    assert out.size == (1536, 1024) and "1536" in note
 
 
 def test_side_by_side():
