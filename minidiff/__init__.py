@@ -16,6 +16,8 @@ _EXPORTS = {
     "CLIPVisionModel": "clip",
     "clip_preprocess": "clip",
     "UNet": "unet",
+    "UNetConfig": "unet",
+    "unet_from_diffusers": "weights",
     "AutoencoderKL": "vae",
 }
 
