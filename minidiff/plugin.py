@@ -50,8 +50,8 @@ class PluginConfig:
     heads: int = 8  # SCB attention heads (config.json attention_head_dim 8 = 8 heads of 40 ch in diffusers 0.17)
 
 
-# A tiny plugin for tests: it fits minidiff.unet's TINY_UNET width and a 32-wide CLIP.
-TINY_PLUGIN = replace(PluginConfig(), clip_dim=32, context_dim=32, channels=32, heads=2)
+# A tiny plugin for tests: fits minidiff.unet.TINY_UNET (32 wide, context 32) and clip.TINY_CLIP_VISION (128).
+TINY_PLUGIN = replace(PluginConfig(), clip_dim=128, context_dim=32, channels=32, heads=2)
 
 
 class TPB(nn.Module):

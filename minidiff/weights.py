@@ -441,3 +441,49 @@ def load_stable_diffusion(path, dtype=torch.float32, device="cpu"):
     vae = build_vae(_sd_part(path, "vae"), dtype, device)
     text_encoder = build_clip_text(_sd_part(path, "text"), dtype, device)
     return StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diff-Plugin SCB: the official scb/diffusion_pytorch_model.bin has diffusers ControlNet names, minidiff's SCB
+# the CompVis UNet names of the same blocks. (diffusers prefix, minidiff prefix) pairs, read both ways.
+# ---------------------------------------------------------------------------------------------------------------
+SCB_DIFFUSERS_NAMES = [
+    ("controlnet_cond_embedding.", "input_blocks.0.0."),  # conv on the condition latent (conv_in slot)
+    ("time_embedding.linear_1.", "time_embed.0."),
+    ("time_embedding.linear_2.", "time_embed.2."),
+    ("down_blocks.0.resnets.0.", "input_blocks.1.0."),
+    ("down_blocks.0.attentions.0.", "input_blocks.1.1."),  # inside: same names (norm, proj_in, ...)
+    ("down_blocks.0.resnets.1.", "input_blocks.2.0."),
+    ("down_blocks.0.attentions.1.", "input_blocks.2.1."),
+    ("controlnet_down_blocks.", "zero_convs."),  # the three zero-initialised 1x1 convs
+]
+
+
+def _rename_scb(state_dict, to_minidiff):
+    out = {}
+    for key, tensor in state_dict.items():
+        new = key
+        for diff, mini in SCB_DIFFUSERS_NAMES:
+            src, dst = (diff, mini) if to_minidiff else (mini, diff)
+            if key.startswith(src):
+                rest = key[len(src):]
+                if ".resnets." in diff:  # inside a ResBlock: the UNet's table (norm1 -> in_layers.0 ...)
+                    for rdiff, rmini in UNET_RESNET_RENAMES.items():
+                        rsrc, rdst = (rdiff, rmini) if to_minidiff else (rmini, rdiff)
+                        if rest.startswith(rsrc):
+                            rest = rdst + rest[len(rsrc):]
+                            break
+                new = dst + rest
+                break
+        out[new] = tensor  # unknown keys pass through; load_strict names them
+    return out
+
+
+def scb_from_diffusers(state_dict):
+    """Official (diffusers-named) SCB state dict -> minidiff.plugin.SCB names. Tensors are not copied."""
+    return _rename_scb(state_dict, to_minidiff=True)
+
+
+def scb_to_diffusers(state_dict):
+    """minidiff.plugin.SCB state dict -> the official diffusers names (for tools/convert.py)."""
+    return _rename_scb(state_dict, to_minidiff=False)

@@ -1,0 +1,188 @@
+"""Test-side rebuild of the official Diff-Plugin inference from the reference libraries (diffusers, transformers).
+
+Mirrors yuhaoliu7456/Diff-Plugin @ 79e12bb (infer.py, demo.py, modules/TPB.py, modules/SCB.py) as described in
+shared/reference/official-facts.md sections 1-2, with tiny random models written in the OFFICIAL file layouts:
+SD as a diffusers folder (unet/, vae/, text_encoder/), CLIP as a transformers folder, each plugin as
+`<task>/scb/{config.json, diffusion_pytorch_model.bin}` + `<task>/tpb.pt` ({'model': sd}), the selector as
+PromptTunner.pt. No minidiff import here: tests load these files through minidiff's loaders and compare.
+
+Deviations from the official environment, each numerically neutral for the comparison: diffusers 0.35.2 instead of
+0.17 (UniPC with final_sigmas_type="sigma_min" = 0.17's last step; the SCB residuals passed as the 12-entry list
+plus a zero mid residual, the only way current diffusers keeps the 0.17 zip-add skip semantics, facts 1.9-1.10);
+transformers 4.57 CLIPImageProcessor (the 4.x PIL path).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LATENT_SCALE = 0.18215  # official infer.py literal
+SD14_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                  "trained_betas": None, "clip_sample": False}  # SD-1.4 scheduler_config.json (PNDM), facts 1.2
+CH, CTX, HEADS, CLIP_W = 32, 32, 2, 128  # tiny widths: UNet/SCB level 0, context, SCB heads, CLIP vision
+
+
+class RefTPB(nn.Module):
+    """modules/TPB.py TPBNet: [Linear, LayerNorm, LeakyReLU] x 2 + Linear, on hidden_states[24][:, 1:]."""
+
+    def __init__(self, d=CLIP_W, out=CTX):
+        super().__init__()
+        self.visual_projection = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.LeakyReLU(),
+                                               nn.Linear(d, d), nn.LayerNorm(d), nn.LeakyReLU(), nn.Linear(d, out))
+
+    def forward(self, clip_hidden_states):
+        return self.visual_projection(clip_hidden_states[24][:, 1:, :])
+
+
+class RefSCB(nn.Module):
+    """modules/SCB.py SCBNet with config.json's settings: one CrossAttnDownBlock2D without downsampler."""
+
+    def __init__(self, ch=CH, heads=HEADS, ctx=CTX):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
+        self.controlnet_cond_embedding = nn.Conv2d(4, ch, 3, padding=1)
+        self.time_proj = Timesteps(ch, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(ch, 4 * ch, act_fn="silu")
+        self.down_blocks = nn.ModuleList([CrossAttnDownBlock2D(
+            in_channels=ch, out_channels=ch, temb_channels=4 * ch, num_layers=2, resnet_eps=1e-5,
+            resnet_act_fn="silu", resnet_groups=32, num_attention_heads=heads, cross_attention_dim=ctx,
+            downsample_padding=1, add_downsample=False)])
+        self.controlnet_down_blocks = nn.ModuleList([nn.Conv2d(ch, ch, 1) for _ in range(3)])
+
+    def forward(self, sample, timestep, encoder_hidden_states, cond_img):
+        t = timestep.reshape(-1).expand(cond_img.shape[0])
+        emb = self.time_embedding(self.time_proj(t).to(cond_img.dtype))
+        sample = self.controlnet_cond_embedding(cond_img)  # SCB.py l.421: the noisy sample is overwritten
+        res = (sample,)
+        sample, states = self.down_blocks[0](sample, emb, encoder_hidden_states=encoder_hidden_states)
+        res += states
+        out = [conv(r) for conv, r in zip(self.controlnet_down_blocks, res)]
+        return out + [torch.zeros(1)] * 9  # SCB.py l.467-470: padded to the UNet's 12 skips
+
+
+def scb_config(ch=CH, heads=HEADS, ctx=CTX):
+    """An scb/config.json as the released ones (derain's keys + the extra ignored ones), tiny sizes."""
+    return {"_class_name": "SCBNet", "_diffusers_version": "0.17.1", "act_fn": "silu", "attention_head_dim": heads,
+            "block_out_channels": [ch], "class_embed_type": None, "conditioning_embedding_out_channels": [16, 32],
+            "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": ctx,
+            "down_block_types": ["CrossAttnDownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True,
+            "freq_shift": 0, "global_pool_conditions": False, "in_channels": 4, "layers_per_block": 2,
+            "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None,
+            "only_cross_attention": False, "projection_class_embeddings_input_dim": None,
+            "resnet_time_scale_shift": "default", "upcast_attention": False, "use_linear_projection": False,
+            "concat_input": False, "enable_mask": False, "use_vae_conditioning": True}
+
+
+def make_plugin(folder, seed, module_prefix=False):
+    """Random official plugin (zero convs made non-zero so they matter) written to `folder`; returns (tpb, scb)."""
+    torch.manual_seed(seed)
+    tpb, scb = RefTPB(), RefSCB()
+    for conv in scb.controlnet_down_blocks:
+        nn.init.normal_(conv.weight, std=0.3)
+        nn.init.normal_(conv.bias, std=0.1)
+    os.makedirs(os.path.join(folder, "scb"), exist_ok=True)
+    with open(os.path.join(folder, "scb", "config.json"), "w") as f:
+        json.dump(scb_config(), f, indent=2)
+    torch.save(scb.state_dict(), os.path.join(folder, "scb", "diffusion_pytorch_model.bin"))
+    sd = tpb.state_dict()
+    torch.save({"model": {("module." if module_prefix else "") + k: v for k, v in sd.items()}},
+               os.path.join(folder, "tpb.pt"))
+    return tpb.eval(), scb.eval()
+
+
+def make_sd_and_clip(root, seed=0):
+    """Tiny SD as a diffusers folder (12 skips as SD 1.x, 8x VAE) and a 24-layer tiny CLIP vision folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(CH, 2 * CH, 2 * CH, 2 * CH), layers_per_block=2, cross_attention_dim=CTX,
+        attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=32)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=CTX, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77,
+                                        eos_token_id=2, hidden_act="quick_gelu"))
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_W, intermediate_size=256, num_hidden_layers=24,
+                                            num_attention_heads=2, image_size=224, patch_size=14,
+                                            hidden_act="quick_gelu"))
+    for m in (unet, vae, text, clip):
+        m.eval()
+    unet.save_pretrained(os.path.join(root, "sd", "unet"))
+    vae.save_pretrained(os.path.join(root, "sd", "vae"))
+    text.save_pretrained(os.path.join(root, "sd", "text_encoder"))
+    clip.save_pretrained(os.path.join(root, "clip"))
+    return unet, vae, text, clip
+
+
+@torch.no_grad()
+def official_restore(unet, vae, clip, plugins, original, image, steps=20, chain_steps=3, seed=42):
+    """infer.py/demo.py loop: CLIP features of `original`; each plugin (task, tpb, scb) in turn on `image`."""
+    from diffusers import UniPCMultistepScheduler
+    from diffusers.image_processor import VaeImageProcessor
+    from transformers import CLIPImageProcessor
+    pixels = CLIPImageProcessor()(images=original, return_tensors="pt").pixel_values
+    hidden = clip(pixels, output_attentions=True, output_hidden_states=True).hidden_states
+    proc = VaeImageProcessor(vae_scale_factor=8)
+    for k, (task, tpb, scb) in enumerate(plugins):
+        tokens = tpb(hidden)  # [1, 256, CTX]
+        x = proc.preprocess(image, height=image.height, width=image.width)  # LANCZOS to multiples of 8
+        scb_cond = LATENT_SCALE * vae.encode(x).latent_dist.mode()
+        h, w = scb_cond.shape[2:]
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn((1, 4, h, w), generator=g)
+        random_start = task in ("lowlight", "highlight")
+        sched = UniPCMultistepScheduler.from_config(SD14_SCHEDULER, final_sigmas_type="sigma_min")
+        sched.set_timesteps(steps if k == 0 else chain_steps)
+        latents = noise
+        for t in sched.timesteps:
+            if t >= 960 and not random_start:
+                latents = sched.add_noise(scb_cond, noise, t.reshape(1))
+            res = scb(latents, t, encoder_hidden_states=tokens, cond_img=scb_cond)
+            eps = unet(latents, t, encoder_hidden_states=tokens, down_block_additional_residuals=res,
+                       mid_block_additional_residual=torch.zeros(1)).sample
+            latents = sched.step(eps, t, latents).prev_sample
+        out = vae.decode(latents / LATENT_SCALE).sample
+        image = proc.postprocess(out, output_type="pil")[0]
+    return image
+
+
+class RefSelector(nn.Module):
+    """modules/prompt.py PromptTunnerModel(tunner_for_visual=True)."""
+
+    def __init__(self, d=CTX):
+        super().__init__()
+        self.proj_v, self.proj_t = nn.Linear(d, d), nn.Linear(d, d)
+        self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / 0.07))
+
+    def forward(self, plug_in_embeddings, text):
+        # plug_in_embeddings [N, 256, D], text [1, 1, D] -> [N, 1]
+        v = F.max_pool1d(plug_in_embeddings.permute(0, 2, 1), kernel_size=plug_in_embeddings.shape[1])
+        v = self.proj_v(v.permute(0, 2, 1))  # [N, 1, D]
+        v = v / v.norm(dim=-1, keepdim=True)
+        t = self.proj_t(text).squeeze(1).repeat(v.shape[0], 1, 1)  # [N, 1, D]
+        t = t / t.norm(dim=-1, keepdim=True)
+        return self.logit_scale.exp() * (v * t).sum(-1)
+
+
+@torch.no_grad()
+def official_scores(selector, text_model, tokenizer, clip, tpbs, original, prompt):
+    """demo.py l.98-160 scores: TPB tokens per task + the pooled " " row, text = pooled prompt embedding."""
+    from transformers import CLIPImageProcessor
+    pixels = CLIPImageProcessor()(images=original, return_tensors="pt").pixel_values
+    hidden = clip(pixels, output_hidden_states=True).hidden_states
+
+    def pooled(text):
+        ids = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return text_model(ids)[1].unsqueeze(1)  # [1, 1, D]
+
+    rows = [tpb(hidden)[0] for tpb in tpbs] + [pooled(" ")[0].expand(256, -1)]
+    return selector(torch.stack(rows), pooled(prompt))[:, 0]  # [N + 1]

@@ -1,0 +1,136 @@
+"""Tests of minidiff.plugin: TPB/SCB shapes and rules, plugin files, the resolution rule, and parity of the whole
+restoration loop with the official one rebuilt from diffusers + transformers (tests/official_oracle.py).
+
+    python -m pytest tests/test_plugin.py -q -s            (unit tests: seconds; parity: about 30 s)
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import assert_close
+from minidiff.plugin import (TASKS, TINY_PLUGIN, SCB, TPB, TaskPlugin, find_plugins, load_plugin, official_resize,
+                             restore, save_plugin)
+
+
+def tiny_plugin(task="derain", seed=0):
+    torch.manual_seed(seed)
+    return TaskPlugin(task, TPB(TINY_PLUGIN), SCB(TINY_PLUGIN)).eval()
+
+
+def test_shapes_and_official_sizes():
+    plugin = tiny_plugin()
+    tokens = plugin.tpb(torch.randn(2, 256, TINY_PLUGIN.clip_dim))
+    assert tokens.shape == (2, 256, TINY_PLUGIN.context_dim)
+    res = plugin.scb(torch.randn(2, 4, 9, 12), 999, tokens)
+    assert [tuple(r.shape) for r in res] == [(2, TINY_PLUGIN.channels, 9, 12)] * 3
+    # the official sizes: TPBNet 2,890,496 params; SCBNet 84 tensors, 11,973,120 params (facts 1.7-1.8)
+    with torch.device("meta"):
+        tpb, scb = TPB(), SCB()
+    assert sum(p.numel() for p in tpb.parameters()) == 2_890_496
+    assert len(scb.state_dict()) == 84 and sum(p.numel() for p in scb.parameters()) == 11_973_120
+
+
+def test_zero_convs_give_zero_residuals_and_scb_reads_only_cond_t_context():
+    plugin = tiny_plugin()
+    cond, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 256, TINY_PLUGIN.context_dim)
+    assert all(r.abs().max() == 0 for r in plugin.scb(cond, 500, ctx))  # fresh plugin: zero residuals
+    for conv in plugin.scb.zero_convs:
+        torch.nn.init.normal_(conv.weight)
+    base = plugin.scb(cond, 500, ctx)
+    # the noisy latent is not an input at all (the official SCB overwrites it): only cond, t and context matter;
+    # residual 0 is the conv of cond alone (the UNet's conv_in slot), 1 and 2 see t and the TPB tokens too
+    assert all((a - b).abs().max() > 0 for a, b in zip(base, plugin.scb(cond + 1, 500, ctx)))
+    for other in [plugin.scb(cond, 100, ctx), plugin.scb(cond, 500, ctx + 1)]:
+        assert torch.equal(base[0], other[0]) and all((a - b).abs().max() > 0 for a, b in zip(base[1:], other[1:]))
+
+
+def test_minidiff_file_round_trip_and_find(tmp_path):
+    plugin = tiny_plugin("dehaze")
+    save_plugin(plugin, tmp_path / "dehaze.safetensors", {"base_model": "sd-1.5", "steps_trained": 10})
+    (tmp_path / "notes.txt").write_text("x")
+    back = load_plugin(tmp_path / "dehaze.safetensors")
+    assert back.task == "dehaze" and back.metadata["steps_trained"] == "10"
+    for (k, a), (_, b) in zip(plugin.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert find_plugins(tmp_path) == {"dehaze": str(tmp_path / "dehaze.safetensors")}
+    assert list(TASKS) == ["derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire"]
+
+
+def test_official_resize_rule():
+    def ref(w, h):  # infer.py l.96-107 then VaeImageProcessor's floor to multiples of 8
+        im = Image.new("RGB", (w, h), (10, 20, 30))
+        if w < 512 or h < 512:
+            im = im.resize((512, int(512 / w * h)) if w < h else (int(512 / h * w), 512))
+        return (im.width - im.width % 8, im.height - im.height % 8)
+    for w, h in [(1, 1), (300, 200), (200, 300), (333, 333), (640, 480), (2834, 2091), (511, 700), (97, 1003)]:
+        assert official_resize(Image.new("RGB", (w, h))).size == ref(w, h), (w, h)
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    up = im.resize((512, int(512 / 90 * 120)), Image.BICUBIC)
+    expect = up.resize((up.width - up.width % 8, up.height - up.height % 8), Image.LANCZOS)
+    assert np.array_equal(np.asarray(official_resize(im)), np.asarray(expect))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parity with the official loop (diffusers 0.35.2 + transformers 4.57, tiny random weights in official layouts)
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import official_oracle as oracle
+    root = tmp_path_factory.mktemp("official")
+    unet, vae, _, clip = oracle.make_sd_and_clip(str(root))
+    refs = {}
+    for i, task in enumerate(["derain", "lowlight", "dehaze"]):
+        refs[task] = oracle.make_plugin(str(root / "pre-trained" / task), seed=10 + i, module_prefix=(i == 0))
+    rng = np.random.default_rng(1)
+    # a smooth random photo; the processing image is a bicubic downsize (stand-in for the resolution rule), and
+    # is not a multiple of 8 (101x77 -> 96x72: LANCZOS path; latent 12x9: odd size -> size-matched upsampling)
+    small = rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)
+    original = Image.fromarray(small).resize((203, 154), Image.BICUBIC)
+    image = original.resize((101, 77), Image.BICUBIC)
+    return oracle, root, (unet, vae, clip), refs, original, image
+
+
+@pytest.fixture(scope="module")
+def minidiff_models(official):
+    from minidiff.weights import load_clip_vision, load_stable_diffusion
+    _, root, _, _, _, _ = official
+    plugins = {t: load_plugin(root / "pre-trained" / t) for t in ["derain", "lowlight", "dehaze"]}
+    return load_stable_diffusion(str(root / "sd")), load_clip_vision(str(root / "clip")), plugins
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("tasks", [["derain"], ["lowlight"], ["derain", "dehaze"]], ids="+".join)
+def test_restore_matches_official_loop(official, minidiff_models, tasks):
+    oracle, root, (unet, vae, clip), refs, original, image = official
+    sd, clip_vision, plugins = minidiff_models
+    expected = oracle.official_restore(unet, vae, clip, [(t, *refs[t]) for t in tasks], original, image)
+    actual = restore(sd, clip_vision, [plugins[t] for t in tasks], image, clip_image=original, progress=False)
+    assert actual.size == expected.size == (96, 72)
+    a, e = np.asarray(actual).astype(int), np.asarray(expected).astype(int)
+    assert e.std() > 10, "degenerate reference image: the comparison would prove little"
+    # fp32 both sides; different kernels (SDPA vs diffusers' processor, conv algorithms) leave ~1e-6 in the
+    # latents, which can flip a rounding of the uint8 output: 2/255 is the issue's bound (issue 4 item 6)
+    print(f"[{'+'.join(tasks)}] max|diff| {np.abs(a - e).max()} / 255, mean {np.abs(a - e).mean():.4f}")
+    assert np.abs(a - e).max() <= 2
+
+
+@pytest.mark.parity
+def test_loaded_plugin_matches_official_modules(official, minidiff_models):
+    _, _, _, refs, _, _ = official
+    _, _, plugins = minidiff_models
+    tpb, scb = refs["derain"]  # its tpb.pt had `module.` prefixes
+    torch.manual_seed(3)
+    feats = torch.randn(1, 257, 128)
+    tokens = tpb([None] * 24 + [feats])
+    assert_close(plugins["derain"].tpb(feats[:, 1:]), tokens, 1e-5, "TPB")
+    cond, x = torch.randn(1, 4, 6, 5), torch.randn(1, 4, 6, 5)
+    with torch.no_grad():
+        ref = scb(x, torch.tensor(999), tokens, cond)
+        ours = plugins["derain"].scb(cond, 999, tokens)
+    for i in range(3):
+        assert_close(ours[i], ref[i], 1e-5, f"SCB residual {i}")  # fp32, float rounding only
