@@ -46,11 +46,12 @@ TINY_UNET = replace(UNetConfig(), model_channels=32, channel_mult=(1, 2, 2, 2), 
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-conv, plus the (1x1-projected) input."""
+    """GN-SiLU-conv, plus the projected time embedding, GN-SiLU-conv, plus the (1x1-projected) input."""
 
     def __init__(self, in_ch, out_ch, emb_ch, groups=32):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(),
+                                       nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         # index 2 is Dropout in CompVis (p=0 at inference); kept so that conv stays at out_layers.3
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Dropout(0.0),
@@ -219,7 +220,8 @@ class UNet(nn.Module):
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(*layers))
-        self.out = nn.Sequential(nn.GroupNorm(cfg.groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(cfg.groups, ch), nn.SiLU(),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, context, skip_residuals=None):
         """x [B, in_ch, h, w], timesteps int | 0-d | [B], context [B, N, context_dim] -> eps [B, out_ch, h, w].

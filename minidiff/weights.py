@@ -378,7 +378,7 @@ def build_unet(state_dict, dtype=None, device="cpu", what="UNet"):
     try:
         cfg = unet_config_from_state_dict(state_dict)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{what}: unusual UNet layout (no tensor {e}); minidiff loads the SD 1.x UNet") from None
+        raise CheckpointError(f"{what}: unusual UNet layout (no tensor {e}); minidiff loads SD 1.x") from None
     with torch.device("meta"):
         model = UNet(cfg)  # no memory: load_strict assigns the checkpoint tensors
     return load_strict(model, state_dict, what, dtype=dtype, device=device)
@@ -421,7 +421,8 @@ def _sd_part(path, part):
     if part == "unet" and not sd:
         keys = _file_keys(path)
         if any(k.startswith("conditioner.") for k in keys):
-            raise CheckpointError(f"{path}: conditioner.* text encoders: this looks like SDXL; minidiff loads SD 1.x")
+            raise CheckpointError(f"{path}: conditioner.* text encoders: this looks like SDXL; "
+                                  "minidiff loads SD 1.x")
         raise CheckpointError(f"{path}: no model.diffusion_model.* tensors: not a Stable Diffusion single file "
                               f"({len(keys)} tensors, first {keys[:3]})")
     if part == "text":
