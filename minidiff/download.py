@@ -1,0 +1,317 @@
+"""Where minidiff's weight files come from, and a small resumable downloader (urllib only, no hub client).
+
+`CHECKPOINTS` is the registry: a key (what `python tools/download.py --only KEY` takes) -> the file or folder
+under checkpoints/ that the loaders are given, what it is, and the remote files that make it up (URL, size in
+bytes and sha256 where they are published). `missing_weights_message(paths)` turns missing paths into one
+message saying what each file is, how big, and the command that fetches it. `download(...)` fetches files:
+HTTP Range requests resume into `<file>.part`, the size and sha256 are checked, then the file is renamed
+into place, so a final file is always complete. HF_TOKEN is sent as a Bearer token to Hugging Face only
+(never on to the CDN a download is redirected to); HF_ENDPOINT points Hugging Face URLs at a mirror.
+
+Sources: the Stable Diffusion 1.5 / 1.4 and CLIP model cards on huggingface.co, yuhaoliu7456/Diff-Plugin
+(pre-trained/, CC BY-NC-SA 4.0), openai/CLIP clip/clip.py (_MODELS: the sha256 is part of each URL),
+mseitzer/pytorch-fid src/pytorch_fid/inception.py (FID_WEIGHTS_URL). Sizes and hashes: the Hugging Face
+LFS pointers and the values those projects check; None where nobody publishes one (then only the size the
+server reports is checked).
+"""
+import hashlib
+import http.client
+import os
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+from tqdm import tqdm
+
+HF = "https://huggingface.co"
+# Official Diff-Plugin weights live in the code repository itself (pre-trained/<task>/...); pinned to the
+# commit the reference notes were taken at.
+DIFF_PLUGIN = "https://github.com/yuhaoliu7456/Diff-Plugin/raw/79e12bb46e01b498215fb385ce88099c75b2a7e5"
+TASKS = ("derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire")  # official order
+
+
+class DownloadError(RuntimeError):
+    """A download that failed (network, HTTP status, size or hash mismatch), as one line."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str  # destination, relative to the checkpoints folder
+    url: str
+    size: int | None = None  # bytes, when published
+    sha256: str | None = None  # hex digest, when published
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: str  # what the loaders are given (a file or a folder), relative to the checkpoints folder
+    description: str
+    files: tuple
+
+
+def _plugin(task):
+    base = f"{DIFF_PLUGIN}/pre-trained/{task}"
+    return Checkpoint(f"diff-plugin/{task}",
+                      f"official Diff-Plugin '{task}' Task-Plugin (SCB + TPB; CC BY-NC-SA)",
+                      tuple(RemoteFile(f"diff-plugin/{task}/{name}", f"{base}/{name}")
+                            for name in ("scb/config.json", "scb/diffusion_pytorch_model.bin", "tpb.pt")))
+
+
+def _sd14(name):
+    return RemoteFile(f"stable-diffusion-v1-4/{name}",
+                      f"{HF}/CompVis/stable-diffusion-v1-4/resolve/main/{name}")
+
+
+CHECKPOINTS = {
+    "sd15": Checkpoint(
+        "v1-5-pruned-emaonly.safetensors",
+        "Stable Diffusion 1.5, EMA weights, original single file (CreativeML OpenRAIL-M)",
+        (RemoteFile("v1-5-pruned-emaonly.safetensors",
+                    f"{HF}/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+                    "v1-5-pruned-emaonly.safetensors",
+                    4_265_146_304, "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),)),
+    "sd14": Checkpoint(
+        "stable-diffusion-v1-4",
+        "Stable Diffusion 1.4, diffusers folder: the base model the official plugins were trained on",
+        tuple(_sd14(n) for n in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                                 "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                                 "text_encoder/config.json", "text_encoder/model.safetensors"))),
+    "clip-l14": Checkpoint(
+        "clip-vit-large-patch14",
+        "CLIP ViT-L/14 (Hugging Face folder): the Task-Plugins' image encoder (MIT)",
+        (RemoteFile("clip-vit-large-patch14/config.json",
+                    f"{HF}/openai/clip-vit-large-patch14/resolve/main/config.json", 4519),
+         RemoteFile("clip-vit-large-patch14/model.safetensors",
+                    f"{HF}/openai/clip-vit-large-patch14/resolve/main/model.safetensors",
+                    1_710_540_580, "a2bf730a0c7debf160f7a6b50b3aaf3703e7e88ac73de7a314903141db026dcb"))),
+    **{f"plugin-{task}": _plugin(task) for task in TASKS},
+    "selector": Checkpoint(
+        "diff-plugin/plugin_selector/PromptTunner.pt",
+        "official Diff-Plugin Plugin-Selector (CC BY-NC-SA)",
+        (RemoteFile("diff-plugin/plugin_selector/PromptTunner.pt",
+                    f"{DIFF_PLUGIN}/pre-trained/plugin_selector/PromptTunner.pt"),)),
+    "clip-b32": Checkpoint(
+        "ViT-B-32.pt",
+        "OpenAI CLIP ViT-B/32: features of the official CLIP-FID / KID (MIT)",
+        (RemoteFile("ViT-B-32.pt",
+                    "https://openaipublic.azureedge.net/clip/models/"
+                    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+                    353_976_522, "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),)),
+    "inception": Checkpoint(
+        "pt_inception-2015-12-05-6726825d.pth",
+        "pytorch-fid's FID InceptionV3 weights (Apache-2.0)",
+        (RemoteFile("pt_inception-2015-12-05-6726825d.pth",
+                    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                    "pt_inception-2015-12-05-6726825d.pth",
+                    95_628_359, "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"),)),
+}
+
+# names `--only` also takes, standing for several keys
+GROUPS = {
+    "plugins": [f"plugin-{t}" for t in TASKS] + ["selector"],
+    "default": ["sd15", "clip-l14"] + [f"plugin-{t}" for t in TASKS] + ["selector"],  # the main job
+    "metrics": ["clip-b32", "inception"],
+    "all": list(CHECKPOINTS),
+}
+
+
+def default_checkpoint_paths(root="checkpoints"):
+    """The default path of each kind of weights under the checkpoints folder `root` (as strings)."""
+    paths = dict(sd="sd15", clip="clip-l14", selector="selector", clip_b32="clip-b32", inception="inception")
+    out = {name: os.path.join(root, CHECKPOINTS[key].path) for name, key in paths.items()}
+    out["plugins"] = os.path.join(root, "diff-plugin")
+    return out
+
+
+def expand_keys(names):
+    """Registry keys for names that are keys or GROUPS, in order, without repeats; ValueError if unknown."""
+    keys = []
+    for name in names:
+        if name not in CHECKPOINTS and name not in GROUPS:
+            known = ", ".join(list(CHECKPOINTS) + list(GROUPS))
+            raise ValueError(f"unknown checkpoint {name!r}; known: {known}")
+        keys += [k for k in GROUPS.get(name, [name]) if k not in keys]
+    return keys
+
+
+def human_size(size):
+    """'4.27 GB' (decimal units, as download pages show them), or 'size unknown'."""
+    if size is None:
+        return "size unknown"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+
+
+def _locate(path, ckpt):
+    """Where checkpoint `ckpt` sits if `path` names it (in any folder) or a folder above it; else None."""
+    p, c = PurePath(path).parts, PurePath(ckpt.path).parts
+    if p and p[-1] == c[-1]:  # the checkpoint itself, e.g. my-plugins/derain or /data/ViT-B-32.pt
+        return Path(path)
+    for n in range(len(c) - 1, 0, -1):  # a folder above it, e.g. checkpoints/diff-plugin
+        if len(p) >= n and p[-n:] == c[:n]:
+            return Path(path, *c[n:])
+    return None
+
+
+def missing_weights_message(paths):
+    """One message for missing weight files or folders: each missing file, its size, where to get it."""
+    found, unknown = {}, []  # registry key -> lines of its missing files
+    for path in map(str, paths):
+        matched = False
+        for key, ckpt in CHECKPOINTS.items():
+            where = _locate(path, ckpt)
+            if where is None:
+                continue
+            matched = True
+            for f in ckpt.files:
+                full = where / PurePath(f.path).relative_to(ckpt.path) if f.path != ckpt.path else where
+                line = f"    {full}  {human_size(f.size)}  <- {f.url}"
+                if not full.exists() and line not in found.setdefault(key, []):
+                    found[key].append(line)
+        if not matched:
+            unknown.append(f"  {path}: no such file or folder (not a file that tools/download.py fetches)")
+    found = {key: lines for key, lines in found.items() if lines}
+    text = ["missing weights:"] + unknown
+    for key, lines in found.items():
+        text += [f"  {CHECKPOINTS[key].description}:"] + lines
+    if found:
+        text.append(f"get them with: python tools/download.py --only {' '.join(found)}"
+                    "   (what they are: checkpoints/README.md)")
+    return "\n".join(text)
+
+
+def _remote_url(f, base_url=None):
+    """The URL to fetch: `base_url/<path>` for a mirror laid out like checkpoints/; else the registry's URL,
+    with Hugging Face ones pointed at HF_ENDPOINT when it is set (as huggingface_hub does)."""
+    if base_url:
+        return f"{base_url.rstrip('/')}/{urllib.parse.quote(f.path)}"
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint and f.url.startswith(HF + "/"):
+        return endpoint.rstrip("/") + f.url[len(HF):]
+    return f.url
+
+
+def _is_huggingface(url):
+    """Hugging Face hosts get HF_TOKEN: huggingface.co, hf.co, and the HF_ENDPOINT mirror if one is set."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "")).hostname
+    return host in ("huggingface.co", "hf.co") or host.endswith(".huggingface.co") or host == endpoint
+
+
+def sha256_of(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_file(url, dest, size=None, sha256=None, progress=True, timeout=60, chunk=1 << 20):
+    """Fetch `url` to `dest`: resume `<dest>.part` with a Range request, check size and sha256, rename.
+
+    Raises DownloadError with one line. A failed hash check deletes the partial file (it cannot be resumed);
+    any other failure keeps it, so the next run continues where this one stopped.
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:  # longer than the file can be: start over
+        part.unlink()
+        have = 0
+    h = hashlib.sha256()
+    if have:  # hash what is already there, then continue the same hash over the new bytes
+        with open(part, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    if size is None or have < size:
+        req = urllib.request.Request(url, headers={"User-Agent": "minidiff-download/1"})
+        if have:
+            req.add_header("Range", f"bytes={have}-")
+        token = os.environ.get("HF_TOKEN")
+        if token and _is_huggingface(url):
+            # unredirected: urllib does not carry it on to the storage host Hugging Face redirects to
+            req.add_unredirected_header("Authorization", f"Bearer {token}")
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # nothing left to send: the .part is already whole
+                resp = None
+            else:
+                hint = {401: " (set HF_TOKEN, and accept the model's licence on its page)",
+                        403: " (set HF_TOKEN, and accept the model's licence on its page)",
+                        404: " (moved? see checkpoints/README.md)"}.get(e.code, "")
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise DownloadError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
+        if resp is not None:
+            with resp:
+                if have and resp.status != 206:  # the server ignored the Range header: start over
+                    have, h = 0, hashlib.sha256()
+                length = resp.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                if size is not None and total is not None and total != size:
+                    raise DownloadError(f"{url}: the server offers {total} bytes, expected {size}")
+                with open(part, "ab" if have else "wb") as out, \
+                        tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name,
+                             disable=not progress, leave=False) as bar:
+                    try:
+                        while block := resp.read(chunk):
+                            out.write(block)
+                            h.update(block)
+                            bar.update(len(block))
+                    except (OSError, http.client.HTTPException) as e:
+                        raise DownloadError(f"{url}: connection lost ({e!r}); run again to resume") from None
+                if total is not None and part.stat().st_size != total:
+                    raise DownloadError(f"{url}: connection closed early; run again to resume")
+    got = part.stat().st_size
+    if size is not None and got != size:
+        raise DownloadError(f"{dest}: got {got} bytes, expected {size}; run again to resume")
+    if sha256 is not None and h.hexdigest() != sha256:
+        part.unlink()
+        raise DownloadError(f"{dest}: sha256 {h.hexdigest()} does not match the published {sha256}; "
+                            "the partial file was deleted")
+    os.replace(part, dest)
+
+
+def download(keys, root="checkpoints", base_url=None, progress=True, verify=False, log=print):
+    """Fetch every file of the registry `keys` under `root`; return the one-line errors (empty: all is well).
+
+    Files already present with the right size are kept (and re-hashed when `verify`).
+    """
+    files = [f for key in keys for f in CHECKPOINTS[key].files]
+    todo = [f for f in files if not _complete(Path(root) / f.path, f, verify)]
+    need = sum(max(0, (f.size or 0) - _part_size(Path(root) / f.path)) for f in todo)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        return [f"{root}: {human_size(need)} to download but only {human_size(free)} free"]
+    errors = []
+    for f in files:
+        dest = Path(root) / f.path
+        if f not in todo:
+            log(f"ok        {dest}")
+            continue
+        url = _remote_url(f, base_url)
+        log(f"download  {dest}  ({human_size(f.size)}) from {url}")
+        try:
+            download_file(url, dest, f.size, f.sha256, progress=progress)
+        except DownloadError as e:
+            errors.append(str(e))
+    return errors
+
+
+def _complete(dest, f, verify):
+    if not dest.is_file() or (f.size is not None and dest.stat().st_size != f.size):
+        return False
+    return not (verify and f.sha256 is not None and sha256_of(dest) != f.sha256)
+
+
+def _part_size(dest):
+    part = dest.with_name(dest.name + ".part")
+    return part.stat().st_size if part.exists() else 0

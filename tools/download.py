@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Download the weights minidiff runs on into checkpoints/: resumable, with progress bars and hash checks.
+
+    python tools/download.py                      # SD-1.5, CLIP ViT-L/14, the 8 official plugins and selector
+    python tools/download.py --list               # what can be fetched, sizes, what is already there
+    python tools/download.py --only sd15 clip-l14 plugin-derain     # just these (keys or groups, see --list)
+    python tools/download.py --only metrics       # CLIP ViT-B/32 + FID Inception, for tools/evaluate.py
+    python tools/download.py --only sd14          # SD-1.4 diffusers folder: the official plugins' base model
+    python tools/download.py --base-url http://mirror/checkpoints   # a mirror laid out like checkpoints/
+
+An interrupted download resumes from `<file>.part` on the next run; a file is renamed into place only once its
+size and published sha256 check out. HF_TOKEN is sent to Hugging Face (needed for gated models) and
+HF_ENDPOINT redirects Hugging Face URLs to a mirror. The registry (URLs, sizes, hashes) is in
+minidiff/download.py; checkpoints/README.md describes the files and their licences.
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from minidiff.download import CHECKPOINTS, GROUPS, expand_keys, human_size  # noqa: E402
+from minidiff.download import download  # noqa: E402
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a command-line mistake is one line on stderr (exit status 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="download.py", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--only", nargs="+", metavar="KEY", default=["default"],
+                   help=f"registry keys or groups ({', '.join(GROUPS)}) to fetch")
+    p.add_argument("--list", action="store_true", help="list the registry and what is present, fetch nothing")
+    p.add_argument("--dir", default=os.path.join(ROOT, "checkpoints"), help="the checkpoints folder")
+    p.add_argument("--base-url", help="fetch every file from BASE_URL/<path under checkpoints/> instead")
+    p.add_argument("--verify", action="store_true", help="also re-hash files that are already there")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        args.keys = expand_keys(args.only)
+    except ValueError as e:
+        p.error(f"--only: {e}")
+    if args.base_url and not args.base_url.startswith(("http://", "https://")):
+        p.error(f"--base-url {args.base_url!r}: want an http:// or https:// URL")
+    return args
+
+
+def list_registry(root):
+    """One line per registry key: present or not, path, total size, description; then the groups."""
+    for key, ckpt in CHECKPOINTS.items():
+        sizes = [f.size for f in ckpt.files]
+        total = None if None in sizes else sum(sizes)
+        here = all(os.path.isfile(os.path.join(root, f.path)) for f in ckpt.files)
+        mark = "x" if here else " "
+        print(f"[{mark}] {key:17s} {ckpt.path:45s} {human_size(total):>12s}  {ckpt.description}")
+    for name, keys in GROUPS.items():
+        print(f"group {name}: {' '.join(keys)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list:
+        list_registry(args.dir)
+        return 0
+    print(f"checkpoints folder: {args.dir}; fetching: {' '.join(args.keys)}")
+    try:
+        errors = download(args.keys, args.dir, base_url=args.base_url, progress=not args.no_progress,
+                          verify=args.verify)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:  # the checkpoints folder itself cannot be made or written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    if not errors:
+        print("all files present and checked")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
