@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""Benchmark minidiff against diffusers on the same random SD-1.5 weights (UNet speed, checkpoint loading).
+
+    python tools/benchmark.py --json bench.json                  # every benchmark; random SD-1.5 file in a temp dir
+    python tools/benchmark.py --only unet --runs 1 --warmup 0    # CPU-sized: one UNet forward per library
+    python tools/benchmark.py --only load --checkpoint checkpoints/v1-5-pruned-emaonly.safetensors
+
+Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some):
+  unet  UNet forward, batch 1, 64x64 latents, fp32 on the CPU: warm-up runs, then the median of --runs.
+  load  load a full SD-1.5 single-file checkpoint (text encoder, UNet, VAE, tokenizer): wall time and peak RSS.
+Every measurement runs in a fresh Python process (one per library and repeat), so memory figures start clean and
+two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single file (original
+CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers loads it fully
+offline with StableDiffusionPipeline.from_single_file(config=<local folder>) / UNet2DConditionModel.from_single_file;
+the local config folder holds the SD-1.5 component configs and a tokenizer written from minidiff's vocabulary.
+Without diffusers, only minidiff's column is filled.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+# Run from a checkout too (workers are fresh interpreters started on this file).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+WORKER_FLAG = "--worker"  # internal: `benchmark.py --worker NAME JSON-ARGS` runs one measurement in this process
+
+
+# ------------------------------------------------------------------ shared: random checkpoint, diffusers configs
+
+# Non-weight buffers that the original LatentDiffusion single file also carries (loaders must ignore them).
+SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2"]
+
+
+def write_random_sd15(path, seed=0):
+    """Write an SD-1.5 single file (original names, fp32) with random weights, one tensor at a time."""
+    import torch
+    from minidiff.clip import CLIP_TEXT_L14, CLIPTextModel
+    from minidiff.unet import UNet, UNetConfig
+    from minidiff.vae import AutoencoderKL, VAEConfig
+    with torch.device("meta"):  # shapes only, no memory
+        parts = {"model.diffusion_model.": UNet(UNetConfig()), "first_stage_model.": AutoencoderKL(VAEConfig()),
+                 "cond_stage_model.transformer.": CLIPTextModel(CLIP_TEXT_L14)}
+    specs = {p + k: (tuple(v.shape), torch.float32) for p, m in parts.items() for k, v in m.state_dict().items()}
+    specs["cond_stage_model.transformer.text_model.embeddings.position_ids"] = ((1, 77), torch.int64)
+    specs.update({name: ((1000,), torch.float32) for name in SCHEDULE_BUFFERS})
+    header, offset = {"__metadata__": {"format": "pt", "note": "minidiff benchmark: random weights"}}, 0
+    for key, (shape, dtype) in specs.items():
+        size = math.prod(shape) * (8 if dtype == torch.int64 else 4)
+        header[key] = {"dtype": "I64" if dtype == torch.int64 else "F32", "shape": list(shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
+    gen = torch.Generator().manual_seed(seed)
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for key, (shape, dtype) in specs.items():
+            if dtype == torch.int64:
+                t = torch.arange(77)[None]  # position ids
+            elif key in SCHEDULE_BUFFERS:
+                t = torch.linspace(0.999, 0.005, 1000)  # placeholder values: only the shapes matter
+            elif len(shape) >= 2:  # conv / linear / embedding: variance-preserving random init
+                t = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+            elif key.endswith("weight"):  # norm scales
+                t = 1 + 0.1 * torch.randn(shape, generator=gen)
+            else:  # biases
+                t = 0.02 * torch.randn(shape, generator=gen)
+            f.write(t.contiguous().numpy().tobytes())
+    os.replace(path + ".tmp", path)
+
+
+def write_diffusers_config(root):
+    """The SD-1.5 pipeline config folder diffusers' single-file loader needs when offline (no weights in it)."""
+    from minidiff.tokenizer import CLIPTokenizer, read_merges
+    down = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    files = {
+        "model_index.json": {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.35.2",
+                             "feature_extractor": [None, None], "safety_checker": [None, None],
+                             "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+                             "text_encoder": ["transformers", "CLIPTextModel"],
+                             "tokenizer": ["transformers", "CLIPTokenizer"],
+                             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
+        "unet/config.json": {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4,
+                             "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
+                             "down_block_types": down, "up_block_types": up, "layers_per_block": 2,
+                             "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32},
+        "vae/config.json": {"_class_name": "AutoencoderKL", "sample_size": 512, "in_channels": 3, "out_channels": 3,
+                            "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+                            "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215},
+        "text_encoder/config.json": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                                     "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+                                     "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768,
+                                     "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                                     "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        "scheduler/scheduler_config.json": {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000,
+                                            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1},
+        "tokenizer/vocab.json": CLIPTokenizer().encoder,
+    }
+    for name, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, name)) or root, exist_ok=True)
+        with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+            json.dump(content, f)
+    with open(os.path.join(root, "tokenizer/merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in read_merges()))
+
+
+class Context:
+    """What the benchmarks share: parsed arguments, the temp dir, and the checkpoint written on first use."""
+
+    def __init__(self, args, tmp):
+        self.args, self.tmp, self._ckpt, self._config = args, tmp, args.checkpoint, None
+        self.have_diffusers = subprocess.run([sys.executable, "-c", "import diffusers"],
+                                             capture_output=True).returncode == 0
+
+    def checkpoint(self):
+        if self._ckpt is None:
+            self._ckpt = os.path.join(self.tmp, "sd15-random.safetensors")
+            t = time.perf_counter()
+            write_random_sd15(self._ckpt, self.args.seed)
+            print(f"wrote random SD-1.5 checkpoint {self._ckpt} ({os.path.getsize(self._ckpt) / 2**30:.2f} GiB, "
+                  f"{time.perf_counter() - t:.0f} s)", flush=True)
+        return self._ckpt
+
+    def diffusers_config(self):
+        if self._config is None:
+            self._config = os.path.join(self.tmp, "diffusers-config")
+            write_diffusers_config(self._config)
+        return self._config
+
+    def run(self, worker, **kw):
+        """Run one worker in a fresh interpreter; return its result dict (the last stdout line, JSON)."""
+        kw.update(threads=self.args.threads, tmp=self.tmp)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), WORKER_FLAG, worker, json.dumps(kw)],
+                              capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{worker} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ workers (each runs in its own process)
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def worker_load(kw):
+    """Load the whole pipeline from the single file; time and memory (peak RSS, and RSS after the imports)."""
+    import torch
+    if kw["lib"] == "minidiff":
+        import minidiff
+        load = lambda: minidiff.load_stable_diffusion(kw["ckpt"], dtype=torch.float32)  # noqa: E731
+    else:
+        from diffusers import StableDiffusionPipeline
+        load = lambda: StableDiffusionPipeline.from_single_file(  # noqa: E731
+            kw["ckpt"], config=kw["config"], local_files_only=True, torch_dtype=torch.float32,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    base = _rss_mb()
+    t = time.perf_counter()
+    pipe = load()
+    seconds = time.perf_counter() - t
+    assert pipe is not None
+    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "import_rss_mb": base}
+
+
+def worker_unet(kw):
+    """Build the UNet from the single file, then time forward passes on fixed inputs; save eps for a cross-check."""
+    import torch
+    if kw["lib"] == "minidiff":
+        from minidiff.unet import UNet, UNetConfig
+        from minidiff.weights import load_strict, read_state_dict
+        with torch.device("meta"):
+            unet = UNet(UNetConfig())
+        unet = load_strict(unet, read_state_dict(kw["ckpt"], "model.diffusion_model."), "UNet")
+        forward = lambda x, t, c: unet(x, t, c)  # noqa: E731
+    else:
+        from diffusers import UNet2DConditionModel
+        unet = UNet2DConditionModel.from_single_file(kw["ckpt"], config=kw["config"], subfolder="unet",
+                                                     local_files_only=True, torch_dtype=torch.float32).eval()
+        forward = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, kw["size"], kw["size"], generator=g)  # latents [1, 4, 64, 64]
+    context = torch.randn(1, 77, 768, generator=g)  # text hidden states [1, 77, 768]
+    t = torch.tensor([500])
+    times = []
+    with torch.inference_mode():
+        for i in range(kw["warmup"] + kw["runs"]):
+            start = time.perf_counter()
+            eps = forward(x, t, context)
+            if i >= kw["warmup"]:
+                times.append(time.perf_counter() - start)
+    out = os.path.join(kw["tmp"], f"eps-{kw['lib']}.pt")
+    torch.save(eps.clone(), out)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "times_s": times, "eps": out, "threads": torch.get_num_threads()}
+
+
+WORKERS = {"load": worker_load, "unet": worker_unet}
+
+
+# ------------------------------------------------------------------ benchmarks (one function each)
+
+def libraries(ctx):
+    return ["minidiff"] + (["diffusers"] if ctx.have_diffusers else [])
+
+
+def bench_unet(ctx):
+    a = ctx.args
+    res = {lib: ctx.run("unet", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config(), size=a.latent_size,
+                        warmup=a.warmup, runs=a.runs) for lib in libraries(ctx)}
+    rows = [("unet", f"forward {a.latent_size}x{a.latent_size} fp32 (median s)",
+             res["minidiff"]["median_s"], res.get("diffusers", {}).get("median_s"))]
+    if "diffusers" in res:  # same weights and inputs: the outputs must agree (a sanity check, not a parity test)
+        import torch
+        e = [torch.load(res[lib]["eps"], weights_only=True) for lib in ("minidiff", "diffusers")]
+        print(f"unet: max|eps diff| minidiff vs diffusers {(e[0] - e[1]).abs().max().item():.2e} "
+              f"(max|eps| {e[1].abs().max().item():.2e}); threads {res['minidiff']['threads']}")
+    return rows, res
+
+
+def bench_load(ctx):
+    res = {lib: [] for lib in libraries(ctx)}
+    for _ in range(ctx.args.load_repeats):  # alternate the libraries so both see a warm page cache
+        for lib in res:
+            res[lib].append(ctx.run("load", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config()))
+    fig = {lib: {"seconds": min(r["seconds"] for r in runs), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                 "import_rss_mb": min(r["import_rss_mb"] for r in runs)} for lib, runs in res.items()}
+    d = fig.get("diffusers", {})
+    rows = [("load", "full single file, best of runs (s)", fig["minidiff"]["seconds"], d.get("seconds")),
+            ("load", "peak RSS (MiB)", fig["minidiff"]["peak_rss_mb"], d.get("peak_rss_mb")),
+            ("load", "peak RSS minus RSS after imports (MiB)",
+             fig["minidiff"]["peak_rss_mb"] - fig["minidiff"]["import_rss_mb"],
+             d["peak_rss_mb"] - d["import_rss_mb"] if d else None)]
+    return rows, {"runs": res, "summary": fig}
+
+
+BENCHMARKS = {"unet": bench_unet, "load": bench_load}
+
+
+# ------------------------------------------------------------------ driver
+
+def print_table(rows):
+    print(f"\n{'benchmark':<10} {'metric':<42} {'minidiff':>10} {'diffusers':>10} {'ratio':>7}")
+    for bench, metric, mine, ref in rows:
+        ref_s = f"{ref:10.2f}" if ref is not None else f"{'n/a':>10}"
+        ratio = f"{mine / ref:7.2f}" if ref else f"{'':>7}"
+        print(f"{bench:<10} {metric:<42} {mine:10.2f} {ref_s} {ratio}")
+    print("ratio = minidiff / diffusers (below 1: minidiff is faster / leaner)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks to run")
+    p.add_argument("--checkpoint", help="SD-1.5 single file to load (default: random weights in a temp dir)")
+    p.add_argument("--runs", type=int, default=3, help="timed UNet forward passes (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed UNet forward passes first")
+    p.add_argument("--latent-size", type=int, default=64, help="latent height and width for the UNet forward")
+    p.add_argument("--load-repeats", type=int, default=2, help="loads per library (best time, worst peak)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoint")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    chosen = [b.strip() for b in args.only.split(",") if b.strip()]
+    bad = [b for b in chosen if b not in BENCHMARKS]
+    if bad or not chosen:
+        sys.exit(f"benchmark: unknown benchmark {bad} (choose from {', '.join(BENCHMARKS)})")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        sys.exit(f"benchmark: {args.checkpoint}: no such file")
+    if args.runs < 1 or args.warmup < 0 or args.load_repeats < 1:
+        sys.exit("benchmark: --runs and --load-repeats must be >= 1, --warmup >= 0")
+    print("benchmark:", vars(args), flush=True)
+    rows, figures = [], {"args": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="minidiff-bench-") as tmp:
+        ctx = Context(args, tmp)
+        if not ctx.have_diffusers:
+            print("note: diffusers is not installed; only minidiff is measured")
+        for name in chosen:
+            try:
+                r, figures[name] = BENCHMARKS[name](ctx)
+            except RuntimeError as e:
+                sys.exit(f"benchmark: {name}: {e}")
+            rows += r
+    print_table(rows)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"rows": rows, **figures}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+
+
+def _worker_main():
+    name, kw = sys.argv[2], json.loads(sys.argv[3])
+    import torch
+    if kw.get("threads"):
+        torch.set_num_threads(kw["threads"])
+    print(json.dumps(WORKERS[name](kw)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:
+        _worker_main()
+    else:
+        main()
