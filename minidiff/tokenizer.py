@@ -118,7 +118,8 @@ class CLIPTokenizer:
 
         Example: "cats" starts as ['c', 'a', 't', 's</w>']. Among the adjacent pairs ('c','a'), ('a','t'),
         ('t','s</w>') we take the one BPE learned first (lowest rank), glue every occurrence of it, and repeat
-        until no adjacent pair is a known merge: ['ca', 't', 's</w>'] -> ['cat', 's</w>'] -> ['cats</w>'].
+        until no adjacent pair is a known merge: ['c', 'at', 's</w>'] -> ['c', 'ats</w>'] -> ['cats</w>'],
+        one token (id 3989).
         """
         if word in self.cache:
             return self.cache[word]
@@ -143,6 +144,8 @@ class CLIPTokenizer:
                     merged.append(parts[i])
                     i += 1
             parts = merged
+        if len(self.cache) > 100_000:  # bound the memory of a long-running process
+            self.cache.clear()
         self.cache[word] = parts
         return parts
 
