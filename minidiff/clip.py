@@ -2,17 +2,19 @@
 
 Paper: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (ICML 2021).
 Stable Diffusion 1.x conditions its UNet on the text tower of CLIP ViT-L/14 (hidden states after the final
-LayerNorm, [B, 77, 768]); Diff-Plugin's Task-Plugins read the vision tower of CLIP ViT-L/14 (hidden_states[24],
-the last layer before the post-LayerNorm); CLIP-FID (clean-fid) uses ViT-B/32's projected image embedding.
+LayerNorm, [B, 77, 768]); Diff-Plugin's Task-Plugins read the vision tower of CLIP ViT-L/14
+(hidden_states[24], the last layer before the post-LayerNorm); CLIP-FID (clean-fid) uses ViT-B/32's projected
+image embedding.
 
 Reference implementations mirrored:
-  - openai/CLIP, clip/model.py (commit a1d0717): VisionTransformer, ResidualAttentionBlock, QuickGELU.
-  - huggingface/transformers v4.57, src/transformers/models/clip/modeling_clip.py: the module names, which the
-    SD single file (cond_stage_model.transformer.text_model.*) and the Hugging Face CLIP files both use, so those
-    files load with no renames. OpenAI `visual.*` state dicts are renamed in weights.py (a table).
+  - openai/CLIP, clip/model.py (commit 0845fc4): VisionTransformer, ResidualAttentionBlock, QuickGELU.
+  - huggingface/transformers v4.57, src/transformers/models/clip/modeling_clip.py: the module names, which
+    the SD single file (cond_stage_model.transformer.text_model.*) and the Hugging Face CLIP files both use,
+    so those files load with no renames. OpenAI `visual.*` state dicts are renamed in weights.py (a table).
   - transformers v4.57, models/clip/image_processing_clip.py + image_transforms.py: `clip_preprocess`.
 
-Both towers are pre-LayerNorm transformers built from one block (`CLIPEncoderLayer`); the text tower is causal.
+Both towers are pre-LayerNorm transformers built from one block (`CLIPEncoderLayer`); the text tower is
+causal.
 """
 from dataclasses import dataclass, replace
 
@@ -23,7 +25,7 @@ from PIL import Image
 
 from .layers import attention
 
-# OpenAI's normalisation constants (clip/clip.py _transform; transformers OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+# OpenAI's normalisation constants (clip/clip.py _transform; transformers' OPENAI_CLIP_MEAN / _STD).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -106,7 +108,7 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer block, shared by the text and the vision tower (OpenAI ResidualAttentionBlock)."""
+    """Pre-LayerNorm transformer block of both towers (OpenAI's ResidualAttentionBlock)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -158,17 +160,17 @@ class CLIPTextTransformer(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x, causal=True)  # token i sees tokens 0..i only
         x = self.final_layer_norm(x)
-        # Pooled output at the end-of-text token. <|endoftext|> (49407) is the largest id, and padding repeats
-        # it, so argmax finds the FIRST end-of-text (torch.argmax returns the first maximum): what transformers
-        # does for configs with eos_token_id 2, which SD 1.x's and Diff-Plugin's text encoder have.
+        # Pooled output at the end-of-text token. <|endoftext|> (49407) is the largest id, and padding
+        # repeats it, so argmax finds the FIRST end-of-text (torch.argmax returns the first maximum): what
+        # transformers does for configs with eos_token_id 2, which SD 1.x's and Diff-Plugin's encoder have.
         eot = ids.argmax(dim=-1)  # [B]
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, C]
         return x, pooled
 
 
 class CLIPTextModel(nn.Module):
-    """CLIP text encoder: `hidden, pooled = m(ids)`, ids [B, 77] -> [B, 77, width] (after the final LayerNorm,
-    SD's cross-attention context) and [B, width] (the final-LN state at the first end-of-text token)."""
+    """CLIP text encoder: `hidden, pooled = m(ids)`, ids [B, 77] -> [B, 77, width] (after the final
+    LayerNorm: SD's cross-attention context) and [B, width] (that state at the first end-of-text token)."""
 
     def __init__(self, cfg=CLIP_TEXT_L14):
         super().__init__()
@@ -189,7 +191,7 @@ class CLIPVisionEmbeddings(nn.Module):
         self.image_size = cfg.image_size
         grid = cfg.image_size // cfg.patch_size
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))  # learned [CLS] token
-        # A patch_size-strided conv = a linear map of each non-overlapping patch (no bias, as in OpenAI's conv1).
+        # A patch_size-strided conv = a linear map of each non-overlapping patch (no bias: OpenAI's conv1).
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(grid * grid + 1, cfg.width)
 
@@ -207,7 +209,7 @@ class CLIPVisionEmbeddings(nn.Module):
 
 @dataclass
 class CLIPVisionOutput:
-    hidden_states: tuple  # layers + 1 tensors [B, T, width]: [0] after pre-LN, [k] after block k (no post-LN)
+    hidden_states: tuple  # layers + 1 tensors [B, T, width]: [0] after pre-LN, [k] after block k
     pooled: torch.Tensor  # [B, width]: post-LayerNorm class token
     image_embeds: torch.Tensor | None  # [B, projection]: pooled @ projection, None without a projection
 
@@ -241,14 +243,16 @@ class CLIPVisionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_model = CLIPVisionTransformer(cfg)
-        # OpenAI's `proj` is stored transposed ([width, projection]); here a bias-free Linear, as in HF files.
-        self.visual_projection = None if cfg.projection is None else nn.Linear(cfg.width, cfg.projection, bias=False)
+        # OpenAI's `proj` is stored transposed ([width, projection]); here a bias-free Linear as in HF.
+        self.visual_projection = None
+        if cfg.projection is not None:
+            self.visual_projection = nn.Linear(cfg.width, cfg.projection, bias=False)
 
     def forward(self, pixels):
         # Documented boundary: pixels (float32 from clip_preprocess) take the weights' dtype and device.
         w = self.vision_model.embeddings.patch_embedding.weight
         hidden_states, pooled = self.vision_model(pixels.to(dtype=w.dtype, device=w.device))
-        embeds = None if self.visual_projection is None else self.visual_projection(pooled)  # [B, projection]
+        embeds = None if self.visual_projection is None else self.visual_projection(pooled)  # [B, proj]
         return CLIPVisionOutput(hidden_states, pooled, embeds)
 
 
@@ -262,7 +266,7 @@ def _preprocess_one(image, size):
         image = image.convert("RGB")
     w, h = image.size
     # 1. Resize the short side to `size`; the long side keeps the aspect ratio, TRUNCATED by int() (not
-    #    rounded), computed as size * long / short in this order (image_transforms.get_resize_output_image_size).
+    #    rounded), computed as size * long / short in this order (get_resize_output_image_size).
     #    Images smaller than `size` are enlarged the same way.
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
@@ -280,9 +284,9 @@ def _preprocess_one(image, size):
 def clip_preprocess(images, size=224):
     """PIL image or list of PIL images -> [B, 3, size, size] float32, CLIP-normalised.
 
-    Equals transformers 4.x CLIPImageProcessor() with its defaults (convert RGB, bicubic resize of the short side,
-    centre crop, /255, OpenAI mean/std). One deviation: transformers guesses the channel axis from the array
-    shape and so misreads images 1 or 3 pixels high (a 1x1 image raises); here the layout is never guessed.
+    Equals transformers 4.x CLIPImageProcessor() with its defaults (convert RGB, bicubic resize of the short
+    side, centre crop, /255, OpenAI mean/std). One deviation: transformers guesses the channel axis from the
+    array shape and so misreads images 1 or 3 pixels high (a 1x1 image raises); here it is never guessed.
     """
     if isinstance(images, Image.Image):
         images = [images]

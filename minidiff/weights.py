@@ -136,91 +136,91 @@ def build_vae(state_dict, dtype=None, device="cpu"):
     return load_strict(model, state_dict, "VAE", dtype=dtype, device=device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# CLIP: the text encoder (HF `text_model.*` names, also inside the SD single file) and the vision encoder from a
-# Hugging Face folder/file or an OpenAI `visual.*` state dict (ViT-B-32.pt's layout). minidiff.clip uses HF names.
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
+# CLIP: the text encoder (HF `text_model.*` names, also inside the SD single file) and the vision encoder
+# from a Hugging Face folder/file or an OpenAI `visual.*` state dict (ViT-B-32.pt's). clip.py has HF names.
+# -----------------------------------------------------------------------------------------------------------
 import json  # noqa: E402
 import math  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
-# OpenAI visual.* (prefix removed) -> HF names: (pattern, replacement), first full match wins.
-CLIP_OPENAI_VISION_RENAMES = [
-    (r"conv1\.weight", "vision_model.embeddings.patch_embedding.weight"),
-    (r"class_embedding", "vision_model.embeddings.class_embedding"),
-    (r"positional_embedding", "vision_model.embeddings.position_embedding.weight"),
-    (r"ln_pre\.(weight|bias)", r"vision_model.pre_layrnorm.\1"),
-    (r"ln_post\.(weight|bias)", r"vision_model.post_layernorm.\1"),
-    (r"proj", "visual_projection.weight"),  # stored [width, projection]: transposed below
-    (r"transformer\.resblocks\.(\d+)\.ln_1\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm1.\2"),
-    (r"transformer\.resblocks\.(\d+)\.ln_2\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm2.\2"),
-    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)",
-     r"vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
-    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc1.\2"),
-    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc2.\2"),
-    # nn.MultiheadAttention's fused [3*width, ...] q/k/v projection, split into three (in that order) below
-    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)",
-     r"vision_model.encoder.layers.\1.self_attn.{}_proj.\2"),
-]
-CLIP_OPENAI_TRANSPOSED = {"proj"}
-CLIP_OPENAI_FUSED_QKV = r"transformer\.resblocks\.\d+\.attn\.in_proj_(weight|bias)"
+# OpenAI visual.* (prefix removed) -> HF names, outside the blocks
+CLIP_OPENAI_VISION_RENAMES = {
+    "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "class_embedding": "vision_model.embeddings.class_embedding",
+    "positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "ln_post.weight": "vision_model.post_layernorm.weight",
+    "ln_post.bias": "vision_model.post_layernorm.bias",
+    "proj": "visual_projection.weight",
+}
+# inside block N: transformer.resblocks.N.<OpenAI>.{weight,bias} -> vision_model.encoder.layers.N.<HF>.*
+CLIP_OPENAI_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+                             "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+# nn.MultiheadAttention's fused projection attn.in_proj_{weight,bias}: [3*width, ...] = q, k, v stacked
+CLIP_OPENAI_FUSED_QKV = {"attn.in_proj_weight": "self_attn.{}_proj.weight",
+                         "attn.in_proj_bias": "self_attn.{}_proj.bias"}
+CLIP_OPENAI_TRANSPOSED = {"proj"}  # OpenAI: x @ proj, proj [width, proj]; nn.Linear: weight [proj, width]
 # Present in some HF files (a buffer in transformers), recomputed in forward by minidiff: ignored.
 CLIP_IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
-# transformers' CLIPVisionConfig defaults, for keys a saved config.json leaves out (it stores only non-defaults).
+# transformers' CLIPVisionConfig defaults, for keys a saved config.json leaves out (it keeps non-defaults).
 _HF_VISION_DEFAULTS = {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 
 
 def clip_vision_from_openai(state_dict):
-    """OpenAI `visual.*` state dict (prefix removed) -> HF names. Unknown keys pass through (load_strict names
-    them). Tensors are views, not copies, except the transposed projection."""
+    """OpenAI `visual.*` state dict (prefix removed) -> HF names. Unknown keys pass through (load_strict
+    names them). Tensors are views, not copies, except the transposed projection."""
     out = {}
     for key, tensor in state_dict.items():
-        for pattern, repl in CLIP_OPENAI_VISION_RENAMES:
-            if re.fullmatch(pattern, key):
-                new = re.sub(pattern, repl, key)
-                break
+        block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key)
+        if key in CLIP_OPENAI_VISION_RENAMES:
+            new = CLIP_OPENAI_VISION_RENAMES[key]
+            out[new] = tensor.t().contiguous() if key in CLIP_OPENAI_TRANSPOSED else tensor  # [C,P] -> [P,C]
+        elif block and block[2] in CLIP_OPENAI_FUSED_QKV:
+            layer = f"vision_model.encoder.layers.{block[1]}."
+            for name, part in zip("qkv", tensor.chunk(3, dim=0)):  # [3*C, ...] -> 3 x [C, ...]
+                out[layer + CLIP_OPENAI_FUSED_QKV[block[2]].format(name)] = part
+        elif block and block[2].rsplit(".", 1)[0] in CLIP_OPENAI_BLOCK_RENAMES:
+            module, kind = block[2].rsplit(".", 1)  # e.g. "mlp.c_fc", "weight"
+            layer = f"vision_model.encoder.layers.{block[1]}."
+            out[f"{layer}{CLIP_OPENAI_BLOCK_RENAMES[module]}.{kind}"] = tensor
         else:
             out[key] = tensor
-            continue
-        if re.fullmatch(CLIP_OPENAI_FUSED_QKV, key):
-            for name, part in zip("qkv", tensor.chunk(3, dim=0)):  # [3*C, ...] -> 3 x [C, ...]
-                out[new.format(name)] = part
-        elif key in CLIP_OPENAI_TRANSPOSED:
-            out[new] = tensor.t().contiguous()  # [C, P] -> [P, C], nn.Linear's layout
-        else:
-            out[new] = tensor
     return out
 
 
 def _clip_layers(state_dict, prefix):
     """Number of transformer blocks in a state dict with HF CLIP names."""
-    found = {int(m[1]) for k in state_dict if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
+    pattern = re.escape(prefix) + r"encoder\.layers\.(\d+)\."
+    found = {int(m[1]) for k in state_dict if (m := re.match(pattern, k))}
     return max(found) + 1 if found else 0
 
 
 def build_clip_text(state_dict, dtype=None, device="cpu"):
-    """CLIPTextModel from HF `text_model.*` tensors (the SD single file's cond_stage_model.transformer.* minus
-    that prefix, or a diffusers text_encoder/). Config from shapes; heads = width // 64 as in every OpenAI CLIP."""
+    """CLIPTextModel from HF `text_model.*` tensors (the SD single file's cond_stage_model.transformer.*
+    minus that prefix, or a diffusers text_encoder/). Config from shapes; heads = width // 64 (OpenAI's)."""
     from minidiff.clip import CLIP_TEXT_L14, CLIPTextModel
     try:
         vocab, width = state_dict["text_model.embeddings.token_embedding.weight"].shape
         positions = state_dict["text_model.embeddings.position_embedding.weight"].shape[0]
         mlp = state_dict["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
     except KeyError as e:
-        raise CheckpointError(f"CLIP text encoder: no tensor {e}; this is not a CLIP text model with Hugging Face "
+        raise CheckpointError(f"CLIP text encoder: no tensor {e}; not a CLIP text model with Hugging Face "
                               f"names ({len(state_dict)} tensors, first {list(state_dict)[:3]})") from None
     if width == 1024:
         raise CheckpointError("CLIP text encoder: width 1024: this looks like SD 2.x / OpenCLIP ViT-H; "
                               "minidiff loads SD 1.x (CLIP ViT-L/14 text, width 768)")
-    cfg = replace(CLIP_TEXT_L14, vocab_size=vocab, max_positions=positions, width=width, heads=max(1, width // 64),
-                  mlp=mlp, layers=_clip_layers(state_dict, "text_model."))
+    cfg = replace(CLIP_TEXT_L14, vocab_size=vocab, max_positions=positions, width=width,
+                  heads=max(1, width // 64), mlp=mlp, layers=_clip_layers(state_dict, "text_model."))
     with torch.device("meta"):
         model = CLIPTextModel(cfg)  # no memory: load_strict assigns the checkpoint tensors
-    return load_strict(model, state_dict, "CLIP text encoder", dtype=dtype, device=device, ignore=CLIP_IGNORED)
+    return load_strict(model, state_dict, "CLIP text encoder", dtype=dtype, device=device,
+                       ignore=CLIP_IGNORED)
 
 
 def _clip_vision_config(sd, hf, what):
-    """CLIPVisionConfig from HF-named tensor shapes; heads/act/eps from config.json `hf` when there is one."""
+    """CLIPVisionConfig from HF-named tensor shapes; heads/act/eps from config.json `hf` if there is one."""
     from minidiff.clip import CLIP_VISION_L14
     try:
         width = sd["vision_model.embeddings.class_embedding"].shape[0]
@@ -233,7 +233,7 @@ def _clip_vision_config(sd, hf, what):
     grid = math.isqrt(positions - 1)  # positions = grid * grid patches + 1 class token
     hf = {**_HF_VISION_DEFAULTS, **hf} if hf is not None else {"num_attention_heads": max(1, width // 64)}
     if hf.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
-        raise CheckpointError(f"{what}: activation {hf['hidden_act']!r}; minidiff's CLIP has quick_gelu and gelu")
+        raise CheckpointError(f"{what}: activation {hf['hidden_act']!r}; minidiff has quick_gelu and gelu")
     proj = sd.get("visual_projection.weight")
     return replace(CLIP_VISION_L14, image_size=grid * patch, patch_size=patch, width=width, mlp=mlp,
                    layers=_clip_layers(sd, "vision_model."), heads=hf["num_attention_heads"],
@@ -242,22 +242,27 @@ def _clip_vision_config(sd, hf, what):
 
 
 def _read_prefixed(path, prefixes):
-    """Tensors of `path` under any of `prefixes`, full names kept (read lazily: other towers stay on disk)."""
+    """Tensors of `path` under any of `prefixes`, full names kept (lazily: other towers stay on disk)."""
     return {p + k: v for p in prefixes for k, v in read_state_dict(path, p).items()}
 
 
 def load_clip_vision(path, dtype=torch.float32, device="cpu"):
-    """CLIPVisionModel from a Hugging Face folder (config.json optional; model.safetensors or pytorch_model.bin)
-    or file (CLIPModel: its text tower is ignored; CLIPVisionModel[WithProjection]), or an OpenAI state dict
-    (`visual.*`, e.g. ViT-B-32.pt's; its text tower and logit_scale are ignored). L/14 or B/32 from the shapes."""
+    """CLIPVisionModel from a Hugging Face folder (config.json optional; model.safetensors or
+    pytorch_model.bin) or file (CLIPModel: its text tower is ignored; CLIPVisionModel[WithProjection]), or an
+    OpenAI state dict (`visual.*`, e.g. ViT-B-32.pt's; text tower and logit_scale ignored). L/14 or B/32 (or
+    any ViT CLIP) from the shapes. Strict; built on the meta device and filled with the file's tensors."""
     from minidiff.clip import CLIPVisionModel
     hf = None
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
-            with open(os.path.join(path, "config.json")) as f:
-                hf = json.load(f)
+            try:
+                with open(os.path.join(path, "config.json")) as f:
+                    hf = json.load(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{path}/config.json: unreadable ({str(e).splitlines()[0]})") from None
             hf = hf.get("vision_config", hf)  # CLIPModel nests it; CLIPVisionModel's config is flat
-        names = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))]
+        names = [n for n in ("model.safetensors", "pytorch_model.bin")
+                 if os.path.isfile(os.path.join(path, n))]
         if not names:
             raise CheckpointError(f"{path}: folder has neither model.safetensors nor pytorch_model.bin")
         path = os.path.join(path, names[0])

@@ -1,10 +1,11 @@
 """Tests for minidiff.clip.clip_preprocess (CLIP's image preprocessing).
 
 Fast: shapes and dtype for single images, lists and non-RGB modes; inputs left untouched.
-Parity (@pytest.mark.parity, needs transformers 4.x): against transformers' CLIPImageProcessor (the PIL/numpy one
-of 4.x, the class Diff-Plugin's official code calls) on the real demo photos in /work/shared/data/official-demo/
-(skipped when absent) and on synthetic sizes: smaller than 224, 1-pixel and 3-pixel sides, odd crops, long strips,
-and palette / grey / RGBA images. Expected: bit-exact (the same PIL resize, then the same float32 arithmetic).
+Parity (@pytest.mark.parity, needs transformers 4.x): against transformers' CLIPImageProcessor (the PIL/numpy
+one of 4.x, the class Diff-Plugin's official code calls) on the real demo photos in
+/work/shared/data/official-demo/ (skipped when absent) and on synthetic sizes: smaller than 224, 1-pixel and
+3-pixel sides, odd crops, long strips, and grey / RGBA / palette / CMYK images. Expected: bit-exact (the same
+PIL resize, then the same float32 arithmetic).
 Run: cd /work/main && python -m pytest tests/test_clip_preprocess.py -q -s     (a few seconds)
 """
 import os
@@ -48,8 +49,8 @@ def test_shapes_modes_and_untouched_input():
 
 
 def transformers_reference(image, processor):
-    """CLIPImageProcessor's pixels. For images 1 or 3 pixels high transformers guesses the channel axis wrongly
-    (a (1, W, 3) or (3, W, 3) array looks channels-first); the layout is then stated, as a caller must."""
+    """CLIPImageProcessor's pixels. For images 1 or 3 pixels high transformers guesses the channel axis
+    wrongly (a (1, W, 3) or (3, W, 3) array looks channels-first); the layout is then stated explicitly."""
     kwargs = {"input_data_format": "channels_last"} if image.height in (1, 3) else {}
     return torch.from_numpy(processor(image, return_tensors="np", **kwargs)["pixel_values"])
 
@@ -79,4 +80,5 @@ def test_matches_clip_image_processor_on_demo_photos():
     x = clip_preprocess(images)
     for image, name, row in zip(images, names, x):
         print(f"{name}: {image.size} {image.mode}")
-        assert_close(row[None], transformers_reference(image, processor), 1e-6, f"preprocess {name}", scale=False)
+        expected = transformers_reference(image, processor)
+        assert_close(row[None], expected, 1e-6, f"preprocess {name}", scale=False)

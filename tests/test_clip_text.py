@@ -3,8 +3,8 @@
 Fast: shapes, the causal mask (a later token never changes earlier hidden states), the pooled index (first
 end-of-text), the config read from shapes, the SD 2.x refusal, a checkpoint's position_ids ignored.
 Parity (@pytest.mark.parity, needs transformers 4.x): random weights at the FULL ViT-L/14 text size (SD 1.x's
-text encoder) written by transformers' save_pretrained (Hugging Face `text_model.*` names, the names inside the SD
-single file), loaded by minidiff and by transformers; hidden states and pooled output compared in fp32.
+text encoder) written by transformers' save_pretrained (Hugging Face `text_model.*` names, the names inside
+the SD single file), loaded by minidiff and by transformers; hidden states and pooled output compared (fp32).
 Run: cd /work/main && python -m pytest tests/test_clip_text.py -q -s     (about 15 s on 2 CPU cores)
 """
 import functools
@@ -30,8 +30,8 @@ def make_ids(lengths, seed=0):
 
 
 def randomize_(model, seed=0):
-    """Every tensor random (biases and LayerNorms too, so a swapped name cannot hide), with fan-in scaled weights
-    so that activations stay O(1) through all layers and attention is far from uniform."""
+    """Every tensor random (biases and LayerNorms too, so a swapped name cannot hide), with fan-in scaled
+    weights so that activations stay O(1) through all layers and attention is far from uniform."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -115,11 +115,11 @@ def test_build_refuses_sd2_and_foreign_state_dicts():
 @pytest.mark.parity
 def test_full_size_text_encoder_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    # SD 1.x's text encoder config (openai/clip-vit-large-patch14): eos_token_id 2 selects pooling at argmax(ids)
+    # SD 1.x's text encoder config (openai/clip-vit-large-patch14): eos_token_id 2 = pooling at argmax(ids)
     hf_cfg = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                         hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0,
-                                         eos_token_id=2, pad_token_id=1)
+                                         num_hidden_layers=12, num_attention_heads=12,
+                                         max_position_embeddings=77, hidden_act="quick_gelu",
+                                         layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
     ref = hf_model(transformers.CLIPTextModel, hf_cfg, seed=1)
     ref.save_pretrained(tmp_path)  # model.safetensors with text_model.* names
     del ref

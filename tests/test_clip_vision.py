@@ -2,11 +2,11 @@
 
 Fast: output shapes and count, no projection -> image_embeds None, the OpenAI `visual.*` rename table on a
 model-made state dict, folder/file layouts on tiny configs (CLIPModel file whose text tower is ignored, a
-pytorch_model.bin folder with config.json, a bare file without one), and one-line CheckpointErrors for a truncated,
-a non-checkpoint and a non-CLIP file.
+pytorch_model.bin folder with config.json, a bare file without one), and one-line CheckpointErrors for a
+truncated, a non-checkpoint and a non-CLIP file.
 Parity (@pytest.mark.parity, needs transformers 4.x), fp32, random weights:
-  - FULL ViT-L/14 (Diff-Plugin's encoder) saved by transformers (CLIPVisionModelWithProjection, model.safetensors):
-    every hidden state (index 24 reported), pooled and projected embeddings.
+  - FULL ViT-L/14 (Diff-Plugin's encoder) saved by transformers (CLIPVisionModelWithProjection,
+    model.safetensors): every hidden state (index 24 reported), pooled and projected embeddings.
   - FULL ViT-B/32 (clean-fid's CLIP-FID encoder) written in the OpenAI layout by this file's own HF->OpenAI
     writer, conv/linear/proj in float16 as in ViT-B-32.pt, text tower keys beside it; and in the HF layout.
 Run: cd /work/main && python -m pytest tests/test_clip_vision.py -q -s     (about 40 s on 2 CPU cores)
@@ -25,9 +25,9 @@ from test_clip_text import hf_model, randomize_
 
 
 def hf_to_openai(sd, half=True):
-    """HF CLIP vision state dict -> OpenAI's `visual.*` names, written here independently of minidiff's table.
-    OpenAI fuses q/k/v into in_proj_*, stores the projection transposed and (convert_weights) keeps conv, linear
-    and proj weights in float16, LayerNorms and embeddings in float32."""
+    """HF CLIP vision state dict -> OpenAI's `visual.*` names, written here apart from minidiff's table.
+    OpenAI fuses q/k/v into in_proj_*, stores the projection transposed and (clip/model.py convert_weights)
+    keeps conv, linear (weight and bias) and proj in float16, LayerNorms and embeddings in float32."""
     out = {}
     for key, t in sd.items():
         if key == "visual_projection.weight":
@@ -59,7 +59,7 @@ def hf_to_openai(sd, half=True):
 
 
 def fp16_round_(hf_model):
-    """Round the tensors that OpenAI stores in float16 (every 2-d+ weight but the embeddings, linear biases)."""
+    """Round the tensors that OpenAI stores in float16 (conv, linear weights and biases, projection)."""
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
             if "norm" not in name and not name.endswith(("class_embedding", "position_embedding.weight")):
@@ -69,8 +69,9 @@ def fp16_round_(hf_model):
 
 def hf_config(cfg, transformers):
     return transformers.CLIPVisionConfig(hidden_size=cfg.width, intermediate_size=cfg.mlp,
-                                         num_attention_heads=cfg.heads, num_hidden_layers=cfg.layers, patch_size=cfg.patch_size,
-                                         image_size=cfg.image_size, projection_dim=cfg.projection or 512)
+                                         num_attention_heads=cfg.heads, num_hidden_layers=cfg.layers,
+                                         patch_size=cfg.patch_size, image_size=cfg.image_size,
+                                         projection_dim=cfg.projection or 512)
 
 
 def compare(model, ref, pixels, label):
@@ -111,27 +112,28 @@ def test_openai_table_covers_every_tensor(tmp_path):
     assert set(back) == set(source.state_dict())
     assert all(torch.equal(back[k], v) for k, v in source.state_dict().items())
     # as a file: OpenAI's text tower keys and logit_scale sit beside visual.* and are ignored
-    torch.save({**hf_to_openai(source.state_dict()), "logit_scale": torch.ones(()),
-                "token_embedding.weight": torch.zeros(8, 4), "transformer.resblocks.0.ln_1.weight": torch.ones(4)},
-               tmp_path / "vit.pt")
+    text_tower = {"logit_scale": torch.ones(()), "token_embedding.weight": torch.zeros(8, 4),
+                  "transformer.resblocks.0.ln_1.weight": torch.ones(4)}
+    torch.save({**hf_to_openai(source.state_dict()), **text_tower}, tmp_path / "vit.pt")
     model = load_clip_vision(str(tmp_path / "vit.pt"))
     assert model.cfg == TINY_CLIP_VISION_B32 and model.visual_projection.weight.dtype == torch.float32
 
 
 def test_hf_layouts_on_tiny_models(tmp_path):
     transformers = pytest.importorskip("transformers")
-    # CLIPModel (text + vision) as pytorch_model.bin with config.json; 4 heads of 32 must come from config.json
-    cfg = transformers.CLIPConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                                   num_attention_heads=2),
-                                  vision_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                                     num_attention_heads=4, patch_size=32), projection_dim=32)
+    # CLIPModel (text + vision) as pytorch_model.bin with config.json; 4 heads of 32 come from config.json
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  patch_size=32)
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
     ref = randomize_(transformers.CLIPModel(cfg)).eval()
     ref.save_pretrained(tmp_path / "clipmodel", safe_serialization=False)
     model = load_clip_vision(str(tmp_path / "clipmodel"))
     assert (model.cfg.heads, model.cfg.projection, model.cfg.layers) == (4, 32, 2)
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        assert_close(model(pixels).image_embeds, ref.get_image_features(pixel_values=pixels), 1e-4, "CLIPModel")
+        expected = ref.get_image_features(pixel_values=pixels)
+        assert_close(model(pixels).image_embeds, expected, 1e-4, "CLIPModel image features")
     # a bare CLIPVisionModel file without config.json: no projection, heads = width // 64
     ref = randomize_(transformers.CLIPVisionModel(hf_config(TINY_CLIP_VISION_B32, transformers))).eval()
     ref.save_pretrained(tmp_path / "vision")
@@ -171,7 +173,8 @@ def test_full_size_b32_openai_and_hf_layouts_match_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     ref = hf_model(transformers.CLIPVisionModelWithProjection, hf_config(CLIP_VISION_B32, transformers), 3)
     fp16_round_(ref)  # the weights ViT-B-32.pt can hold
-    torch.save({**hf_to_openai(ref.state_dict()), "logit_scale": torch.tensor(4.6052)}, tmp_path / "ViT-B-32.pt")
+    openai = {**hf_to_openai(ref.state_dict()), "logit_scale": torch.tensor(4.6052)}  # real: + text tower
+    torch.save(openai, tmp_path / "ViT-B-32.pt")
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     model = load_clip_vision(str(tmp_path / "ViT-B-32.pt"))
     assert model.cfg == CLIP_VISION_B32
