@@ -7,6 +7,7 @@ Shared by the tests of U1 (UNet), S (pipelines), P1 (plugins) and U2 (VAE) to bu
 
     unet_to_original(state_dict, layers_per_block) -> CompVis names (no prefix)
     original_to_unet(state_dict, layers_per_block) -> diffusers names (the inverse; no diffusers import)
+    vae_to_original(state_dict, levels) -> CompVis VAE names (no prefix; proved by test_vae.py)
     original_state_dict(unet=, vae=, text_encoder=) -> full single-file dict with the three prefixes
     write_original_single_file(path, unet=, vae=, text_encoder=)   .safetensors, or .ckpt ({"state_dict": ...})
 """
@@ -97,10 +98,35 @@ def original_to_unet(osd, layers_per_block, attention_blocks, blocks):
     return out
 
 
+def vae_to_original(dsd, levels):
+    """Diffusers AutoencoderKL state dict -> original CompVis VAE names (no prefix; tensors shared). U2's writer,
+    independent of minidiff.weights.vae_from_diffusers; proved by test_vae.py's round trip through diffusers."""
+    out = {}
+    for key, t in dsd.items():
+        part, rest = key.split(".", 1)  # encoder / decoder / quant_conv / post_quant_conv
+        if m := re.match(r"down_blocks\.(\d+)\.(resnets|downsamplers)\.(\d+)\.(.*)", rest):
+            i, kind, j, tail = m.groups()
+            rest = f"down.{i}.block.{j}.{tail}" if kind == "resnets" else f"down.{i}.downsample.{tail}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)", rest):
+            i, kind, j, tail = m.groups()
+            level = levels - 1 - int(i)  # diffusers counts from the lowest resolution, CompVis by level
+            rest = f"up.{level}.block.{j}.{tail}" if kind == "resnets" else f"up.{level}.upsample.{tail}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", rest):
+            rest = f"mid.block_{int(m[1]) + 1}.{m[2]}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(.*)", rest):
+            name, leaf = m[1].rsplit(".", 1)
+            name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[name]
+            rest = f"mid.attn_1.{name}.{leaf}"
+            if t.ndim == 2:
+                t = t[:, :, None, None]  # Linear -> 1x1 conv
+        rest = rest.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        out[f"{part}.{rest}" if part in ("encoder", "decoder") else key] = t
+    return out
+
+
 def original_state_dict(unet=None, vae=None, text_encoder=None):
     """The single-file dict (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`)
     of a diffusers UNet2DConditionModel, a diffusers AutoencoderKL and a transformers CLIPTextModel."""
-    from test_vae import vae_to_original  # U2's test-side VAE writer (also proved against diffusers)
     out = {}
     if unet is not None:
         sd = unet_to_original(unet.state_dict(), unet.config.layers_per_block)

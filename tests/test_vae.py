@@ -15,37 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import assert_close
+from sd_layout import vae_to_original
 from minidiff.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL, VAEConfig
 from minidiff.weights import CheckpointError, build_vae, read_state_dict, vae_from_diffusers
 
 # diffusers attention names: current -> legacy (the names of older diffusers files such as SD-1.4's vae/)
 LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def vae_to_original(dsd, levels):
-    """Diffusers AutoencoderKL state dict -> original CompVis single-file names (no prefix). Test-side writer,
-    written independently of minidiff.weights.vae_from_diffusers and checked against diffusers' converter."""
-    out = {}
-    for key, t in dsd.items():
-        part, rest = key.split(".", 1)  # encoder / decoder / quant_conv / post_quant_conv
-        if m := re.match(r"down_blocks\.(\d+)\.(resnets|downsamplers)\.(\d+)\.(.*)", rest):
-            i, kind, j, tail = m.groups()
-            rest = f"down.{i}.block.{j}.{tail}" if kind == "resnets" else f"down.{i}.downsample.{tail}"
-        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)", rest):
-            i, kind, j, tail = m.groups()
-            level = levels - 1 - int(i)  # diffusers counts from the lowest resolution, CompVis by level
-            rest = f"up.{level}.block.{j}.{tail}" if kind == "resnets" else f"up.{level}.upsample.{tail}"
-        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", rest):
-            rest = f"mid.block_{int(m[1]) + 1}.{m[2]}"
-        elif m := re.match(r"mid_block\.attentions\.0\.(.*)", rest):
-            name, leaf = m[1].rsplit(".", 1)
-            name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[name]
-            rest = f"mid.attn_1.{name}.{leaf}"
-            if t.ndim == 2:
-                t = t[:, :, None, None]  # Linear -> 1x1 conv
-        rest = rest.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        out[f"{part}.{rest}" if part in ("encoder", "decoder") else key] = t
-    return out
 
 
 def diffusers_vae(block_out_channels, layers_per_block, seed=0):
