@@ -142,6 +142,7 @@ def build_vae(state_dict, dtype=None, device="cpu"):
 # -----------------------------------------------------------------------------------------------------------
 import json  # noqa: E402
 import math  # noqa: E402
+import zipfile  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 # OpenAI visual.* (prefix removed) -> HF names, outside the blocks
@@ -241,6 +242,15 @@ def _clip_vision_config(sd, hf, what):
                    projection=None if proj is None else proj.shape[0])
 
 
+def _is_torchscript(path):
+    """True for a TorchScript archive (as OpenAI's released ViT-*.pt files), code rather than a dict."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _read_prefixed(path, prefixes):
     """Tensors of `path` under any of `prefixes`, full names kept (lazily: other towers stay on disk)."""
     return {p + k: v for p in prefixes for k, v in read_state_dict(path, p).items()}
@@ -267,6 +277,10 @@ def load_clip_vision(path, dtype=torch.float32, device="cpu"):
             raise CheckpointError(f"{path}: folder has neither model.safetensors nor pytorch_model.bin")
         path = os.path.join(path, names[0])
     what = f"CLIP vision ({path})"
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path}: a TorchScript archive (as OpenAI's released ViT-B-32.pt); minidiff "
+                              "reads state dicts only. Convert once, where you trust the file: torch.save("
+                              "torch.jit.load(PATH, map_location='cpu').state_dict(), 'ViT-B-32.state.pt')")
     sd = _read_prefixed(path, ["vision_model.", "visual_projection."])
     if not sd:
         sd = clip_vision_from_openai(read_state_dict(path, "visual."))

@@ -142,6 +142,7 @@ def test_hf_layouts_on_tiny_models(tmp_path):
     compare(model, ref, pixels, "tiny CLIPVisionModel")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # deprecated, but OpenAI's files are TorchScript
 def test_bad_files_give_one_line_errors(tmp_path):
     model = CLIPVisionModel(TINY_CLIP_VISION_B32)
     from safetensors.torch import save_file
@@ -151,7 +152,8 @@ def test_bad_files_give_one_line_errors(tmp_path):
     (tmp_path / "notes.bin").write_text("not a checkpoint\n")
     save_file({"model.diffusion_model.conv_in.weight": torch.zeros(2)}, tmp_path / "sd.safetensors")
     (tmp_path / "empty").mkdir()
-    for name in ("cut.safetensors", "notes.bin", "sd.safetensors", "empty", "missing.pt"):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "jit.pt")  # as OpenAI's releases
+    for name in ("cut.safetensors", "notes.bin", "sd.safetensors", "empty", "missing.pt", "jit.pt"):
         with pytest.raises(CheckpointError) as e:
             load_clip_vision(str(tmp_path / name))
         print(f"[{name}] {e.value}")
