@@ -178,7 +178,8 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(cfg)
 
     def forward(self, ids):
-        return self.text_model(ids)
+        # Documented boundary: token ids (a CPU LongTensor from the tokenizer) move to the weights' device.
+        return self.text_model(ids.to(self.text_model.embeddings.token_embedding.weight.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
