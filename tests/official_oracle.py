@@ -24,6 +24,7 @@ SD14_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sc
                   "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
                   "trained_betas": None, "clip_sample": False}  # SD-1.4 scheduler_config.json (PNDM), facts 1.2
 CH, CTX, HEADS, CLIP_W = 32, 32, 2, 128  # tiny widths: UNet/SCB level 0, context, SCB heads, CLIP vision
+SHARPEN = 4.0  # factor on the tiny UNet's cross-attention keys/outputs and conv_out (see make_sd_and_clip)
 
 
 class RefTPB(nn.Module):
@@ -82,9 +83,11 @@ def make_plugin(folder, seed, module_prefix=False):
     """Random official plugin (zero convs made non-zero so they matter) written to `folder`; returns (tpb, scb)."""
     torch.manual_seed(seed)
     tpb, scb = RefTPB(), RefSCB()
-    for conv in scb.controlnet_down_blocks:
-        nn.init.normal_(conv.weight, std=0.3)
-        nn.init.normal_(conv.bias, std=0.1)
+    with torch.no_grad():
+        for conv in scb.controlnet_down_blocks:
+            nn.init.normal_(conv.weight, std=0.3)
+            nn.init.normal_(conv.bias, std=0.1)
+        tpb.visual_projection[6].weight.mul_(SHARPEN)  # larger tokens: the image content shows in the output
     os.makedirs(os.path.join(folder, "scb"), exist_ok=True)
     with open(os.path.join(folder, "scb", "config.json"), "w") as f:
         json.dump(scb_config(), f, indent=2)
@@ -114,6 +117,12 @@ def make_sd_and_clip(root, seed=0):
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_W, intermediate_size=256, num_hidden_layers=24,
                                             num_attention_heads=2, image_size=224, patch_size=14,
                                             hidden_act="quick_gelu"))
+    # Default init gives near-uniform cross-attention and a small eps: a wrong context, step count or skip would
+    # barely change the image. Sharpen it so the comparison sees them (checked: each changes pixels by > 2).
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "attn2.to_k" in name or "attn2.to_out.0.weight" in name or name == "conv_out.weight":
+                p.mul_(SHARPEN)
     for m in (unet, vae, text, clip):
         m.eval()
     unet.save_pretrained(os.path.join(root, "sd", "unet"))

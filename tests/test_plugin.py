@@ -76,6 +76,15 @@ def test_official_resize_rule():
 # Parity with the official loop (diffusers 0.35.2 + transformers 4.57, tiny random weights in official layouts)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: one thread is ~50x faster than two oversubscribed ones
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     pytest.importorskip("diffusers")
