@@ -1,16 +1,17 @@
-"""The Stable Diffusion 1.x variational autoencoder (AutoencoderKL, "KL-f8": 8x downscale, 4 latent channels).
+"""The Stable Diffusion 1.x variational autoencoder (AutoencoderKL "KL-f8": 8x downscale, 4 latent channels).
 
-Paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022), section 3.1
-and appendix G (the first-stage autoencoder with a KL penalty).
-Reference implementation mirrored: CompVis/stable-diffusion @ 21f890f, ldm/models/autoencoder.py (AutoencoderKL)
-and ldm/modules/diffusionmodules/model.py (Encoder, Decoder, ResnetBlock, AttnBlock, Downsample, Upsample).
+Paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022),
+section 3.1 and appendix G (the first-stage autoencoder with a KL penalty).
+Reference implementation mirrored: CompVis/stable-diffusion @ 21f890f, ldm/models/autoencoder.py
+(AutoencoderKL) and ldm/modules/diffusionmodules/model.py (Encoder, Decoder, ResnetBlock, AttnBlock,
+Downsample, Upsample).
 Parameter names are those of the original single-file checkpoint (`first_stage_model.*` minus the prefix), so
 `encoder.down.1.block.0.nin_shortcut.weight` in a file is `vae.encoder.down[1].block[0].nin_shortcut.weight`.
-The diffusers names (down_blocks / up_blocks / mid_block / to_q ...) are a rename table in minidiff/weights.py.
+The diffusers names (down_blocks / up_blocks / mid_block / to_q ...) are a rename table in weights.py.
 
     vae = AutoencoderKL(VAEConfig())
     mean, logvar = vae.encode(images)              # images [B, 3, H, W] in [-1, 1] -> [B, 4, H//8, W//8]
-    latents = LATENT_SCALE * mean                  # what the UNet sees (SD samples mean + std * noise in training)
+    latents = LATENT_SCALE * mean                  # what the UNet sees (training samples mean + std * noise)
     images = vae.decode(latents / LATENT_SCALE)    # [B, 3, 8h, 8w], roughly in [-1, 1]
 """
 from dataclasses import dataclass, replace
@@ -49,7 +50,7 @@ def Normalize(channels):
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, plus a 1x1 conv shortcut when the width changes (no time embedding in the VAE)."""
+    """GroupNorm-SiLU-conv twice, plus a 1x1 conv shortcut when the width changes (no time embedding)."""
 
     def __init__(self, in_ch, out_ch):
         super().__init__()
@@ -57,7 +58,7 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.norm2 = Normalize(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        # CompVis calls the 1x1 shortcut nin_shortcut ("network in network"); diffusers calls it conv_shortcut.
+        # CompVis calls the 1x1 shortcut nin_shortcut ("network in network"), diffusers conv_shortcut.
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x):
@@ -113,7 +114,7 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResnetBlock - self-attention - ResnetBlock at the lowest resolution (CompVis keeps them as `mid.*`)."""
+    """ResnetBlock - self-attention - ResnetBlock at the lowest resolution (CompVis: `mid.*`)."""
 
     def __init__(self, ch):
         super().__init__()
@@ -156,7 +157,8 @@ class Encoder(nn.Module):
             blocks = [ResnetBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks)]
             last = i == len(widths) - 1
             # every level but the last halves the resolution
-            self.down.append(Level(blocks, None if last else "downsample", None if last else Downsample(out_ch)))
+            down = None if last else Downsample(out_ch)
+            self.down.append(Level(blocks, None if last else "downsample", down))
             in_ch = out_ch
         self.mid = MidBlock(in_ch)
         self.norm_out = Normalize(in_ch)
@@ -178,14 +180,15 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(widths[-1])
-        # CompVis builds the levels from the lowest resolution up but stores them at the index of the matching
+        # CompVis builds the levels from the lowest resolution up, but stores them at the index of the
         # encoder level: up[len-1] runs first, up[0] last (the reverse of diffusers' up_blocks order).
         levels = []
         in_ch = widths[-1]
         for i in reversed(range(len(widths))):
             out_ch = widths[i]
             # one more ResnetBlock per level than the encoder has
-            blocks = [ResnetBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks + 1)]
+            n = cfg.num_res_blocks + 1
+            blocks = [ResnetBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(n)]
             first = i == 0
             levels.append(Level(blocks, None if first else "upsample", None if first else Upsample(out_ch)))
             in_ch = out_ch
@@ -201,7 +204,7 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """Encoder + Gaussian posterior + decoder. quant_conv / post_quant_conv are the 1x1 convs around the latent."""
+    """Encoder + Gaussian posterior + decoder; quant_conv / post_quant_conv: 1x1 convs around the latent."""
 
     def __init__(self, cfg=VAEConfig()):
         super().__init__()
@@ -222,5 +225,5 @@ class AutoencoderKL(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z):
-        """Unscaled latents [B, z, h, w] (SD latents / LATENT_SCALE) -> images [B, 3, 8h, 8w], about [-1, 1]."""
+        """Unscaled latents [B, z, h, w] (SD latents / LATENT_SCALE) -> images [B, 3, 8h, 8w], ~[-1, 1]."""
         return self.decoder(self.post_quant_conv(z))

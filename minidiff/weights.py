@@ -61,14 +61,14 @@ def load_strict(model, state_dict, what, dtype=None, device="cpu", ignore=()):
     return model.eval().requires_grad_(False)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# VAE (AutoencoderKL): diffusers names -> original CompVis names, and the builder used for `first_stage_model.*`
-# and for a diffusers `vae/` folder. minidiff.vae names its modules after the original single file.
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
+# VAE (AutoencoderKL): diffusers names -> original CompVis names, and the builder used for
+# `first_stage_model.*` and for a diffusers `vae/` folder (minidiff.vae uses the original single-file names).
+# -----------------------------------------------------------------------------------------------------------
 import re  # noqa: E402
 
-# (diffusers pattern, original replacement), applied in order to every key. decoder.up_blocks.{i} is handled apart:
-# diffusers counts up blocks from the lowest resolution, CompVis stores them at the encoder level's index.
+# (diffusers pattern, original replacement), applied in order to every key. decoder.up_blocks.{i} is handled
+# apart: diffusers counts up blocks from the lowest resolution, CompVis stores them at the level's index.
 VAE_DIFFUSERS_RENAMES = [
     (r"\.down_blocks\.(\d+)\.resnets\.", r".down.\1.block."),
     (r"\.down_blocks\.(\d+)\.downsamplers\.0\.", r".down.\1.downsample."),
@@ -79,7 +79,7 @@ VAE_DIFFUSERS_RENAMES = [
     (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
     (r"\.conv_shortcut\.", ".nin_shortcut."),
     (r"\.conv_norm_out\.", ".norm_out."),
-    # mid-block attention: current names (to_q ...) and the legacy ones of older files (query ..., SD-1.4 era)
+    # mid-block attention: current names (to_q ...) and the legacy ones of older files (query ..., SD 1.4)
     (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
     (r"\.attn_1\.(to_q|query)\.", ".attn_1.q."),
     (r"\.attn_1\.(to_k|key)\.", ".attn_1.k."),
@@ -115,9 +115,10 @@ def vae_config_from_state_dict(state_dict):
         levels = sorted({int(m[1]) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
         blocks = {int(m[1]) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
         ch_mult = tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
-        return VAEConfig(in_channels=in_channels, out_channels=state_dict["decoder.conv_out.weight"].shape[0],
-                         ch=ch, ch_mult=ch_mult, num_res_blocks=len(blocks),
-                         z_channels=state_dict["post_quant_conv.weight"].shape[0])
+        out_channels = state_dict["decoder.conv_out.weight"].shape[0]
+        z_channels = state_dict["post_quant_conv.weight"].shape[0]
+        return VAEConfig(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=ch_mult,
+                         num_res_blocks=len(blocks), z_channels=z_channels)
     except KeyError as e:
         keys = list(state_dict)[:3]
         raise CheckpointError(f"VAE: no tensor {e} in the state dict; this is not an SD AutoencoderKL "
@@ -126,7 +127,7 @@ def vae_config_from_state_dict(state_dict):
 
 def build_vae(state_dict, dtype=None, device="cpu"):
     """AutoencoderKL from an original-layout (`first_stage_model.*` minus the prefix) or diffusers-layout
-    state dict; the config is read from the shapes, so tiny test checkpoints load too. Strict, no weight copy."""
+    state dict; the config is read from the shapes (so tiny test checkpoints load too). Strict, no copy."""
     from minidiff.vae import AutoencoderKL
     if any(".down_blocks." in k or ".mid_block." in k for k in state_dict):
         state_dict = vae_from_diffusers(state_dict)

@@ -1,11 +1,11 @@
 """Tests for minidiff/vae.py (AutoencoderKL) and the VAE section of minidiff/weights.py.
 
 Fast: shapes (odd sizes too), inputs left unmutated, the diffusers rename table (current and legacy attention
-names) on a model-made state dict, a clear error for a non-VAE state dict.
+names) on diffusers-made state dicts, a clear error for a non-VAE state dict.
 Parity (@pytest.mark.parity, needs diffusers): random weights written in the ORIGINAL single-file layout
-(`first_stage_model.*`) by this file's own diffusers->original writer, proved by a round trip through diffusers'
-own single-file conversion; then posterior mean, logvar and decode against diffusers' AutoencoderKL at full
-SD-1.5 size on a 64x64 image, and on a tiny config at an odd size.
+(`first_stage_model.*`) by tests/sd_layout.py's vae_to_original, proved here by a round trip through
+diffusers' own single-file conversion; then posterior mean, logvar and decode against diffusers'
+AutoencoderKL at full SD-1.5 size on a 64x64 image, and on a tiny config at an odd size.
 Run: cd /work/main && python -m pytest tests/test_vae.py -q -s     (about 10 s on 2 CPU cores)
 """
 import re
@@ -60,7 +60,7 @@ def test_shapes_odd_sizes_and_inputs_unmutated():
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_rename_covers_every_key(legacy):
-    """Every diffusers key (current or legacy attention names) maps onto exactly the minidiff model's keys."""
+    """Every diffusers key (current or legacy attention names) maps onto exactly minidiff's keys."""
     torch.manual_seed(0)
     pytest.importorskip("diffusers")
     dsd = diffusers_vae((TINY_VAE.ch, 2 * TINY_VAE.ch), TINY_VAE.num_res_blocks).state_dict()

@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """Benchmark minidiff against diffusers on the same random SD-1.5 weights (UNet speed, checkpoint loading).
 
-    python tools/benchmark.py --json bench.json                  # every benchmark; random SD-1.5 file in a temp dir
-    python tools/benchmark.py --only unet --runs 1 --warmup 0    # CPU-sized: one UNet forward per library
+    python tools/benchmark.py --json bench.json              # all; random SD-1.5 file in a temp dir
+    python tools/benchmark.py --only unet --runs 1 --warmup 0  # CPU-sized: one UNet forward per library
     python tools/benchmark.py --only load --checkpoint checkpoints/v1-5-pruned-emaonly.safetensors
 
 Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some):
   unet  UNet forward, batch 1, 64x64 latents, fp32 on the CPU: warm-up runs, then the median of --runs.
-  load  load a full SD-1.5 single-file checkpoint (text encoder, UNet, VAE, tokenizer): wall time and peak RSS.
-Every measurement runs in a fresh Python process (one per library and repeat), so memory figures start clean and
-two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single file (original
-CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers loads it fully
-offline with StableDiffusionPipeline.from_single_file(config=<local folder>) / UNet2DConditionModel.from_single_file;
-the local config folder holds the SD-1.5 component configs and a tokenizer written from minidiff's vocabulary.
+  load  load a full SD-1.5 single-file checkpoint (text encoder, UNet, VAE, tokenizer): wall time of the load
+        call, and of the load plus a first read of every weight (both libraries may map the file lazily),
+        and the peak RSS of the process after that read.
+Every measurement runs in a fresh Python process (one per library and repeat), so memory figures start
+clean and two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single file
+(original CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers
+loads it fully offline with StableDiffusionPipeline.from_single_file(config=<local folder>) and
+UNet2DConditionModel.from_single_file; the local config folder holds the SD-1.5 component configs and a
+tokenizer written from minidiff's vocabulary.
 Without diffusers, only minidiff's column is filled.
 """
 import argparse
@@ -30,16 +33,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-WORKER_FLAG = "--worker"  # internal: `benchmark.py --worker NAME JSON-ARGS` runs one measurement in this process
+WORKER_FLAG = "--worker"  # internal: `benchmark.py --worker NAME JSON-ARGS` runs one measurement
 
 
-# ------------------------------------------------------------------ shared: random checkpoint, diffusers configs
+# ------------------------------------------------------------- shared: random checkpoint, diffusers configs
 
 # Non-weight buffers that the original LatentDiffusion single file also carries (loaders must ignore them).
 SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                    "posterior_mean_coef1", "posterior_mean_coef2"]
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"]
 
 
 def write_random_sd15(path, seed=0):
@@ -49,9 +52,11 @@ def write_random_sd15(path, seed=0):
     from minidiff.unet import UNet, UNetConfig
     from minidiff.vae import AutoencoderKL, VAEConfig
     with torch.device("meta"):  # shapes only, no memory
-        parts = {"model.diffusion_model.": UNet(UNetConfig()), "first_stage_model.": AutoencoderKL(VAEConfig()),
+        parts = {"model.diffusion_model.": UNet(UNetConfig()),
+                 "first_stage_model.": AutoencoderKL(VAEConfig()),
                  "cond_stage_model.transformer.": CLIPTextModel(CLIP_TEXT_L14)}
-    specs = {p + k: (tuple(v.shape), torch.float32) for p, m in parts.items() for k, v in m.state_dict().items()}
+    specs = {p + k: (tuple(v.shape), torch.float32)
+             for p, m in parts.items() for k, v in m.state_dict().items()}
     specs["cond_stage_model.transformer.text_model.embeddings.position_ids"] = ((1, 77), torch.int64)
     specs.update({name: ((1000,), torch.float32) for name in SCHEDULE_BUFFERS})
     header, offset = {"__metadata__": {"format": "pt", "note": "minidiff benchmark: random weights"}}, 0
@@ -81,7 +86,7 @@ def write_random_sd15(path, seed=0):
 
 
 def write_diffusers_config(root):
-    """The SD-1.5 pipeline config folder diffusers' single-file loader needs when offline (no weights in it)."""
+    """The SD-1.5 pipeline config folder diffusers' single-file loader needs offline (no weights in it)."""
     from minidiff.tokenizer import CLIPTokenizer, read_merges
     down = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
@@ -91,23 +96,27 @@ def write_diffusers_config(root):
                              "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
                              "text_encoder": ["transformers", "CLIPTextModel"],
                              "tokenizer": ["transformers", "CLIPTokenizer"],
-                             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
+                             "unet": ["diffusers", "UNet2DConditionModel"],
+                             "vae": ["diffusers", "AutoencoderKL"]},
         "unet/config.json": {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4,
                              "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
                              "down_block_types": down, "up_block_types": up, "layers_per_block": 2,
                              "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32},
-        "vae/config.json": {"_class_name": "AutoencoderKL", "sample_size": 512, "in_channels": 3, "out_channels": 3,
-                            "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-                            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-                            "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215},
+        "vae/config.json": {"_class_name": "AutoencoderKL", "sample_size": 512, "in_channels": 3,
+                            "out_channels": 3, "block_out_channels": [128, 256, 512, 512],
+                            "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4,
+                            "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 4,
+                            "norm_num_groups": 32, "scaling_factor": 0.18215},
         "text_encoder/config.json": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
                                      "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
-                                     "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768,
-                                     "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                                     "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+                                     "num_hidden_layers": 12, "num_attention_heads": 12,
+                                     "projection_dim": 768, "max_position_embeddings": 77,
+                                     "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                                     "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
         "scheduler/scheduler_config.json": {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000,
-                                            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                                            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1},
+                                            "beta_start": 0.00085, "beta_end": 0.012,
+                                            "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
+                                            "skip_prk_steps": True, "steps_offset": 1},
         "tokenizer/vocab.json": CLIPTokenizer().encoder,
     }
     for name, content in files.items():
@@ -131,7 +140,8 @@ class Context:
             self._ckpt = os.path.join(self.tmp, "sd15-random.safetensors")
             t = time.perf_counter()
             write_random_sd15(self._ckpt, self.args.seed)
-            print(f"wrote random SD-1.5 checkpoint {self._ckpt} ({os.path.getsize(self._ckpt) / 2**30:.2f} GiB, "
+            gib = os.path.getsize(self._ckpt) / 2**30
+            print(f"wrote random SD-1.5 checkpoint {self._ckpt} ({gib:.2f} GiB, "
                   f"{time.perf_counter() - t:.0f} s)", flush=True)
         return self._ckpt
 
@@ -144,14 +154,16 @@ class Context:
     def run(self, worker, **kw):
         """Run one worker in a fresh interpreter; return its result dict (the last stdout line, JSON)."""
         kw.update(threads=self.args.threads, tmp=self.tmp)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), WORKER_FLAG, worker, json.dumps(kw)],
-                              capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{worker} failed:\n{proc.stderr[-3000:]}")
+        cmd = [sys.executable, os.path.abspath(__file__), WORKER_FLAG, worker, json.dumps(kw)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:  # a CheckpointError comes back as one line, anything else with a traceback
+            err = proc.stderr.strip() or "?"
+            raise RuntimeError(f"{worker} ({kw.get('lib')}) failed: "
+                               + (err[-3000:] if "Traceback" in err else err.splitlines()[-1]))
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------ workers (each runs in its own process)
+# ------------------------------------------------------------- workers (each runs in its own process)
 
 def _rss_mb():
     with open("/proc/self/status") as f:
@@ -164,7 +176,7 @@ def _peak_rss_mb():
 
 
 def worker_load(kw):
-    """Load the whole pipeline from the single file; time and memory (peak RSS, and RSS after the imports)."""
+    """Load the whole pipeline from the single file: time, memory (peak RSS, and RSS after the imports)."""
     import torch
     if kw["lib"] == "minidiff":
         import minidiff
@@ -178,12 +190,18 @@ def worker_load(kw):
     t = time.perf_counter()
     pipe = load()
     seconds = time.perf_counter() - t
-    assert pipe is not None
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "import_rss_mb": base}
+    # Both libraries may leave weights as lazily read (memory-mapped) pages that are only read at first use:
+    # touch one value per 4 KiB page of every tensor, so "ready" counts reading the whole file.
+    parts = vars(pipe).values() if kw["lib"] == "minidiff" else pipe.components.values()
+    modules = [m for m in parts if isinstance(m, torch.nn.Module)]
+    tensors = [v for m in modules for v in m.state_dict().values()]
+    checksum = sum(float(v.flatten()[::1024].double().sum()) for v in tensors)
+    return {"seconds": seconds, "ready_seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(),
+            "import_rss_mb": base, "modules": len(modules), "tensors": len(tensors), "checksum": checksum}
 
 
 def worker_unet(kw):
-    """Build the UNet from the single file, then time forward passes on fixed inputs; save eps for a cross-check."""
+    """UNet from the single file; time forward passes on fixed inputs; save eps for a cross-check."""
     import torch
     if kw["lib"] == "minidiff":
         from minidiff.unet import UNet, UNetConfig
@@ -211,13 +229,14 @@ def worker_unet(kw):
     out = os.path.join(kw["tmp"], f"eps-{kw['lib']}.pt")
     torch.save(eps.clone(), out)
     times.sort()
-    return {"median_s": times[len(times) // 2], "times_s": times, "eps": out, "threads": torch.get_num_threads()}
+    return {"median_s": times[len(times) // 2], "times_s": times, "eps": out,
+            "threads": torch.get_num_threads()}
 
 
 WORKERS = {"load": worker_load, "unet": worker_unet}
 
 
-# ------------------------------------------------------------------ benchmarks (one function each)
+# ------------------------------------------------------------- benchmarks (one function each)
 
 def libraries(ctx):
     return ["minidiff"] + (["diffusers"] if ctx.have_diffusers else [])
@@ -225,11 +244,11 @@ def libraries(ctx):
 
 def bench_unet(ctx):
     a = ctx.args
-    res = {lib: ctx.run("unet", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config(), size=a.latent_size,
-                        warmup=a.warmup, runs=a.runs) for lib in libraries(ctx)}
+    res = {lib: ctx.run("unet", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config(),
+                        size=a.latent_size, warmup=a.warmup, runs=a.runs) for lib in libraries(ctx)}
     rows = [("unet", f"forward {a.latent_size}x{a.latent_size} fp32 (median s)",
              res["minidiff"]["median_s"], res.get("diffusers", {}).get("median_s"))]
-    if "diffusers" in res:  # same weights and inputs: the outputs must agree (a sanity check, not a parity test)
+    if "diffusers" in res:  # same weights and inputs: the outputs agree (a sanity check, not a parity test)
         import torch
         e = [torch.load(res[lib]["eps"], weights_only=True) for lib in ("minidiff", "diffusers")]
         print(f"unet: max|eps diff| minidiff vs diffusers {(e[0] - e[1]).abs().max().item():.2e} "
@@ -242,10 +261,16 @@ def bench_load(ctx):
     for _ in range(ctx.args.load_repeats):  # alternate the libraries so both see a warm page cache
         for lib in res:
             res[lib].append(ctx.run("load", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config()))
-    fig = {lib: {"seconds": min(r["seconds"] for r in runs), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+    fig = {lib: {"seconds": min(r["seconds"] for r in runs),
+                 "ready_seconds": min(r["ready_seconds"] for r in runs),
+                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                  "import_rss_mb": min(r["import_rss_mb"] for r in runs)} for lib, runs in res.items()}
+    sums = {lib: runs[0]["checksum"] for lib, runs in res.items()}
+    print(f"load: checksum of every 1024th weight value {sums} (equal: the same weights loaded)")
     d = fig.get("diffusers", {})
-    rows = [("load", "full single file, best of runs (s)", fig["minidiff"]["seconds"], d.get("seconds")),
+    rows = [("load", "load call, best of runs (s)", fig["minidiff"]["seconds"], d.get("seconds")),
+            ("load", "load + read every weight, best (s)", fig["minidiff"]["ready_seconds"],
+             d.get("ready_seconds")),
             ("load", "peak RSS (MiB)", fig["minidiff"]["peak_rss_mb"], d.get("peak_rss_mb")),
             ("load", "peak RSS minus RSS after imports (MiB)",
              fig["minidiff"]["peak_rss_mb"] - fig["minidiff"]["import_rss_mb"],
@@ -256,7 +281,7 @@ def bench_load(ctx):
 BENCHMARKS = {"unet": bench_unet, "load": bench_load}
 
 
-# ------------------------------------------------------------------ driver
+# ------------------------------------------------------------- driver
 
 def print_table(rows):
     print(f"\n{'benchmark':<10} {'metric':<42} {'minidiff':>10} {'diffusers':>10} {'ratio':>7}")
@@ -274,9 +299,9 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="SD-1.5 single file to load (default: random weights in a temp dir)")
     p.add_argument("--runs", type=int, default=3, help="timed UNet forward passes (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed UNet forward passes first")
-    p.add_argument("--latent-size", type=int, default=64, help="latent height and width for the UNet forward")
+    p.add_argument("--latent-size", type=int, default=64, help="latent height and width (UNet forward)")
     p.add_argument("--load-repeats", type=int, default=2, help="loads per library (best time, worst peak)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in workers (0: default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoint")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -310,9 +335,13 @@ def main(argv=None):
 def _worker_main():
     name, kw = sys.argv[2], json.loads(sys.argv[3])
     import torch
+    from minidiff.weights import CheckpointError
     if kw.get("threads"):
         torch.set_num_threads(kw["threads"])
-    print(json.dumps(WORKERS[name](kw)))
+    try:
+        print(json.dumps(WORKERS[name](kw)))
+    except CheckpointError as e:  # a file that is not an SD-1.x checkpoint: one line, no traceback
+        sys.exit(str(e))
 
 
 if __name__ == "__main__":
