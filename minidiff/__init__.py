@@ -19,6 +19,10 @@ _EXPORTS = {
     "UNetConfig": "unet",
     "unet_from_diffusers": "weights",
     "AutoencoderKL": "vae",
+    "VAEConfig": "vae",
+    "LATENT_SCALE": "vae",
+    "build_vae": "weights",
+    "vae_from_diffusers": "weights",
 }
 
 
