@@ -88,6 +88,10 @@ VAE_DIFFUSERS_RENAMES = [
 ]
 
 
+# Training-only tensors of standalone VAE files (CompVis kl-f8: the GAN loss; EMA bookkeeping): not the model.
+VAE_IGNORED = ("loss.", "model_ema.")
+
+
 def vae_from_diffusers(state_dict):
     """Diffusers AutoencoderKL state dict -> original CompVis names (minidiff.vae). Tensors are not copied.
 
@@ -134,7 +138,7 @@ def build_vae(state_dict, dtype=None, device="cpu"):
     cfg = vae_config_from_state_dict(state_dict)
     with torch.device("meta"):
         model = AutoencoderKL(cfg)  # no memory: load_strict assigns the checkpoint tensors
-    return load_strict(model, state_dict, "VAE", dtype=dtype, device=device)
+    return load_strict(model, state_dict, "VAE", dtype=dtype, device=device, ignore=VAE_IGNORED)
 
 
 # -----------------------------------------------------------------------------------------------------------

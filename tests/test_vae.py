@@ -88,7 +88,8 @@ def test_rename_covers_every_key(legacy):
 def test_build_vae_config_from_shapes_and_bad_input():
     torch.manual_seed(0)
     sd = AutoencoderKL(TINY_VAE).state_dict()
-    vae = build_vae(sd, dtype=torch.float16)
+    extra = {"loss.logvar": torch.zeros(()), "model_ema.decay": torch.ones(())}  # kl-f8 file extras: ignored
+    vae = build_vae({**sd, **extra}, dtype=torch.float16)
     assert vae.cfg == TINY_VAE and vae.quant_conv.weight.dtype == torch.float16
     with pytest.raises(CheckpointError, match="not an SD AutoencoderKL"):
         build_vae({"model.diffusion_model.conv.weight": torch.zeros(1)})
