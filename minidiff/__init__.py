@@ -23,6 +23,20 @@ _EXPORTS = {
     "LATENT_SCALE": "vae",
     "build_vae": "weights",
     "vae_from_diffusers": "weights",
+    "TPB": "plugin",
+    "SCB": "plugin",
+    "TaskPlugin": "plugin",
+    "TASKS": "plugin",
+    "load_plugin": "plugin",
+    "save_plugin": "plugin",
+    "find_plugins": "plugin",
+    "official_resize": "plugin",
+    "restore": "plugin",
+    "PluginSelector": "selector",
+    "load_selector": "selector",
+    "save_selector": "selector",
+    "select": "selector",
+    "COMPOSITE": "selector",
 }
 
 
