@@ -6,7 +6,7 @@ one of 4.x, the class Diff-Plugin's official code calls) on the real demo photos
 /work/shared/data/official-demo/ (skipped when absent) and on synthetic sizes: smaller than 224, 1-pixel and
 3-pixel sides, odd crops, long strips, and grey / RGBA / palette / CMYK images. Expected: bit-exact (the same
 PIL resize, then the same float32 arithmetic).
-Run: cd /work/main && python -m pytest tests/test_clip_preprocess.py -q -s     (a few seconds)
+Run: cd /work/main && python -m pytest tests/test_clip_preprocess.py -q -s     (about 10 s on 2 CPU cores)
 """
 import os
 

@@ -119,6 +119,7 @@ def test_openai_table_covers_every_tensor(tmp_path):
     assert model.cfg == TINY_CLIP_VISION_B32 and model.visual_projection.weight.dtype == torch.float32
 
 
+@pytest.mark.parity
 def test_hf_layouts_on_tiny_models(tmp_path):
     transformers = pytest.importorskip("transformers")
     # CLIPModel (text + vision) as pytorch_model.bin with config.json; 4 heads of 32 come from config.json
