@@ -1,8 +1,8 @@
 """Tests for the CLIP vision tower (minidiff/clip.py CLIPVisionModel) and weights.load_clip_vision.
 
 Fast: output shapes and count, no projection -> image_embeds None, the OpenAI `visual.*` rename table on a
-model-made state dict (and as a file with text-tower keys beside it), one-line CheckpointErrors for a truncated,
-a non-checkpoint, a non-CLIP file, a folder without weights and a TorchScript archive.
+model-made state dict (and as a file with text-tower keys beside it), one-line CheckpointErrors for a
+truncated, a non-checkpoint, a non-CLIP file, a folder without weights and a TorchScript archive.
 Parity (@pytest.mark.parity, needs transformers 4.x), fp32, random weights:
   - tiny configs in the transformers layouts: a CLIPModel folder (pytorch_model.bin + config.json, its text
     tower ignored, heads from config.json) and a bare CLIPVisionModel file (no config.json, no projection).
