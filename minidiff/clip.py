@@ -191,7 +191,7 @@ class CLIPVisionEmbeddings(nn.Module):
         super().__init__()
         self.image_size = cfg.image_size
         grid = cfg.image_size // cfg.patch_size
-        self.class_embedding = nn.Parameter(torch.empty(cfg.width))  # learned [CLS] token
+        self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width**-0.5)  # learned [CLS] token
         # A patch_size-strided conv = a linear map of each non-overlapping patch (no bias: OpenAI's conv1).
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(grid * grid + 1, cfg.width)
