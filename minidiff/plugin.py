@@ -1,17 +1,18 @@
-"""Diff-Plugin Task-Plugins: the Task-Prompt Branch (TPB), the Spatial Complement Branch (SCB) and the official
-restoration loop that injects them into a frozen Stable Diffusion 1.x.
+"""Diff-Plugin Task-Plugins: the Task-Prompt Branch (TPB), the Spatial Complement Branch (SCB) and the
+official restoration loop that injects them into a frozen Stable Diffusion 1.x.
 
-Paper: Liu et al., "Diff-Plugin: Revitalizing Details for Diffusion-based Low-level Tasks" (CVPR 2024), sec. 3.3.
-Reference implementation mirrored: yuhaoliu7456/Diff-Plugin @ 79e12bb: modules/TPB.py (TPBNet), modules/SCB.py
-(SCBNet, a ControlNet cut down to one down block), infer.py and demo.py (the sampling loop and plugin chaining).
+Paper: Liu et al., "Diff-Plugin: Revitalizing Details for Diffusion-based Low-level Tasks" (CVPR 2024),
+sec. 3.3. Reference implementation mirrored: yuhaoliu7456/Diff-Plugin @ 79e12bb: modules/TPB.py (TPBNet),
+modules/SCB.py (SCBNet, a ControlNet cut down to one down block), infer.py and demo.py (the sampling loop
+and plugin chaining).
 
-- TPB ("Task-Prompt Branch"): a token-wise MLP that turns the 256 patch tokens of CLIP ViT-L/14's last hidden state
-  into 256 visual-prompt tokens of width 768. They replace the text context in every cross-attention of the UNet
-  and of the SCB.
-- SCB ("Spatial Complement Branch"): conv over the VAE latent of the input photo, two (ResBlock + cross-attention
-  transformer) layers, three zero-initialised 1x1 convs; the three outputs are added to the UNet's skip
-  connections 0, 1, 2, the ones its last decoder stage consumes. Parameter names follow the CompVis UNet
-  (`input_blocks.{1,2}`, `time_embed`), so the diffusers-named official file maps through weights.py.
+- TPB ("Task-Prompt Branch"): a token-wise MLP that turns the 256 patch tokens of CLIP ViT-L/14's last
+  hidden state into 256 visual-prompt tokens of width 768. They replace the text context in every
+  cross-attention of the UNet and of the SCB.
+- SCB ("Spatial Complement Branch"): conv over the VAE latent of the input photo, two (ResBlock +
+  cross-attention transformer) layers, three zero-initialised 1x1 convs; the three outputs are added to the
+  UNet's skip connections 0, 1, 2, the ones its last decoder stage consumes. Parameter names follow the
+  CompVis UNet (`input_blocks.{1,2}`, `time_embed`); the diffusers-named official file maps via weights.py.
 
     plugin = load_plugin("pre-trained/derain")                  # or "plugins/derain.safetensors"
     photo = load_image(...)                                      # the photo as loaded (EXIF-rotated RGB)
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 from minidiff.layers import timestep_embedding
 from minidiff.weights import CheckpointError, load_strict, read_state_dict
 
-# The eight official tasks, in the order of the official demo (demo.py l.32): selection and chaining follow it.
+# The eight official tasks, in the official demo's order (demo.py l.32): selection and chaining follow it.
 TASKS = ("derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire")
 # Tasks whose sampling starts from pure noise instead of the re-noised input latent (demo.py l.179-182).
 PURE_NOISE_TASKS = ("lowlight", "highlight")
@@ -47,10 +48,10 @@ class PluginConfig:
     context_dim: int = 768  # width of the UNet's cross-attention context (TPB output, SD-1.x text width)
     latent_channels: int = 4  # VAE latent channels (SCB input)
     channels: int = 320  # SCB width = the UNet's first level (block_out_channels [320])
-    heads: int = 8  # SCB attention heads (config.json attention_head_dim 8 = 8 heads of 40 ch in diffusers 0.17)
+    heads: int = 8  # SCB heads (config.json attention_head_dim 8 = 8 heads of 40 ch in diffusers 0.17)
 
 
-# A tiny plugin for tests: fits minidiff.unet.TINY_UNET (32 wide, context 32) and clip.TINY_CLIP_VISION (128).
+# A tiny plugin for tests: fits unet.TINY_UNET (32 wide, context 32) and clip.TINY_CLIP_VISION (128 wide).
 TINY_PLUGIN = replace(PluginConfig(), clip_dim=128, context_dim=32, channels=32, heads=2)
 
 
@@ -70,16 +71,16 @@ class TPB(nn.Module):
             nn.Linear(d, cfg.context_dim))
 
     def forward(self, feats):
-        """CLIP patch tokens [B, 256, clip_dim] (last hidden state, CLS dropped) -> prompt tokens [B, 256, context]."""
+        """CLIP patch tokens [B, 256, clip_dim] (last hidden state, CLS dropped) -> [B, 256, context_dim]."""
         return self.visual_projection(feats)
 
 
 class SCB(nn.Module):
     """Spatial Complement Branch: the first level of an SD UNet encoder, reading the VAE latent of the photo.
 
-    Official SCBNet (a diffusers ControlNet with one CrossAttnDownBlock2D and no downsampler, no mid block) computes
-    `sample = controlnet_cond_embedding(cond)` and so discards the noisy latent it is given: here the noisy latent is
-    not an argument at all. Outputs: 3 residuals [B, channels, h, w] for the UNet skips 0, 1, 2.
+    Official SCBNet (a diffusers ControlNet with one CrossAttnDownBlock2D, no downsampler, no mid block)
+    computes `sample = controlnet_cond_embedding(cond)` and so discards the noisy latent it is given: here
+    the noisy latent is not an argument at all. Outputs: 3 residuals [B, channels, h, w] for UNet skips 0-2.
     """
 
     def __init__(self, cfg=PluginConfig()):
@@ -93,9 +94,9 @@ class SCB(nn.Module):
         # `controlnet_cond_embedding`); input_blocks.{1,2} = CrossAttnDownBlock2D's 2 x (resnet, attention)
         self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.latent_channels, c, 3, padding=1)])])
         for _ in range(2):
-            self.input_blocks.append(nn.ModuleList([ResBlock(c, c, emb), SpatialTransformer(c, cfg.heads,
-                                                                                           cfg.context_dim)]))
-        # official `controlnet_down_blocks.{0,1,2}`: 1x1 convs, zero at initialisation (ControlNet's "zero convs")
+            layer = [ResBlock(c, c, emb), SpatialTransformer(c, cfg.heads, cfg.context_dim)]
+            self.input_blocks.append(nn.ModuleList(layer))
+        # official `controlnet_down_blocks.{0,1,2}`: 1x1 convs, zero at init (ControlNet's zero convs)
         self.zero_convs = nn.ModuleList([nn.Conv2d(c, c, 1) for _ in range(3)])
         for conv in self.zero_convs:
             nn.init.zeros_(conv.weight)
@@ -109,13 +110,13 @@ class SCB(nn.Module):
         h = self.input_blocks[0][0](cond)  # [B, C, h, w]: the official model's `sample`
         outs = [self.zero_convs[0](h)]
         for i, (res, attn) in enumerate(self.input_blocks[1:], start=1):
-            h = attn(res(h, emb), context)  # [B, C, h, w]: ResBlock with time, then cross-attention on TPB tokens
+            h = attn(res(h, emb), context)  # [B, C, h, w]: ResBlock with time, cross-attention on TPB tokens
             outs.append(self.zero_convs[i](h))
         return outs
 
 
 class TaskPlugin(nn.Module):
-    """One Task-Plugin: its task name, TPB and SCB. `metadata` keeps what its file said (base model, steps)."""
+    """One Task-Plugin: task name, TPB and SCB. `metadata` keeps what its file said (base model, steps)."""
 
     def __init__(self, task, tpb, scb, metadata=None):
         super().__init__()
@@ -126,20 +127,20 @@ class TaskPlugin(nn.Module):
         return f"task={self.task!r}"
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Files: the official folder `<task>/{scb/config.json, scb/diffusion_pytorch_model.bin, tpb.pt}` and minidiff's
-# one `<task>.safetensors` (keys `tpb.*`, `scb.*`; metadata format/task/heads/base_model/steps_trained).
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
+# Files: the official folder `<task>/{scb/config.json, scb/diffusion_pytorch_model.bin, tpb.pt}` and
+# minidiff's `<task>.safetensors` (keys `tpb.*`, `scb.*`; metadata format, task, heads, base_model, ...).
+# --------------------------------------------------------------------------------------------------------
 
 def strip_module_prefix(state_dict):
-    """Drop the `module.` prefix that DataParallel/DDP training leaves on every key (official tpb.pt may have it)."""
+    """Drop the `module.` prefix DataParallel/DDP training leaves on every key (official tpb.pt may)."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict
 
 
 def config_from_state_dicts(tpb_sd, scb_sd, heads):
-    """PluginConfig from the TPB and SCB (minidiff names) tensor shapes; the head count is not in the shapes."""
+    """PluginConfig from the TPB and SCB (minidiff names) tensor shapes; the head count is not in them."""
     try:
         clip_dim = tpb_sd["visual_projection.0.weight"].shape[1]
         context_dim = tpb_sd["visual_projection.6.weight"].shape[0]
@@ -161,7 +162,7 @@ def build_plugin(task, tpb_sd, scb_sd, heads, metadata=None, dtype=None, device=
 
 
 def read_scb_config(folder):
-    """Official scb/config.json -> number of heads, after checking it describes the SCB this file implements."""
+    """Official scb/config.json -> number of heads, after checking it describes the SCB implemented here."""
     path = os.path.join(folder, "scb", "config.json")
     try:
         with open(path) as f:
@@ -178,7 +179,7 @@ def read_scb_config(folder):
 
 
 def load_plugin(path, task=None, dtype=torch.float32, device="cpu"):
-    """Load a Task-Plugin from an official folder (`<task>/scb/`, `<task>/tpb.pt`) or a minidiff .safetensors.
+    """Load a Task-Plugin: an official folder (`<task>/scb/`, `<task>/tpb.pt`) or a minidiff .safetensors.
 
     task defaults to the folder name / the file's metadata / the file stem.
     """
@@ -210,7 +211,7 @@ def load_plugin(path, task=None, dtype=torch.float32, device="cpu"):
 
 def save_plugin(plugin, path, metadata=None):
     """Write `plugin` as one minidiff .safetensors (atomically). metadata: e.g. base_model, steps_trained."""
-    meta = {**{k: str(v) for k, v in plugin.metadata.items()}, **{k: str(v) for k, v in (metadata or {}).items()}}
+    meta = {k: str(v) for k, v in {**plugin.metadata, **(metadata or {})}.items()}
     meta.update(format=FORMAT, task=plugin.task, heads=str(plugin.scb.cfg.heads))
     tensors = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
     tmp = f"{path}.tmp{os.getpid()}"
@@ -221,8 +222,8 @@ def save_plugin(plugin, path, metadata=None):
 def find_plugins(folder):
     """Plugins in `folder` -> {task: path}, official tasks first in TASKS order, then others by name.
 
-    Recognises `<task>/scb/config.json` + `<task>/tpb.pt` (official) and `<task>.safetensors` (minidiff; preferred
-    when both exist). Other files are ignored.
+    Recognises `<task>/scb/config.json` + `<task>/tpb.pt` (official) and `<task>.safetensors` (minidiff;
+    preferred when both exist). Other files are ignored.
     """
     found = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -236,9 +237,9 @@ def find_plugins(folder):
     return {t: found[t] for t in order}
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # The official restoration loop (infer.py l.86-160, demo.py l.160-251).
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 
 def official_resize(image):
     """The official resolution rule: short side raised to 512 when a side is below 512 (PIL bicubic, int()
@@ -252,7 +253,7 @@ def official_resize(image):
 
 
 def to_multiple_of_8(image):
-    """Rescale (not crop) to (W - W % 8, H - H % 8) with LANCZOS; a copy when already there (VaeImageProcessor)."""
+    """Rescale (not crop) to (W - W % 8, H - H % 8) with LANCZOS, as VaeImageProcessor (a copy if there)."""
     w, h = image.size
     if w < 8 or h < 8:
         raise ValueError(f"image {w}x{h} is too small; apply official_resize() first")
@@ -266,9 +267,21 @@ def pil_to_tensor(image):
 
 
 def tensor_to_pil(x):
-    """[1, 3, H, W] about [-1, 1] -> PIL RGB: (x/2 + 0.5) clamped, x 255, rounded half-to-even (postprocess)."""
+    """[1, 3, H, W] about [-1, 1] -> PIL RGB: (x/2 + 0.5) clamped, x 255, rounded half-to-even."""
     x = (x[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
     return Image.fromarray((x * 255).round().astype(np.uint8))
+
+
+def check_fits(sd, clip_vision, plugin):
+    """Raise ValueError (one line) when a plugin's widths do not fit the loaded UNet / CLIP vision model."""
+    unet, clip = getattr(sd.unet, "cfg", None), getattr(clip_vision, "cfg", None)
+    pairs = [("TPB input vs CLIP width", plugin.tpb.cfg.clip_dim, clip and clip.width),
+             ("TPB output vs UNet context", plugin.tpb.cfg.context_dim, unet and unet.context_dim),
+             ("SCB width vs UNet level 0", plugin.scb.cfg.channels, unet and unet.model_channels)]
+    for what, mine, theirs in pairs:
+        if theirs is not None and mine != theirs:
+            raise ValueError(f"plugin {plugin.task!r} does not fit these models: {what} {mine} != {theirs} "
+                             "(Diff-Plugin needs SD 1.x and CLIP ViT-L/14)")
 
 
 @torch.no_grad()
@@ -283,7 +296,7 @@ def clip_features(clip_vision, image):
 
 @torch.no_grad()
 def run_plugin(sd, plugin, feats, image, steps, seed, bar=None):
-    """One official plugin pass (infer.py l.108-160): UniPC `steps` steps from the photo `image` -> PIL image."""
+    """One official plugin pass (infer.py l.108-160): `steps` UniPC steps from the photo `image` -> PIL."""
     from minidiff.schedulers import add_noise, make_sampler
     from minidiff.vae import LATENT_SCALE
     p = next(sd.unet.parameters())
@@ -308,19 +321,22 @@ def run_plugin(sd, plugin, feats, image, steps, seed, bar=None):
 
 
 @torch.no_grad()
-def restore(sd, clip_vision, plugins, image, *, steps=20, chain_steps=3, seed=42, progress=True, clip_image=None):
+def restore(sd, clip_vision, plugins, image, *, steps=20, chain_steps=3, seed=42, progress=True,
+            clip_image=None):
     """Run `plugins` one after another on `image` (each on the previous output), as the official demo.
 
-    image: the photo at its processing size (call official_resize, or your own cap, first; it is rescaled to
-    multiples of 8 if needed). clip_image: the photo CLIP sees, for every plugin; the official code uses the
-    ORIGINAL loaded photo, before the 512 resize (default: `image`). The first plugin samples `steps` UniPC steps,
-    later ones `chain_steps` (demo.py: 3); the noise generator is re-seeded with `seed` for each plugin.
-    No plugins: the photo comes back unchanged. Returns a PIL image of the processing size.
+    image: the photo at its processing size (call official_resize, or your own cap, first; it is rescaled
+    to multiples of 8 if needed). clip_image: the photo CLIP sees, for every plugin; the official code uses
+    the ORIGINAL loaded photo, before the 512 resize (default: `image`). The first plugin samples `steps`
+    UniPC steps, later ones `chain_steps` (demo.py: 3); the noise generator is re-seeded with `seed` for
+    each plugin. No plugins: the photo comes back unchanged. Returns a PIL image of the processing size.
     """
     from tqdm import tqdm
     image = to_multiple_of_8(image.convert("RGB"))
     if not plugins:
         return image
+    for plugin in plugins:
+        check_fits(sd, clip_vision, plugin)
     feats = clip_features(clip_vision, image if clip_image is None else clip_image)  # [1, 256, clip_dim]
     total = steps + chain_steps * (len(plugins) - 1)
     with tqdm(total=total, disable=not progress, desc="restore", unit="step") as bar:

@@ -143,3 +143,16 @@ def test_loaded_plugin_matches_official_modules(official, minidiff_models):
         ours = plugins["derain"].scb(cond, 999, tokens)
     for i in range(3):
         assert_close(ours[i], ref[i], 1e-5, f"SCB residual {i}")  # fp32, float rounding only
+
+
+def test_mismatched_plugin_is_refused():
+    from types import SimpleNamespace
+    from minidiff.clip import TINY_CLIP_VISION
+    from minidiff.unet import TINY_UNET
+    sd, clip = SimpleNamespace(unet=SimpleNamespace(cfg=TINY_UNET)), SimpleNamespace(cfg=TINY_CLIP_VISION)
+    cfg = TINY_PLUGIN.__class__(**{**TINY_PLUGIN.__dict__, "context_dim": 64})
+    with torch.device("meta"):
+        plugin = TaskPlugin("derain", TPB(cfg), SCB(cfg))
+    with pytest.raises(ValueError, match="TPB output vs UNet context 64 != 32"):
+        restore(sd, clip, [plugin], Image.new("RGB", (64, 64)), progress=False)
+    assert restore(sd, clip, [], Image.new("RGB", (70, 64))).size == (64, 64)  # no plugins: photo unchanged
