@@ -2,18 +2,21 @@
 
 Paper: Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium"
 (NeurIPS 2017), on Szegedy et al., "Rethinking the Inception Architecture" (CVPR 2016).
-Mirrors pytorch-fid 0.3.0 `pytorch_fid/inception.py` (mseitzer/pytorch-fid: `fid_inception_v3`, FIDInceptionA/C/
-E_1/E_2) on torchvision's `torchvision/models/inception.py` (Inception3, BasicConv2d, InceptionA-E). That port
-of TensorFlow's 2015-12-05 graph differs from torchvision's Inception in three places, all kept here:
+Mirrors pytorch-fid 0.3.0 `pytorch_fid/inception.py` (mseitzer/pytorch-fid: `fid_inception_v3`,
+FIDInceptionA/C/E_1/E_2) on torchvision's `torchvision/models/inception.py` (Inception3, BasicConv2d,
+InceptionA-E). That port of TensorFlow's 2015-12-05 graph differs from torchvision's Inception in three
+places, all kept here:
   - the 3x3 average pools of the A, C and E blocks ignore the zero padding (TF's "SAME" avg pool,
     count_include_pad=False);
   - the last E block (Mixed_7c) pools its fourth branch with a max pool, not an average pool;
   - batch norm uses eps = 0.001 (TF's default), like torchvision's BasicConv2d.
-Parameter names equal those of `pt_inception-2015-12-05-6726825d.pth`, so the file loads strictly (its 1008-way
-`fc.*` classifier and any `num_batches_tracked` counters are skipped: FID uses the pool3 features only).
+Parameter names equal those of `pt_inception-2015-12-05-6726825d.pth`, so the file loads strictly (its
+1008-way `fc.*` classifier and any `num_batches_tracked` counters are skipped: FID uses the pool3 features
+only).
 
-Input path (pytorch-fid `ImagePathDataset` + `InceptionV3.forward`): PIL RGB -> [0, 1] float -> bilinear resize to
-299x299 (align_corners=False, no antialias) -> 2x - 1 -> network -> global average pool -> [B, 2048].
+Input path (pytorch-fid `ImagePathDataset` + `InceptionV3.forward`): PIL RGB -> [0, 1] float -> bilinear
+resize to 299x299 (align_corners=False, no antialias) -> 2x - 1 -> network -> global average pool
+-> [B, 2048].
 """
 import numpy as np
 import torch
@@ -38,7 +41,8 @@ class BatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(ch))
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, BN_EPS)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, eps=BN_EPS)
 
 
 class BasicConv2d(nn.Module):
@@ -145,8 +149,8 @@ class InceptionD(nn.Module):
 class InceptionE(nn.Module):
     """Mixed_7b/7c (8x8): 3x3 convs split into parallel 1x3 and 3x1 halves.
 
-    `max_pool` selects the pooling of the fourth branch: the FID graph's Mixed_7c uses a max pool (pytorch-fid's
-    FIDInceptionE_2), Mixed_7b the padding-free average pool (FIDInceptionE_1).
+    `max_pool` selects the pooling of the fourth branch: the FID graph's Mixed_7c uses a max pool
+    (pytorch-fid's FIDInceptionE_2), Mixed_7b the padding-free average pool (FIDInceptionE_1).
     """
 
     def __init__(self, in_ch, max_pool=False):
@@ -198,7 +202,7 @@ class FIDInception(nn.Module):
         self.Mixed_7c = InceptionE(2048, max_pool=True)
 
     def forward(self, x):
-        # pytorch-fid: bilinear resize of the [0,1] image to 299x299 (skipped when done already), then to [-1, 1]
+        # pytorch-fid: bilinear resize of the [0,1] image to 299x299 (unless done already), then to [-1, 1]
         if tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
             x = resize_299(x)
         x = 2 * x - 1
@@ -206,8 +210,9 @@ class FIDInception(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # [B, 192, 35, 35]
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        blocks = (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                  self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)
+        for block in blocks:
             x = block(x)
         return x.mean(dim=(2, 3))  # adaptive average pool to 1x1, flattened: [B, 2048]
 
@@ -229,10 +234,11 @@ def inception_pixels(image):
 
 
 def load_inception(path, device="cpu"):
-    """FIDInception from pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or the same names in .safetensors)."""
+    """FIDInception from pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or those names, .safetensors)."""
     sd = read_state_dict(path)
     # Counters from nn.BatchNorm2d carry no information at inference; the 1008-way classifier is not used.
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     with torch.device("meta"):
         model = FIDInception()
-    return load_strict(model, sd, f"FID Inception ({path})", dtype=torch.float32, device=device, ignore=("fc.",))
+    return load_strict(model, sd, f"FID Inception ({path})", dtype=torch.float32, device=device,
+                       ignore=("fc.",))

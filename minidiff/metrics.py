@@ -1,21 +1,20 @@
-"""FID and KID on minidiff's own feature networks (CLIP ViT-B/32 as the paper's "CLIP-FID", or FID InceptionV3).
+"""FID and KID on minidiff's own feature networks (CLIP ViT-B/32, the paper's "CLIP-FID"; FID InceptionV3).
 
 Papers: Heusel et al. 2017 (FID, Frechet distance between Gaussian fits of features); Binkowski et al.,
 "Demystifying MMD GANs" (ICLR 2018, KID); Kynkaanniemi et al., "The Role of ImageNet Classes in Frechet
-Inception Distance" (ICLR 2023, FID on CLIP features). Diff-Plugin (CVPR 2024) reports FID/KID on CLIP ViT-B/32.
-Mirrors clean-fid 0.1.35 (GaParmar/clean-fid): `cleanfid/fid.py` (file list, frechet_distance, kernel_distance),
-`cleanfid/utils.py` (ResizeDataset), `cleanfid/clip_features.py` (img_preprocess_clip, CLIP_fx); and pytorch-fid
-0.3.0 `pytorch_fid/fid_score.py` for the Inception path (see minidiff/inception.py).
+Inception Distance" (ICLR 2023, FID on CLIP features). Diff-Plugin (CVPR 2024) reports FID/KID on CLIP B/32.
+Mirrors clean-fid 0.1.35 (GaParmar/clean-fid): `cleanfid/fid.py` (file list, frechet_distance,
+kernel_distance), `cleanfid/utils.py` (ResizeDataset), `cleanfid/clip_features.py` (img_preprocess_clip,
+CLIP_fx); and pytorch-fid 0.3.0 `pytorch_fid/fid_score.py` for the Inception path (see minidiff/inception.py).
 
 Feature types:
-  clip_vit_b_32  clean-fid's CLIP path, which the official Diff-Plugin metrics use: uint8 RGB -> PIL bicubic resize
-                 of the short side to 224 -> centre crop 224 -> /255 -> CLIP mean/std -> projected class token
-                 (512-d, not L2-normalised), all in float32.
+  clip_vit_b_32  clean-fid's CLIP path, which the official Diff-Plugin metrics use: uint8 RGB -> PIL bicubic
+                 resize of the short side to 224 -> centre crop 224 -> /255 -> CLIP mean/std -> projected
+                 class token (512-d, not L2-normalised), all in float32.
   inception      pytorch-fid's default: [0,1] -> bilinear 299x299 -> 2x-1 -> FID Inception pool3 (2048-d).
 Statistics are float64 (np.mean/np.cov as both libraries compute them); KID uses clean-fid's defaults.
 """
 import glob
-import hashlib
 import os
 
 import numpy as np
@@ -44,14 +43,15 @@ def list_images(folder):
     """Sorted recursive glob of clean-fid's image extensions; files with other extensions are ignored."""
     if not os.path.isdir(folder):
         raise MetricsError(f"{folder}: not a folder")
-    files = sorted(f for ext in EXTENSIONS for f in glob.glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
+    files = sorted(f for ext in EXTENSIONS
+                   for f in glob.glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
     if not files:
         raise MetricsError(f"{folder}: no image files ({', '.join(EXTENSIONS[:10])})")
     return files
 
 
 def read_image(path):
-    """uint8 RGB array [H, W, 3]: PIL open + convert('RGB') with no EXIF rotation (clean-fid ResizeDataset)."""
+    """uint8 RGB array [H, W, 3]: PIL open + convert('RGB'), no EXIF rotation (clean-fid ResizeDataset)."""
     try:
         if path.endswith(".npy"):  # clean-fid also reads pre-decoded uint8 arrays
             arr = np.load(path, allow_pickle=False)
@@ -68,9 +68,9 @@ def read_image(path):
 def clip_resize(arr):
     """clean-fid img_preprocess_clip: torchvision Resize(224, BICUBIC) + CenterCrop(224) on the PIL image.
 
-    Resize: short side -> 224, long side -> int(224 * long / short) (truncated), PIL bicubic with its antialias;
-    skipped when the size already matches. CenterCrop: offsets int(round((size - 224) / 2)), Python's
-    round-half-even. Returns uint8 [224, 224, 3].
+    Resize: short side -> 224, long side -> int(224 * long / short) (truncated), PIL bicubic (which
+    antialiases); skipped when the size already matches. CenterCrop: offsets int(round((size - 224) / 2)),
+    Python's round-half-even. Returns uint8 [224, 224, 3].
     """
     im = Image.fromarray(arr)
     w, h = im.size
@@ -94,7 +94,7 @@ def clip_pixels(arr):
 
 # ---------------------------------------------------------------- feature extractors
 class FeatureExtractor:
-    """A feature network with its per-image preprocessing. __call__(list of uint8 arrays) -> float32 [B, D]."""
+    """A feature network with its per-image preprocessing: __call__(uint8 arrays) -> float32 [B, D]."""
 
     def __init__(self, name, model, preprocess, device="cpu"):
         self.name, self.model, self.preprocess, self.device = name, model, preprocess, device
@@ -146,9 +146,9 @@ def statistics(feats):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), with clean-fid's / pytorch-fid's safeguards.
 
-    If sqrtm of the product is not finite (near-singular covariances, e.g. fewer images than dimensions), eps is
-    added to both diagonals and sqrtm retried; a complex result is accepted (real part) only if the imaginary
-    parts of its diagonal are within 1e-3 of zero, as both libraries do.
+    If sqrtm of the product is not finite (near-singular covariances, e.g. fewer images than dimensions),
+    eps is added to both diagonals and sqrtm retried; a complex result is accepted (real part) only if the
+    imaginary parts of its diagonal are within 1e-3 of zero, as both libraries do.
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -181,8 +181,8 @@ def kernel_distance(feats1, feats2, num_subsets=KID_SUBSETS, max_subset_size=KID
     As clean-fid's kernel_distance: m = min(n1, n2, 1000) rows drawn without replacement from each set per
     subset (first from feats2, then feats1). clean-fid draws from numpy's global, unseeded RNG; here a
     np.random.RandomState(seed) (default 0) is used, so results are reproducible, and equal clean-fid's after
-    np.random.seed(seed). seed=None gives fresh OS entropy. With exactly m images in both sets every subset is a
-    permutation and the value does not depend on the seed.
+    np.random.seed(seed). seed=None gives fresh OS entropy. With exactly m images in both sets every subset
+    is a permutation and the value does not depend on the seed.
     """
     feats1, feats2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     rng = np.random.RandomState(seed)
@@ -200,13 +200,17 @@ def kernel_distance(feats1, feats2, num_subsets=KID_SUBSETS, max_subset_size=KID
 
 # ---------------------------------------------------------------- saved statistics
 def save_stats(path, feats, feature_type, weights_sha256=""):
-    """Write mu, sigma, feats (for KID), feature_type and count to an .npz, atomically (temp name + rename)."""
+    """Write mu, sigma, feats (for KID), feature_type and count to an .npz atomically (temp + rename)."""
     mu, sigma = statistics(feats)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object keeps np.savez from appending ".npz" to the temp name
-        np.savez(f, mu=mu, sigma=sigma, feats=np.asarray(feats, np.float32), feature_type=np.array(feature_type),
-                 count=np.array(len(feats)), weights_sha256=np.array(weights_sha256))
-    os.replace(tmp, path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file object keeps np.savez from appending ".npz" to the temp name
+            np.savez(f, mu=mu, sigma=sigma, feats=np.asarray(feats, np.float32), count=np.array(len(feats)),
+                     feature_type=np.array(feature_type), weights_sha256=np.array(weights_sha256))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_stats(path, feature_type=None):
@@ -219,7 +223,8 @@ def load_stats(path, feature_type=None):
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except Exception as e:
-        raise MetricsError(f"{path}: not a readable .npz statistics file ({str(e).splitlines()[0][:160]})") from None
+        why = str(e).splitlines()[0][:160]
+        raise MetricsError(f"{path}: not a readable .npz statistics file ({why})") from None
     feats = data.get("feats")
     if "mu" not in data and feats is None:
         raise MetricsError(f"{path}: holds neither mu/sigma nor feats")
@@ -230,18 +235,7 @@ def load_stats(path, feature_type=None):
     dim_type = {v: k for k, v in FEATURE_DIMS.items()}.get(mu.shape[0], f"unknown ({mu.shape[0]}-d)")
     kind = str(data["feature_type"]) if "feature_type" in data else dim_type
     if feature_type is not None and kind != feature_type:
-        raise MetricsError(f"{path}: statistics of {kind} features, but {feature_type} features were asked for")
+        raise MetricsError(f"{path}: statistics of {kind} features, but {feature_type} features were asked")
     count = int(data["count"]) if "count" in data else (len(feats) if feats is not None else None)
     return {"mu": mu, "sigma": sigma, "feats": feats, "feature_type": kind, "count": count}
 
-
-def sha256(path, chunk=1 << 20):
-    """Hex sha256 of a file, or of a folder's files in sorted order (a Hugging Face folder)."""
-    h = hashlib.sha256()
-    files = sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)) if os.path.isdir(path) else [path]
-    for name in files:
-        if os.path.isfile(name):
-            with open(name, "rb") as f:
-                while block := f.read(chunk):
-                    h.update(block)
-    return h.hexdigest()

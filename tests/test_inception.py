@@ -36,10 +36,10 @@ def test_load_strict_and_shape(tmp_path):
     assert "Mixed_7c.branch3x3dbl_3b.bn.running_var" in sd and "Conv2d_1a_3x3.conv.weight" in sd
     torch.save(sd, tmp_path / "pt_inception.pth")
     model = inception.load_inception(str(tmp_path / "pt_inception.pth"))
-    x = torch.rand(2, 3, 120, 90)
+    x = torch.rand(1, 3, 120, 90)
     x0 = x.clone()
     out = model(x)
-    assert out.shape == (2, inception.FEATURE_DIM) and torch.equal(x, x0)  # input untouched
+    assert out.shape == (1, inception.FEATURE_DIM) and torch.equal(x, x0)  # input untouched
     # a pre-resized 299 input takes the same path as the resize inside forward
     assert torch.equal(model(inception.resize_299(x)), out)
     del sd["Mixed_6b.branch7x7_2.conv.weight"]
@@ -63,12 +63,11 @@ def test_inception_pixels_range():
 def test_features_equal_pytorch_fid(tmp_path):
     if not DEMO.is_dir():
         pytest.skip(f"{DEMO} missing (shared/ data beside the repo)")
-    run_oracle(os.path.join(ORACLE, "fid_inception.py"), DEMO, tmp_path / "pt_inception.pth", tmp_path / "ref.npy")
+    weights = tmp_path / "pt_inception.pth"
+    run_oracle(os.path.join(ORACLE, "fid_inception.py"), DEMO, weights, tmp_path / "ref.npy")
     ref = np.load(tmp_path / "ref.npy")
-    model = inception.load_inception(str(tmp_path / "pt_inception.pth"))
-    files = sorted(str(p) for p in DEMO.iterdir())
-    ours = metrics.files_features(files, metrics.FeatureExtractor("inception", model, inception.inception_pixels),
-                                  batch_size=4, progress=False)
+    extractor = metrics.load_feature_extractor("inception", str(weights))
+    ours = metrics.files_features(metrics.list_images(str(DEMO)), extractor, batch_size=4, progress=False)
     assert ours.dtype == np.float32
     # 1e-4 x scale: float32 convs of two torch builds (2.13 here, 2.14 in the oracle) over 94 layers
     assert_close(ours, ref, 1e-4, "inception features (9 demo photos)")

@@ -67,7 +67,8 @@ def test_stats_roundtrip_and_type_check(tmp_path):
     st = metrics.load_stats(path, "inception")
     mu, sigma = metrics.statistics(a.astype(np.float32))
     assert st["feature_type"] == "inception" and st["count"] == 60
-    assert np.array_equal(st["mu"], mu) and np.array_equal(st["sigma"], sigma) and st["feats"].shape == (60, 16)
+    assert np.array_equal(st["mu"], mu) and np.array_equal(st["sigma"], sigma)
+    assert st["feats"].shape == (60, 16)
     with pytest.raises(metrics.MetricsError, match="inception features, but clip_vit_b_32"):
         metrics.load_stats(path, "clip_vit_b_32")
     # a clean-fid stats file (mu, sigma only): the type comes from the dimension
@@ -86,7 +87,7 @@ def test_folder_listing_as_cleanfid(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG")
     (tmp_path / "notes.txt").write_text("x")
     files = [os.path.relpath(f, tmp_path) for f in metrics.list_images(str(tmp_path))]
-    assert files == sorted(["b.png", "sub/a.jpg", "c.PNG"])  # case-sensitive extensions, like clean-fid's glob
+    assert files == sorted(["b.png", "sub/a.jpg", "c.PNG"])  # case-sensitive extensions, as clean-fid's
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(metrics.MetricsError, match="broken.png: cannot read image"):
         metrics.read_image(str(tmp_path / "broken.png"))
@@ -114,9 +115,10 @@ def test_fid_kid_equal_cleanfid_and_pytorch_fid(tmp_path):
     for i, ((a, b), r) in enumerate(zip(pairs, ref)):
         fid = metrics.frechet_distance(*metrics.statistics(a), *metrics.statistics(b))
         kid = metrics.kernel_distance(a, b, seed=i)  # same legacy MT19937 stream as np.random.seed(i)
-        print(f"pair {i}: fid {fid:.10g} (clean-fid {r['cleanfid_fid']:.10g}, pytorch-fid {r['pytorch_fid']:.10g})"
-              f"  kid {kid:.10g} (clean-fid {r['cleanfid_kid']:.10g})  max rel diff "
-              f"{max(abs(fid - r[k]) / abs(r[k]) for k in r if k != 'cleanfid_kid'):.2e} / {abs(kid / r['cleanfid_kid'] - 1):.2e}")
+        rel = max(abs(fid - r[k]) / abs(r[k]) for k in r if k != "cleanfid_kid")
+        print(f"pair {i}: fid {fid:.10g} (clean-fid {r['cleanfid_fid']:.10g}, pytorch-fid "
+              f"{r['pytorch_fid']:.10g})  kid {kid:.10g} (clean-fid {r['cleanfid_kid']:.10g})  "
+              f"max rel diff {rel:.2e} / {abs(kid / r['cleanfid_kid'] - 1):.2e}")
         # 1e-6 relative: the same float64 algorithm on the same arrays (the bound)
         for key in ("cleanfid_fid", "cleanfid_fid_from_feats", "pytorch_fid"):
             assert abs(fid - r[key]) <= 1e-6 * abs(r[key]), key

@@ -1,10 +1,11 @@
-"""Oracle for tests/test_inception.py: pytorch-fid's InceptionV3([3]) on random weights, features of real images.
+"""Oracle for tests/test_inception.py: pytorch-fid's InceptionV3([3]) features of real images, random weights.
 
 Run in the oracle environment: python fid_inception.py IMAGE_DIR WEIGHTS_OUT.pth FEATS_OUT.npy
-Writes random weights in the layout of pt_inception-2015-12-05-6726825d.pth (torchvision Inception3 with 1008
-classes, no aux head, as torch.save writes the state dict), loads them through pytorch-fid's own fid_inception_v3
-(its URL download replaced by the file), and saves the 2048-d features of each image, loaded as pytorch-fid's
-ImagePathDataset loads it (PIL RGB -> ToTensor) and resized inside InceptionV3.forward.
+Writes random weights in the layout of pt_inception-2015-12-05-6726825d.pth (torchvision Inception3 with
+1008 classes, no aux head, as torch.save writes the state dict), loads them through pytorch-fid's own
+fid_inception_v3 (its URL download replaced by the file), and saves the 2048-d features of each image,
+loaded as pytorch-fid's ImagePathDataset loads it (PIL RGB -> ToTensor) and resized inside
+InceptionV3.forward.
 """
 import glob
 import os

@@ -1,8 +1,8 @@
 """Oracle for tests/test_metrics.py: clean-fid's and pytorch-fid's FID/KID functions on saved feature arrays.
 
 Run in the oracle environment: python fid_stats.py FEATS.npz OUT.json
-FEATS.npz holds pairs a<i>, b<i>; for each pair it writes clean-fid frechet_distance on (mu, sigma) computed as
-clean-fid's fid_from_feats does, pytorch-fid calculate_frechet_distance on the same, and clean-fid
+FEATS.npz holds pairs a<i>, b<i>; for each pair it writes clean-fid frechet_distance on (mu, sigma) computed
+as clean-fid's fid_from_feats does, pytorch-fid calculate_frechet_distance on the same, and clean-fid
 kernel_distance after np.random.seed(i) (clean-fid draws its subsets from numpy's global RNG).
 """
 import json

@@ -1,0 +1,148 @@
+"""Tests of tools/evaluate.py and of the CLIP ViT-B/32 features behind it.
+
+Fast: bad inputs (one line on stderr, exit 1, no output written), --save-stats round trip (cheap stand-in
+features; the Inception loader is covered by tests/test_inception.py).
+Parity (oracle environment; MINIDIFF_ORACLE_PYTHON): CLIP features of the real demo photos equal clean-fid's
+CLIP path (img_preprocess_clip + CLIP_fx) with the same random weights in ViT-B-32.pt's layout, and the
+tool's FID/KID equal those computed from clean-fid's features.
+Run: MINIDIFF_ORACLE_PYTHON=/work/venvs/oracle/bin/python python -m pytest tests/test_evaluate.py -q -s
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidiff import metrics
+from tests.helpers import assert_close, run_oracle
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import evaluate  # noqa: E402
+
+DEMO = REPO.parent / "shared" / "data" / "official-demo"
+
+
+def make_folder(path, n, seed=0, size=(40, 30)):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path / f"{i}.png")
+    return str(path)
+
+
+@pytest.fixture
+def fake_features(monkeypatch):
+    """Cheap 6-d features (channel means and stds) in place of a network, for the tool's plumbing."""
+    def load(feature_type, weights, device="cpu"):
+        def model(x):
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)  # [B, 3, H, W] -> [B, 6]
+        pre = lambda a: torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 255  # noqa: E731
+        return metrics.FeatureExtractor(feature_type, model, pre, device)
+    monkeypatch.setattr(metrics, "load_feature_extractor", load)
+
+
+def run(argv, capsys):
+    rc = evaluate.main([*map(str, argv), "--no-progress"])
+    return rc, capsys.readouterr()
+
+
+def test_save_stats_roundtrip(tmp_path, capsys, fake_features):
+    restored, ref = make_folder(tmp_path / "r", 5), make_folder(tmp_path / "g", 7, seed=1)
+    w = tmp_path / "w.pt"
+    w.write_bytes(b"weights")
+    rc, _ = run(["--restored", restored, "--reference", ref, "--weights", w, "--json", tmp_path / "a.json",
+                 "--save-stats", tmp_path / "g.npz", "--features", "inception"], capsys)
+    assert rc == 0
+    rc, _ = run(["--restored", restored, "--reference", tmp_path / "g.npz", "--weights", w,
+                 "--json", tmp_path / "b.json", "--features", "inception"], capsys)
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    assert rc == 0 and a["n_restored"] == 5 and a["n_reference"] == b["n_reference"] == 7
+    assert a["kid_subset_size"] == 5 and a["kid_x100"] == pytest.approx(100 * a["kid"])
+    # the .npz keeps float32 features: tiny differences only
+    assert np.isclose(a["fid"], b["fid"], rtol=1e-6) and np.isclose(a["kid"], b["kid"], rtol=1e-5)
+    assert a["weights_sha256"] == hashlib.sha256(b"weights").hexdigest()
+
+
+BAD = {  # name -> (argv changes, expected message part)
+    "empty folder": ({"--restored": "empty"}, "no image files"),
+    "only non-image files": ({"--restored": "texts"}, "no image files"),
+    "one image": ({"--restored": "one"}, "only 1 image"),
+    "corrupt image": ({"--restored": "corrupt"}, "cannot read image"),
+    "missing weights": ({"--weights": "nope.pt"}, "no such"),
+    "other feature type": ({"--reference": "clip.npz"}, "clip_vit_b_32 features, but inception"),
+    "no json": ({"--json": None}, "needs --json"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(tmp_path, capsys, fake_features, case):
+    make_folder(tmp_path / "r", 3), make_folder(tmp_path / "g", 3), make_folder(tmp_path / "one", 1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("not an image")
+    shutil.copytree(tmp_path / "r", tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "9.png").write_bytes(b"\x89PNG truncated")
+    metrics.save_stats(str(tmp_path / "clip.npz"), np.random.rand(4, 512), "clip_vit_b_32")
+    (tmp_path / "w.pt").write_bytes(b"x")
+    args = {"--restored": "r", "--reference": "g", "--weights": "w.pt", "--json": "out.json"}
+    args.update(BAD[case][0])
+    argv = [x for k, v in args.items() if v is not None for x in (k, tmp_path / v)]
+    argv += ["--features", "inception"]
+    rc, out = run(argv, capsys)
+    assert rc == 1 and out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
+    assert BAD[case][1] in out.err and not (tmp_path / "out.json").exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+    """As a user runs it: a wrong weights path gives one line on stderr, exit 1, no traceback, no JSON."""
+    restored = make_folder(tmp_path / "r", 2)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--restored", restored,
+                           "--reference", restored, "--weights", str(tmp_path / "nope.pth"),
+                           "--json", str(tmp_path / "out.json")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "nope.pth: no such weights file" in proc.stderr and not (tmp_path / "out.json").exists()
+
+
+@pytest.fixture(scope="module")
+def cleanfid_clip(tmp_path_factory):
+    """Random ViT-B-32.pt-layout weights and clean-fid's CLIP features of the demo photos (oracle run)."""
+    if not DEMO.is_dir():
+        pytest.skip(f"{DEMO} missing (shared/ data beside the repo)")
+    tmp = tmp_path_factory.mktemp("clip")
+    run_oracle(REPO / "tests" / "oracle" / "cleanfid_clip.py", DEMO, tmp / "ViT-B-32.pt", tmp / "ref.npy")
+    return tmp / "ViT-B-32.pt", np.load(tmp / "ref.npy")
+
+
+@pytest.mark.parity
+def test_clip_features_and_tool_equal_cleanfid(cleanfid_clip, tmp_path, capsys):
+    weights, ref = cleanfid_clip
+    files = metrics.list_images(str(DEMO))  # sorted, as the oracle's features
+    for i, f in enumerate(files):  # 4 restored, 5 reference photos
+        (tmp_path / ("r" if i < 4 else "g")).mkdir(exist_ok=True)
+        os.symlink(f, tmp_path / ("r" if i < 4 else "g") / os.path.basename(f))
+    rc, _ = run(["--restored", tmp_path / "r", "--reference", tmp_path / "g", "--weights", weights,
+                 "--json", tmp_path / "out.json", "--save-stats", tmp_path / "g.npz", "--batch-size", 4],
+                capsys)
+    assert rc == 0
+    ex = metrics.load_feature_extractor("clip_vit_b_32", str(weights))
+    ours = np.concatenate([metrics.files_features(files[:4], ex, batch_size=4, progress=False),
+                           metrics.load_stats(str(tmp_path / "g.npz"), "clip_vit_b_32")["feats"]])
+    assert ours.dtype == np.float32
+    # 1e-4 x scale: float32 ViT-B/32 of two torch builds (2.13 vs 2.14), SDPA vs nn.MultiheadAttention
+    assert_close(ours, ref, 1e-4, "clip_vit_b_32 features (9 demo photos)")
+    res = json.loads((tmp_path / "out.json").read_text())
+    fid = metrics.frechet_distance(*metrics.statistics(ref[:4]), *metrics.statistics(ref[4:]))
+    kid = metrics.kernel_distance(ref[:4], ref[4:])
+    print(f"tool fid {res['fid']:.6f} kid {res['kid']:.6f}; from clean-fid features: {fid:.6f} {kid:.6f}")
+    # features agree to ~1e-6 relative; FID/KID are smooth in them (5 images: the eps-regularised sqrtm)
+    assert abs(res["fid"] - fid) <= 1e-4 * fid and abs(res["kid"] - kid) <= 1e-4 * abs(kid)

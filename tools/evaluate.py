@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""FID and KID of a folder of restored images against a reference folder or saved statistics (.npz).
+
+    python tools/evaluate.py --restored out/rain --reference data/rain_gt --features clip_vit_b_32 \\
+        --weights checkpoints/ViT-B-32.pt --json rain.json             # the paper's CLIP-FID / KID
+    python tools/evaluate.py --reference data/rain_gt --weights checkpoints/ViT-B-32.pt \\
+        --save-stats rain_ref.npz                                      # reference statistics once
+    python tools/evaluate.py --restored out/rain --reference rain_ref.npz --weights checkpoints/ViT-B-32.pt \\
+        --json rain.json --batch-size 8                                # CPU-sized: small batches
+    python tools/evaluate.py ... --features inception --weights pt_inception-2015-12-05-6726825d.pth
+
+Features: clip_vit_b_32 = clean-fid's CLIP path (the official Diff-Plugin metrics: compute_fid(...,
+model_name="clip_vit_b_32")); inception = pytorch-fid's default FID. Weights: OpenAI ViT-B-32.pt (state dict)
+or a Hugging Face CLIP ViT-B/32 file/folder; pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
+Folders are read as clean-fid reads them: sorted recursive glob of image extensions (other files are
+ignored), RGB, no EXIF rotation. KID follows clean-fid: 100 subsets of m = min(n_restored, n_reference,
+1000) images (fewer than 1000 images: the subsets shrink to the smaller set, as in clean-fid; fewer than 2:
+refused), with a seeded RNG (--kid-seed) where clean-fid's is unseeded. The paper prints KID x 100
+(`kid_x100`).
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run from a checkout too
+    sys.path.insert(0, REPO)
+
+from minidiff import metrics  # noqa: E402
+from minidiff.imageio import save_json_atomic, sha256_path  # noqa: E402
+from minidiff.weights import CheckpointError  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--restored", help="folder of restored images (omit to only --save-stats the reference)")
+    p.add_argument("--reference", required=True, help="folder of reference images, or --save-stats' .npz")
+    p.add_argument("--features", default="clip_vit_b_32", choices=metrics.FEATURE_TYPES,
+                   help="feature network")
+    p.add_argument("--weights", required=True, help="weights of the feature network (see the docstring)")
+    p.add_argument("--json", help="write the results here (JSON)")
+    p.add_argument("--save-stats", help="write the reference folder's statistics (mu, sigma, feats) here")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--kid-subsets", type=int, default=metrics.KID_SUBSETS, help="KID: number of subsets")
+    p.add_argument("--kid-subset-size", type=int, default=metrics.KID_MAX_SUBSET, help="KID: largest subset")
+    p.add_argument("--kid-seed", type=int, default=0, help="KID: seed of the subset draws")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def weights_digest(path):
+    """sha256 of the weights file (a folder: of its {file: sha256} table)."""
+    digest = sha256_path(path)
+    return digest if isinstance(digest, str) else hashlib.sha256(json.dumps(digest).encode()).hexdigest()
+
+
+def evaluate(args):
+    """Run the evaluation; returns the result dict. Raises MetricsError / CheckpointError on bad input."""
+    if args.restored is None and not args.save_stats:
+        raise metrics.MetricsError("nothing to do: give --restored (with --json) and/or --save-stats")
+    if args.restored is not None and not args.json:
+        raise metrics.MetricsError("--restored needs --json OUT.json for the results")
+    ref_is_stats = os.path.isfile(args.reference) and args.reference.endswith(".npz")
+    if args.save_stats and ref_is_stats:
+        raise metrics.MetricsError("--save-stats needs a reference folder; this reference is statistics")
+    if args.batch_size < 1:
+        raise metrics.MetricsError("--batch-size must be at least 1")
+    # check every input before the slow part
+    restored = metrics.list_images(args.restored) if args.restored else None
+    reference = metrics.load_stats(args.reference, args.features) if ref_is_stats else None
+    ref_files = None if ref_is_stats else metrics.list_images(args.reference)
+    for folder, files in ((args.restored, restored), (args.reference, ref_files)):
+        if files is not None and len(files) < 2:  # a covariance, and KID's unbiased estimate, need 2
+            raise metrics.MetricsError(f"{folder}: only {len(files)} image; FID and KID need at least 2")
+    if not os.path.exists(args.weights):
+        raise CheckpointError(f"{args.weights}: no such weights file")
+    extractor = metrics.load_feature_extractor(args.features, args.weights, args.device)
+    digest = weights_digest(args.weights)
+    progress = not args.no_progress
+
+    if ref_files is not None:
+        feats = metrics.files_features(ref_files, extractor, args.batch_size, progress, "reference")
+        if args.save_stats:
+            metrics.save_stats(args.save_stats, feats, args.features, digest)
+            print(f"saved {args.features} statistics of {len(feats)} images to {args.save_stats}")
+        mu, sigma = metrics.statistics(feats)
+        reference = {"mu": mu, "sigma": sigma, "feats": feats, "count": len(feats)}
+    if restored is None:
+        return None
+
+    feats = metrics.files_features(restored, extractor, args.batch_size, progress, "restored")
+    fid = metrics.frechet_distance(*metrics.statistics(feats), reference["mu"], reference["sigma"])
+    kid = m = None
+    if reference["feats"] is not None:  # a clean-fid mu/sigma file has no features: FID only
+        m = metrics.kid_subset_size(len(feats), len(reference["feats"]), args.kid_subset_size)
+        kid = metrics.kernel_distance(feats, reference["feats"], args.kid_subsets, args.kid_subset_size,
+                                      seed=args.kid_seed)
+    return {"fid": fid, "kid": kid, "kid_x100": None if kid is None else 100 * kid,
+            "features": args.features, "n_restored": len(feats), "n_reference": reference["count"],
+            "kid_subset_size": m, "kid_subsets": args.kid_subsets, "kid_seed": args.kid_seed,
+            "restored": os.path.abspath(args.restored), "reference": os.path.abspath(args.reference),
+            "weights": os.path.abspath(args.weights), "weights_sha256": digest}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print("evaluate:", ", ".join(f"{k}={v}" for k, v in vars(args).items()))
+    try:
+        result = evaluate(args)
+    except (metrics.MetricsError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result is None:
+        return 0
+    kid = "n/a (reference has no features)" if result["kid"] is None else \
+        f"{result['kid']:.6f} (x100: {result['kid_x100']:.4f}, subsets of {result['kid_subset_size']})"
+    print(f"{result['features']}: FID {result['fid']:.5f}  KID {kid}  "
+          f"({result['n_restored']} restored vs {result['n_reference']} reference images)")
+    save_json_atomic(result, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
