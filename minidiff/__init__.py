@@ -37,6 +37,11 @@ _EXPORTS = {
     "save_selector": "selector",
     "select": "selector",
     "COMPOSITE": "selector",
+    "FIDInception": "inception",
+    "load_inception": "inception",
+    "load_feature_extractor": "metrics",
+    "frechet_distance": "metrics",
+    "kernel_distance": "metrics",
 }
 
 
