@@ -23,7 +23,10 @@ sys.path.insert(0, ROOT)
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-from minidiff.runner import UsageError  # noqa: E402  (one-line user mistakes, exit status 1)
+
+
+class UsageError(ValueError):
+    """A mistake in the command line: printed as one line, exit status 1."""
 
 
 def parse_args(argv=None):
@@ -64,8 +67,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Refuse what would fail late or silently, before any file is loaded."""
-    import torch
+    """Refuse what would fail late or silently, before any file is loaded (and before importing torch)."""
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("the prompt is empty or blank: say what to do, e.g. --prompt \"remove the rain\"")
     if args.mode == "plugin" and args.prompt is not None and args.task:
@@ -79,6 +81,7 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if not 0.0 < args.strength <= 1.0:
         raise UsageError("--strength must be in (0, 1]")
+    import torch
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -212,24 +215,34 @@ def run_sd(args, version):
     print(f"wrote {out}" + fake)
 
 
+def is_user_error(e):
+    """Errors the user can fix (bad arguments, files, weights): one line on stderr instead of a traceback."""
+    if isinstance(e, (UsageError, OSError)):
+        return True
+    from minidiff.imageio import ImageError
+    from minidiff.runner import UsageError as InputError
+    from minidiff.weights import CheckpointError
+    return isinstance(e, (ImageError, InputError, CheckpointError))
+
+
 def main(argv=None):
     from importlib.metadata import PackageNotFoundError, version
     args = parse_args(argv)
     try:
-        from minidiff.imageio import ImageError
-        from minidiff.weights import CheckpointError
+        check_args(args)
         try:
             ver = version("minidiff")
         except PackageNotFoundError:
             ver = "unknown"
-        check_args(args)
         (run_plugins if args.mode == "plugin" else run_sd)(args, ver)
-    except (UsageError, ImageError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: no partial output was left behind", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

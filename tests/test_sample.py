@@ -1,0 +1,159 @@
+"""tools/sample.py as a user runs it (a subprocess), with --fake-weights: random tiny models, no files.
+
+Covers the plugin mode's outputs and JSON record, one seed for every photo of a folder, --dry-run, a prompt
+that matches no plugin (photo back untouched), user mistakes (one line on stderr, no traceback, nothing
+written, inputs intact), the missing-weights message, and the txt2img / img2img modes. About a minute on
+2 CPU cores:
+    python -m pytest tests/test_sample.py -q
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "sample.py"
+
+
+def sample(*args, fake=True):
+    cmd = [sys.executable, str(SCRIPT), *(["--fake-weights"] if fake else []), "--no-progress", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def photo(path, size=(24, 16), seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """Two identical tiny photos under different names (+ a non-image file), --task deblur, 2 steps, and a
+    --max-side small enough to cap the size (the official rule would give 768x512), to keep the test quick."""
+    src = tmp_path_factory.mktemp("in")
+    photo(src / "a.png")
+    photo(src / "b.png")
+    (src / "notes.txt").write_text("not a photo\n")
+    out = tmp_path_factory.mktemp("out")
+    proc = sample("--input", src, "--task", "deblur", "--steps", 2, "--max-side", 256, "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return src, out, proc
+
+
+def test_outputs_and_record(folder_run):
+    src, out, proc = folder_run
+    assert sorted(p.name for p in out.iterdir()) == ["a-compare.png", "a.json", "a.png",
+                                                     "b-compare.png", "b.json", "b.png"]
+    assert "FAKE WEIGHTS" in proc.stdout
+    rec = json.loads((out / "a.json").read_text())
+    assert rec["tasks"] == ["deblur"] and rec["scores"] is None and rec["prompt"] is None
+    assert rec["fake_weights"] is True and "FAKE WEIGHTS" in rec["warning"]
+    assert (rec["seed"], rec["steps"], rec["chain_steps"]) == (42, 2, 3)
+    assert rec["input_size"] == [24, 16] and rec["processed_size"] == [256, 168]  # 24x16 x 10.7, floor 8
+    assert "capped" in rec["resize"] and "768x512" in rec["resize"] and rec["max_side"] == 256
+    assert rec["outputs"] == {"result": "a.png", "compare": "a-compare.png"} and rec["dry_run"] is False
+    assert set(rec["timings_s"]) == {"select", "preprocess", "restore"} and rec["checkpoints"] == {}
+    assert rec["minidiff_version"] and rec["mode"] == "plugin" and rec["input"] == str(src / "a.png")
+    assert Image.open(out / "a.png").size == (256, 168)
+    assert Image.open(out / "a-compare.png").size == (512, 168)
+    assert (pixels(src / "a.png") == pixels(src / "b.png")).all()  # inputs untouched
+
+
+def test_same_seed_for_every_photo(folder_run):
+    _, out, _ = folder_run
+    a, b = pixels(out / "a.png"), pixels(out / "b.png")
+    assert (a == b).all(), "two identical photos of one folder gave different results: seed not per photo"
+
+
+def test_dry_run_writes_only_the_record(tmp_path):
+    src = photo(tmp_path / "rainy.jpg", size=(40, 30))
+    out = tmp_path / "out"
+    proc = sample("--input", src, "--prompt", "please remove the rain", "--dry-run", "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in out.iterdir()] == ["rainy.json"]
+    rec = json.loads((out / "rainy.json").read_text())
+    tasks = ["derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire"]
+    assert list(rec["scores"]) == tasks + ["null"]  # raw scores, every plugin and the null entry
+    assert all(isinstance(v, float) for v in rec["scores"].values())
+    assert isinstance(rec["tasks"], list) and set(rec["tasks"]) <= set(tasks)
+    assert rec["dry_run"] is True and rec["outputs"] is None and rec["threshold"] == 0.0
+    assert rec["processed_size"] == [680, 512] and "official rule" in rec["resize"]  # int(512 / 30 * 40) = 682
+    assert "restore" not in rec["timings_s"]
+
+
+def test_no_match_gives_the_photo_back_untouched(tmp_path):
+    src = photo(tmp_path / "x.png", size=(20, 12), seed=3)
+    out = tmp_path / "out"
+    proc = sample("--input", src, "--prompt", "make it nice", "--threshold", 1e9, "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((out / "x.json").read_text())
+    assert rec["tasks"] == [] and "untouched" in rec["resize"] and "null" in rec["scores"]
+    assert (pixels(out / "x.png") == pixels(src)).all()
+    assert (out / "x-compare.png").exists()
+
+
+def _bad_inputs(tmp):
+    good = photo(tmp / "good.png")
+    trunc = tmp / "trunc.png"
+    trunc.write_bytes(good.read_bytes()[:200])
+    text = tmp / "text.png"
+    text.write_text("hello\n")
+    return {
+        "blank prompt": ["--input", good, "--prompt", "  \t ", "--output", tmp / "out"],
+        "empty prompt": ["--input", good, "--prompt", "", "--output", tmp / "out"],
+        "truncated image": ["--input", trunc, "--task", "derain", "--output", tmp / "out"],
+        "text as image": ["--input", text, "--task", "derain", "--output", tmp / "out"],
+        "unknown task": ["--input", good, "--task", "derain", "unblur", "--output", tmp / "out"],
+        "output is input folder": ["--input", good, "--task", "derain", "--output", tmp],
+        "prompt and task": ["--input", good, "--prompt", "rain", "--task", "derain", "--output", tmp / "out"],
+        "no instruction": ["--input", good, "--output", tmp / "out"],
+        "bad txt2img size": ["--mode", "txt2img", "--prompt", "a car", "--size", 60, "--output", tmp / "o.png"],
+    }
+
+
+@pytest.mark.parametrize("case", ["blank prompt", "empty prompt", "truncated image", "text as image",
+                                  "unknown task", "output is input folder", "prompt and task", "no instruction",
+                                  "bad txt2img size"])
+def test_user_mistakes_one_line_nothing_written(tmp_path, case):
+    args = _bad_inputs(tmp_path)[case]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = sample(*args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, inputs intact
+    print(f"[{case}] {lines[0]}")
+
+
+def test_missing_weights_lists_the_files(tmp_path):
+    src = photo(tmp_path / "p.png")
+    proc = sample("--input", src, "--task", "derain", "--sd", tmp_path / "sd.safetensors",
+                  "--clip", tmp_path / "clip", "--plugins", tmp_path / "plugins", "--output", tmp_path / "o",
+                  fake=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "sd.safetensors" in proc.stderr and "derain" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_txt2img_and_img2img(tmp_path):
+    proc = sample("--mode", "txt2img", "--prompt", "a red car", "--steps", 2, "--size", 64,
+                  "--output", tmp_path / "car.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(tmp_path / "car.png").size == (64, 64)
+    rec = json.loads((tmp_path / "car.json").read_text())
+    assert rec["mode"] == "txt2img" and rec["fake_weights"] is True and rec["scheduler"] == "ddim"
+    src = photo(tmp_path / "in.png", size=(72, 40))
+    proc = sample("--mode", "img2img", "--input", src, "--prompt", "a painting", "--strength", 0.5,
+                  "--steps", 4, "--scheduler", "euler", "--output", tmp_path / "edit.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(tmp_path / "edit.png").size == (72, 40)
+    assert json.loads((tmp_path / "edit.json").read_text())["strength"] == 0.5
