@@ -1,14 +1,14 @@
 """Diff-Plugin's Plugin-Selector: picks the Task-Plugins that a text instruction asks for.
 
-Paper: Liu et al., "Diff-Plugin: Revitalizing Details for Diffusion-based Low-level Tasks" (CVPR 2024), sec. 3.4
-(eq. 4-5) and sec. 3.2 (the predefined mapping table for composite requests).
-Reference implementation mirrored: yuhaoliu7456/Diff-Plugin @ 79e12bb, modules/prompt.py (PromptTunnerModel with
-tunner_for_visual=True) and demo.py l.85-160 (null entry, scoring, selection).
+Paper: Liu et al., "Diff-Plugin: Revitalizing Details for Diffusion-based Low-level Tasks" (CVPR 2024),
+sec. 3.4 (eq. 4-5) and sec. 3.2 (the predefined mapping table for composite requests).
+Reference implementation mirrored: yuhaoliu7456/Diff-Plugin @ 79e12bb, modules/prompt.py (PromptTunnerModel
+with tunner_for_visual=True) and demo.py l.85-160 (null entry, scoring, selection).
 
-Each plugin's TPB turns the photo's CLIP features into 256 prompt tokens; their max over tokens goes through the
-visual head `proj_v`, the pooled CLIP text embedding of the instruction through the text head `proj_t`; the score
-is exp(logit_scale) x cosine. A "null" entry, the pooled embedding of " " put through the VISUAL head, stands for
-"nothing to do". Plugins scoring above the threshold theta (0) run, in the official task order.
+Each plugin's TPB turns the photo's CLIP features into 256 prompt tokens; their max over tokens goes through
+the visual head `proj_v`, the pooled CLIP text embedding of the instruction through the text head `proj_t`;
+the score is exp(logit_scale) x cosine. A "null" entry, the pooled embedding of " " put through the VISUAL
+head, stands for "nothing to do". Plugins scoring above the threshold theta (0) run, in the official order.
 
     selector = load_selector("pre-trained/plugin_selector/PromptTunner.pt")
     tasks, scores = select(selector, sd, clip_vision, plugins, photo, "remove the rain please")
@@ -30,21 +30,23 @@ NULL = "null"  # the score entry meaning "no plugin": its row is last, as in the
 NULL_TEXT = " "  # the text whose pooled embedding is the null entry (demo.py l.98-100)
 FORMAT = "minidiff-selector"  # safetensors metadata "format" of minidiff's selector files
 
-# Predefined mapping table (paper sec. 3.2): composite requests that no single plugin covers -> sub-tasks. Each
-# entry: (regular expression matched case-insensitively on word boundaries, sub-tasks, why). The sub-tasks are
-# added to what the scores select, restricted to the available plugins, and run in the official task order.
+# Predefined mapping table (paper sec. 3.2): composite requests no single plugin covers -> sub-tasks. Each
+# entry: (regular expression matched case-insensitively on word boundaries, sub-tasks, why). The sub-tasks
+# are added to what the scores select, restricted to the available plugins, and run in the official order.
 COMPOSITE = [
     (r"storm(s|y)?|thunderstorm|rainstorm", ("derain", "dehaze"),
      "a storm brings rain streaks and a veil of spray and mist (the paper's own example)"),
     (r"snowstorms?|blizzards?", ("desnow", "dehaze"), "falling snow plus the haze of low visibility"),
-    (r"bad weather|severe weather|foul weather", ("derain", "dehaze"), "the weather degradations the plugins cover"),
+    (r"bad weather|severe weather|foul weather", ("derain", "dehaze"),
+     "the weather degradations the plugins cover (snow has its own words: see blizzard)"),
     (r"rainy night|night rain|raining at night", ("derain", "lowlight"), "rain streaks in a dark scene"),
     (r"foggy night|misty night|hazy night|night fog", ("lowlight", "dehaze"), "fog in a dark scene"),
     (r"night shots?|handheld at night|shaky night", ("lowlight", "deblur"),
      "long handheld exposures in the dark are both dark and shaken"),
     (r"photo(graph)? of (a|the|my) (screen|monitor|display|tv)", ("demoire", "highlight"),
      "screen photos show moire patterns and specular glare"),
-    (r"old portrait|blurry portrait|blurred portrait", ("face", "deblur"), "soft faces need face restoration + deblur"),
+    (r"old portrait|blurry portrait|blurred portrait", ("face", "deblur"),
+     "soft portraits need face restoration and deblurring"),
 ]
 
 
@@ -58,7 +60,7 @@ class PluginSelector(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's temperature init, 0-d
 
     def forward(self, visual, text):
-        """visual [N, dim] (max-pooled TPB tokens per plugin, + the null row), text [1, dim] -> scores [N]."""
+        """visual [N, dim] (max-pooled TPB tokens per plugin + the null row), text [1, dim] -> scores [N]."""
         v = F.normalize(self.proj_v(visual), dim=-1)  # [N, dim], unit length
         q = F.normalize(self.proj_t(text), dim=-1)  # [1, dim]
         return self.logit_scale.exp() * (v @ q.T)[:, 0]  # [N]: exp(logit_scale) * cosine
@@ -87,21 +89,22 @@ def save_selector(selector, path, metadata=None):
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta["format"] = FORMAT
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in selector.state_dict().items()}, tmp, metadata=meta)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in selector.state_dict().items()}
+    save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
 @torch.no_grad()
 def text_embedding(sd, text):
-    """Pooled CLIP text embedding [1, 768] (final-LN state at the first end-of-text token), no attention mask."""
+    """Pooled CLIP text embedding [1, 768] (final-LN state at the first end-of-text token), no mask."""
     p = next(sd.text_encoder.parameters())
     _, pooled = sd.text_encoder(sd.tokenizer(text).to(p.device))
     return pooled
 
 
 def composite_tasks(prompt, available):
-    """Sub-tasks from the COMPOSITE table whose pattern occurs in `prompt`, among `available`, and the patterns
-    that matched (for the record)."""
+    """Sub-tasks from the COMPOSITE table whose pattern occurs in `prompt`, among `available`, and the
+    patterns that matched (for the record)."""
     tasks, matched = [], []
     for pattern, subtasks, _ in COMPOSITE:
         if re.search(rf"\b(?:{pattern})\b", prompt, flags=re.IGNORECASE):
@@ -132,8 +135,8 @@ def select(selector, sd, clip_vision, plugins, image, prompt, threshold=0.0):
     """Tasks to run for `prompt` and the raw scores (negative values kept, "null" included).
 
     As demo.py: a plugin runs when its score is above `threshold` (0: negative scores are zeroed, then > 0);
-    when nothing is, the null entry wins and the list is empty (the photo stays as it is). A null score above the
-    threshold beside real tasks changes nothing (null is the identity). Tasks from the COMPOSITE table are added.
+    when nothing is, the null entry wins and the list is empty (the photo stays as it is). A null score above
+    the threshold beside real tasks changes nothing (null is the identity). COMPOSITE tasks are added.
     plugins: list of TaskPlugin (or a {task: TaskPlugin} dict). Returns (tasks in official order, scores).
     """
     if not prompt or not prompt.strip():

@@ -1,15 +1,17 @@
-"""Test-side rebuild of the official Diff-Plugin inference from the reference libraries (diffusers, transformers).
+"""Test-side rebuild of the official Diff-Plugin inference from the reference libraries (diffusers,
+transformers).
 
-Mirrors yuhaoliu7456/Diff-Plugin @ 79e12bb (infer.py, demo.py, modules/TPB.py, modules/SCB.py) as described in
-shared/reference/official-facts.md sections 1-2, with tiny random models written in the OFFICIAL file layouts:
-SD as a diffusers folder (unet/, vae/, text_encoder/), CLIP as a transformers folder, each plugin as
+Mirrors yuhaoliu7456/Diff-Plugin @ 79e12bb (infer.py, demo.py, modules/TPB.py, modules/SCB.py) as described
+in shared/reference/official-facts.md sections 1-2, with tiny random models written in the OFFICIAL file
+layouts: SD as a diffusers folder (unet/, vae/, text_encoder/), CLIP as a transformers folder, each plugin as
 `<task>/scb/{config.json, diffusion_pytorch_model.bin}` + `<task>/tpb.pt` ({'model': sd}), the selector as
 PromptTunner.pt. No minidiff import here: tests load these files through minidiff's loaders and compare.
 
-Deviations from the official environment, each numerically neutral for the comparison: diffusers 0.35.2 instead of
-0.17 (UniPC with final_sigmas_type="sigma_min" = 0.17's last step; the SCB residuals passed as the 12-entry list
-plus a zero mid residual, the only way current diffusers keeps the 0.17 zip-add skip semantics, facts 1.9-1.10);
-transformers 4.57 CLIPImageProcessor (the 4.x PIL path).
+Deviations from the official environment, each numerically neutral for the comparison: diffusers 0.35.2, not
+0.17 (UniPC with final_sigmas_type="sigma_min" = 0.17's last step; the SCB residuals passed as the 12-entry
+list plus a zero mid residual, the only way current diffusers keeps 0.17's zip-add skip semantics, facts
+1.9-1.10); transformers 4.57 CLIPImageProcessor (the 4.x PIL path). The tiny CLIP vision model has 24 layers,
+so hidden_states[24] is taken exactly as the official TPB does.
 """
 import json
 import os
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 
 LATENT_SCALE = 0.18215  # official infer.py literal
 SD14_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-                  "trained_betas": None, "clip_sample": False}  # SD-1.4 scheduler_config.json (PNDM), facts 1.2
+                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "steps_offset": 1, "trained_betas": None, "clip_sample": False}  # SD-1.4's PNDM config
 CH, CTX, HEADS, CLIP_W = 32, 32, 2, 128  # tiny widths: UNet/SCB level 0, context, SCB heads, CLIP vision
 SHARPEN = 4.0  # factor on the tiny UNet's cross-attention keys/outputs and conv_out (see make_sd_and_clip)
 
@@ -32,8 +34,9 @@ class RefTPB(nn.Module):
 
     def __init__(self, d=CLIP_W, out=CTX):
         super().__init__()
-        self.visual_projection = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.LeakyReLU(),
-                                               nn.Linear(d, d), nn.LayerNorm(d), nn.LeakyReLU(), nn.Linear(d, out))
+        self.visual_projection = nn.Sequential(
+            nn.Linear(d, d), nn.LayerNorm(d), nn.LeakyReLU(),
+            nn.Linear(d, d), nn.LayerNorm(d), nn.LeakyReLU(), nn.Linear(d, out))
 
     def forward(self, clip_hidden_states):
         return self.visual_projection(clip_hidden_states[24][:, 1:, :])
@@ -68,8 +71,9 @@ class RefSCB(nn.Module):
 
 def scb_config(ch=CH, heads=HEADS, ctx=CTX):
     """An scb/config.json as the released ones (derain's keys + the extra ignored ones), tiny sizes."""
-    return {"_class_name": "SCBNet", "_diffusers_version": "0.17.1", "act_fn": "silu", "attention_head_dim": heads,
-            "block_out_channels": [ch], "class_embed_type": None, "conditioning_embedding_out_channels": [16, 32],
+    return {"_class_name": "SCBNet", "_diffusers_version": "0.17.1", "act_fn": "silu",
+            "attention_head_dim": heads, "block_out_channels": [ch], "class_embed_type": None,
+            "conditioning_embedding_out_channels": [16, 32],
             "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": ctx,
             "down_block_types": ["CrossAttnDownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True,
             "freq_shift": 0, "global_pool_conditions": False, "in_channels": 4, "layers_per_block": 2,
@@ -80,7 +84,7 @@ def scb_config(ch=CH, heads=HEADS, ctx=CTX):
 
 
 def make_plugin(folder, seed, module_prefix=False):
-    """Random official plugin (zero convs made non-zero so they matter) written to `folder`; returns (tpb, scb)."""
+    """Random official plugin (zero convs made non-zero so they matter) written to `folder` -> (tpb, scb)."""
     torch.manual_seed(seed)
     tpb, scb = RefTPB(), RefSCB()
     with torch.no_grad():
@@ -112,13 +116,15 @@ def make_sd_and_clip(root, seed=0):
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
                         norm_num_groups=32)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=CTX, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77,
+                                        num_hidden_layers=2, num_attention_heads=1,
+                                        max_position_embeddings=77,
                                         eos_token_id=2, hidden_act="quick_gelu"))
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_W, intermediate_size=256, num_hidden_layers=24,
                                             num_attention_heads=2, image_size=224, patch_size=14,
                                             hidden_act="quick_gelu"))
-    # Default init gives near-uniform cross-attention and a small eps: a wrong context, step count or skip would
-    # barely change the image. Sharpen it so the comparison sees them (checked: each changes pixels by > 2).
+    # Default init gives near-uniform cross-attention and a small eps: a wrong context or skip would barely
+    # change the image. Sharpen it so the comparison sees them (checked: a wrong CLIP image, a zero SCB or
+    # another seed change pixels by 8, 86 and 217 levels).
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "attn2.to_k" in name or "attn2.to_out.0.weight" in name or name == "conv_out.weight":
@@ -134,7 +140,7 @@ def make_sd_and_clip(root, seed=0):
 
 @torch.no_grad()
 def official_restore(unet, vae, clip, plugins, original, image, steps=20, chain_steps=3, seed=42):
-    """infer.py/demo.py loop: CLIP features of `original`; each plugin (task, tpb, scb) in turn on `image`."""
+    """infer.py/demo.py loop: CLIP features of `original`; plugins (task, tpb, scb) in turn on `image`."""
     from diffusers import UniPCMultistepScheduler
     from diffusers.image_processor import VaeImageProcessor
     from transformers import CLIPImageProcessor
@@ -190,7 +196,8 @@ def official_scores(selector, text_model, tokenizer, clip, tpbs, original, promp
     hidden = clip(pixels, output_hidden_states=True).hidden_states
 
     def pooled(text):
-        ids = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(text, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
         return text_model(ids)[1].unsqueeze(1)  # [1, 1, D]
 
     rows = [tpb(hidden)[0] for tpb in tpbs] + [pooled(" ")[0].expand(256, -1)]

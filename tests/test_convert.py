@@ -41,7 +41,8 @@ def test_plugin_round_trips_bit_exact(tmp_path):
     folder = tmp_path / "official" / "derain"
     assert sorted(os.listdir(folder)) == ["scb", "tpb.pt"]
     cfg = json.loads((folder / "scb" / "config.json").read_text())
-    assert cfg["block_out_channels"] == [32] and cfg["attention_head_dim"] == 2 and cfg["cross_attention_dim"] == 32
+    assert cfg["block_out_channels"] == [32] and cfg["attention_head_dim"] == 2
+    assert cfg["cross_attention_dim"] == 32 and cfg["down_block_types"] == ["CrossAttnDownBlock2D"]
     scb = torch.load(folder / "scb" / "diffusion_pytorch_model.bin", weights_only=True)
     assert len(scb) == 84 and "controlnet_down_blocks.2.weight" in scb  # the official key set
     assert set(torch.load(folder / "tpb.pt", weights_only=True)) == {"model"}
@@ -99,11 +100,13 @@ def test_exported_files_load_into_official_modules(tmp_path):
     plugin = tiny_plugin("derain", 0)
     convert.plugin_to_official(plugin, str(tmp_path / "derain"))
     cfg = json.loads((tmp_path / "derain" / "scb" / "config.json").read_text())
-    ref_scb = oracle.RefSCB(cfg["block_out_channels"][0], cfg["attention_head_dim"], cfg["cross_attention_dim"])
-    ref_scb.load_state_dict(torch.load(tmp_path / "derain" / "scb" / "diffusion_pytorch_model.bin",
-                                       weights_only=True), strict=True)
+    width, heads, ctx = cfg["block_out_channels"][0], cfg["attention_head_dim"], cfg["cross_attention_dim"]
+    ref_scb = oracle.RefSCB(width, heads, ctx)
+    scb_file = tmp_path / "derain" / "scb" / "diffusion_pytorch_model.bin"
+    ref_scb.load_state_dict(torch.load(scb_file, weights_only=True), strict=True)
     ref_tpb = oracle.RefTPB()
-    ref_tpb.load_state_dict(torch.load(tmp_path / "derain" / "tpb.pt", weights_only=True)["model"], strict=True)
+    tpb_file = tmp_path / "derain" / "tpb.pt"
+    ref_tpb.load_state_dict(torch.load(tpb_file, weights_only=True)["model"], strict=True)
     torch.manual_seed(1)
     feats, cond = torch.randn(1, 257, TINY_PLUGIN.clip_dim), torch.randn(1, 4, 5, 7)
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""Tests of minidiff.plugin: TPB/SCB shapes and rules, plugin files, the resolution rule, and parity of the whole
-restoration loop with the official one rebuilt from diffusers + transformers (tests/official_oracle.py).
+"""Tests of minidiff.plugin: TPB/SCB shapes and rules, plugin files, the resolution rule, and parity of the
+whole restoration loop with the official one rebuilt from diffusers + transformers (official_oracle.py).
 
     python -m pytest tests/test_plugin.py -q -s            (unit tests: seconds; parity: about 30 s)
 """
@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from helpers import assert_close
-from minidiff.plugin import (TASKS, TINY_PLUGIN, SCB, TPB, TaskPlugin, find_plugins, load_plugin, official_resize,
-                             restore, save_plugin)
+from minidiff.plugin import (TASKS, TINY_PLUGIN, SCB, TPB, TaskPlugin, find_plugins, load_plugin,
+                             official_resize, restore, save_plugin)
 
 
 def tiny_plugin(task="derain", seed=0):
@@ -38,11 +38,12 @@ def test_zero_convs_give_zero_residuals_and_scb_reads_only_cond_t_context():
     for conv in plugin.scb.zero_convs:
         torch.nn.init.normal_(conv.weight)
     base = plugin.scb(cond, 500, ctx)
-    # the noisy latent is not an input at all (the official SCB overwrites it): only cond, t and context matter;
-    # residual 0 is the conv of cond alone (the UNet's conv_in slot), 1 and 2 see t and the TPB tokens too
+    # the noisy latent is not an input at all (the official SCB overwrites it): only cond, t, context
+    # matter; residual 0 is the conv of cond alone (the conv_in slot), 1 and 2 see t and the TPB tokens
     assert all((a - b).abs().max() > 0 for a, b in zip(base, plugin.scb(cond + 1, 500, ctx)))
     for other in [plugin.scb(cond, 100, ctx), plugin.scb(cond, 500, ctx + 1)]:
-        assert torch.equal(base[0], other[0]) and all((a - b).abs().max() > 0 for a, b in zip(base[1:], other[1:]))
+        assert torch.equal(base[0], other[0])
+        assert all((a - b).abs().max() > 0 for a, b in zip(base[1:], other[1:]))
 
 
 def test_minidiff_file_round_trip_and_find(tmp_path):
@@ -54,7 +55,7 @@ def test_minidiff_file_round_trip_and_find(tmp_path):
     for (k, a), (_, b) in zip(plugin.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
     assert find_plugins(tmp_path) == {"dehaze": str(tmp_path / "dehaze.safetensors")}
-    assert list(TASKS) == ["derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire"]
+    assert TASKS == ("derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire")
 
 
 def test_official_resize_rule():
@@ -63,7 +64,8 @@ def test_official_resize_rule():
         if w < 512 or h < 512:
             im = im.resize((512, int(512 / w * h)) if w < h else (int(512 / h * w), 512))
         return (im.width - im.width % 8, im.height - im.height % 8)
-    for w, h in [(1, 1), (300, 200), (200, 300), (333, 333), (640, 480), (2834, 2091), (511, 700), (97, 1003)]:
+    sizes = [(1, 1), (300, 200), (200, 300), (333, 333), (640, 480), (2834, 2091), (511, 700), (97, 999)]
+    for w, h in sizes:
         assert official_resize(Image.new("RGB", (w, h))).size == ref(w, h), (w, h)
     rng = np.random.default_rng(0)
     im = Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
@@ -72,8 +74,8 @@ def test_official_resize_rule():
     assert np.array_equal(np.asarray(official_resize(im)), np.asarray(expect))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Parity with the official loop (diffusers 0.35.2 + transformers 4.57, tiny random weights in official layouts)
+# --------------------------------------------------------------------------------------------------------
+# Parity with the official loop (diffusers 0.35.2 + transformers 4.57, tiny random weights, official layouts)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,10 +96,11 @@ def official(tmp_path_factory):
     unet, vae, _, clip = oracle.make_sd_and_clip(str(root))
     refs = {}
     for i, task in enumerate(["derain", "lowlight", "dehaze"]):
-        refs[task] = oracle.make_plugin(str(root / "pre-trained" / task), seed=10 + i, module_prefix=(i == 0))
+        folder = str(root / "pre-trained" / task)
+        refs[task] = oracle.make_plugin(folder, seed=10 + i, module_prefix=(i == 0))
     rng = np.random.default_rng(1)
-    # a smooth random photo; the processing image is a bicubic downsize (stand-in for the resolution rule), and
-    # is not a multiple of 8 (101x77 -> 96x72: LANCZOS path; latent 12x9: odd size -> size-matched upsampling)
+    # a smooth random photo; the processing image is a bicubic downsize (stand-in for the resolution rule)
+    # and not a multiple of 8 (101x77 -> 96x72: LANCZOS path; latent 12x9: odd -> size-matched upsampling)
     small = rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)
     original = Image.fromarray(small).resize((203, 154), Image.BICUBIC)
     image = original.resize((101, 77), Image.BICUBIC)
@@ -118,7 +121,8 @@ def test_restore_matches_official_loop(official, minidiff_models, tasks):
     oracle, root, (unet, vae, clip), refs, original, image = official
     sd, clip_vision, plugins = minidiff_models
     expected = oracle.official_restore(unet, vae, clip, [(t, *refs[t]) for t in tasks], original, image)
-    actual = restore(sd, clip_vision, [plugins[t] for t in tasks], image, clip_image=original, progress=False)
+    chain = [plugins[t] for t in tasks]
+    actual = restore(sd, clip_vision, chain, image, clip_image=original, progress=False)
     assert actual.size == expected.size == (96, 72)
     a, e = np.asarray(actual).astype(int), np.asarray(expected).astype(int)
     assert e.std() > 10, "degenerate reference image: the comparison would prove little"

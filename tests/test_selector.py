@@ -1,6 +1,6 @@
-"""Tests of minidiff.selector: the selection rule (threshold, null entry, official order, composite table), the
-selector files (official PromptTunner.pt with `module.` prefixes, minidiff .safetensors), and parity of the scores
-with the official formula computed from transformers' CLIPTextModel / CLIPVisionModel (tests/official_oracle.py).
+"""Tests of minidiff.selector: the selection rule (threshold, null entry, official order, composite table),
+the selector files (official PromptTunner.pt with `module.` prefixes, minidiff .safetensors), and parity of
+the scores with the official formula on transformers' CLIPTextModel / CLIPVisionModel (official_oracle.py).
 
     python -m pytest tests/test_selector.py -q -s          (about 15 s)
 """
@@ -47,7 +47,8 @@ def test_selection_rule(monkeypatch):
 
 def test_composite_table(monkeypatch):
     plugins = fake_scores(monkeypatch, {"derain": -1.0, "dehaze": -1.0, "lowlight": -1.0, "null": 2.0})
-    assert sel.select(None, None, None, plugins, None, "Fix this photo taken in a STORM")[0] == ["derain", "dehaze"]
+    tasks, _ = sel.select(None, None, None, plugins, None, "Fix this photo taken in a STORM")
+    assert tasks == ["derain", "dehaze"]
     # restricted to the available plugins; word boundaries (no "storm" inside "brainstorming")
     assert sel.composite_tasks("a blizzard", ["derain", "dehaze"]) == (["dehaze"], [sel.COMPOSITE[1][0]])
     assert sel.composite_tasks("brainstorming session", ["derain", "dehaze"])[0] == []
@@ -81,7 +82,7 @@ def test_scores_formula():
     assert_close(model(v, q), expect, 1e-5, "selector formula")
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # Parity with the official scores (demo.py l.85-160) on tiny random models in the official file layouts
 
 
@@ -95,12 +96,14 @@ def test_scores_match_official(tmp_path):
     from minidiff.tokenizer import CLIPTokenizer
     _, _, text, clip = oracle.make_sd_and_clip(str(tmp_path))
     tasks = ["derain", "lowlight", "dehaze", "face"]
-    tpbs = [oracle.make_plugin(str(tmp_path / "pre-trained" / t), seed=20 + i)[0] for i, t in enumerate(tasks)]
+    tpbs = [oracle.make_plugin(str(tmp_path / "pre-trained" / t), 20 + i)[0] for i, t in enumerate(tasks)]
     torch.manual_seed(5)
     ref = oracle.RefSelector().eval()
-    torch.save({"model": {"module." + k: v for k, v in ref.state_dict().items()}}, tmp_path / "PromptTunner.pt")
+    sd_file = {"model": {"module." + k: v for k, v in ref.state_dict().items()}}
+    torch.save(sd_file, tmp_path / "PromptTunner.pt")
     rng = np.random.default_rng(2)
-    photo = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((160, 120), Image.BICUBIC)
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((160, 120), Image.BICUBIC)
     ref_tok = _reference_tokenizer(tmp_path)
     sd = SimpleNamespace(tokenizer=CLIPTokenizer(), text_encoder=build_clip_text(
         read_state_dict(str(tmp_path / "sd" / "text_encoder" / "model.safetensors"))))

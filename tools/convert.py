@@ -29,18 +29,19 @@ from minidiff import plugin as P
 from minidiff import selector as S
 from minidiff.weights import CheckpointError, scb_to_diffusers
 
-OFFICIAL_BASE_MODEL = "CompVis/stable-diffusion-v1-4"  # what the official plugins were trained on (infer.py l.22)
+OFFICIAL_BASE_MODEL = "CompVis/stable-diffusion-v1-4"  # the official plugins' base model (infer.py l.22)
 
 
 def official_scb_config(cfg):
     """scb/config.json as the released ones (derain's key set), for a PluginConfig."""
     return {"_class_name": "SCBNet", "_diffusers_version": "0.17.1", "act_fn": "silu",
             "attention_head_dim": cfg.heads, "block_out_channels": [cfg.channels], "class_embed_type": None,
-            "conditioning_embedding_out_channels": [16, 32, 96, 256], "controlnet_conditioning_channel_order": "rgb",
-            "cross_attention_dim": cfg.context_dim, "down_block_types": ["CrossAttnDownBlock2D"],
-            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "global_pool_conditions": False,
-            "in_channels": cfg.latent_channels, "layers_per_block": 2, "mid_block_scale_factor": 1,
-            "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None, "only_cross_attention": False,
+            "conditioning_embedding_out_channels": [16, 32, 96, 256],
+            "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": cfg.context_dim,
+            "down_block_types": ["CrossAttnDownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True,
+            "freq_shift": 0, "global_pool_conditions": False, "in_channels": cfg.latent_channels,
+            "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+            "num_class_embeds": None, "only_cross_attention": False,
             "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default",
             "upcast_attention": False, "use_linear_projection": False}
 
@@ -59,7 +60,7 @@ def _replace(tmp, out, overwrite):
 
 
 def plugin_to_official(plugin, out, overwrite=False):
-    """Write `plugin` as an official `<task>/` folder: scb/config.json, scb/diffusion_pytorch_model.bin, tpb.pt."""
+    """Write `plugin` as an official `<task>/` folder (scb/config.json, scb/*.bin, tpb.pt), atomically."""
     tmp = f"{out.rstrip(os.sep)}.tmp{os.getpid()}"
     os.makedirs(os.path.join(tmp, "scb"))
     try:
@@ -106,7 +107,7 @@ def convert(src, out, args):
         found = {t: p for t, p in P.find_plugins(src).items() if os.path.isdir(p)}
         selector = os.path.join(src, "plugin_selector", "PromptTunner.pt")
         if not found and not os.path.isfile(selector):
-            raise ValueError(f"{src}: no official plugin folders (<task>/scb/, <task>/tpb.pt) or selector found")
+            raise ValueError(f"{src}: no official plugin folders (<task>/scb/, <task>/tpb.pt) nor selector")
         os.makedirs(out, exist_ok=True)
         done = []
         for task, path in found.items():
@@ -119,7 +120,7 @@ def convert(src, out, args):
     if src.endswith(".safetensors") and _format(src) == P.FORMAT:  # minidiff plugin -> official folder
         plugin = P.load_plugin(src, task=args.task)
         plugin_to_official(plugin, out, args.overwrite)
-        return [f"plugin {plugin.task}: {src} -> {out}/ (scb/config.json, scb/diffusion_pytorch_model.bin, tpb.pt)"]
+        return [f"plugin {plugin.task}: {src} -> {out}/ (scb/config.json, scb/*.bin, tpb.pt)"]
     selector = S.load_selector(src)  # PromptTunner.pt or a minidiff selector file (raises when neither)
     if src.endswith(".safetensors"):
         sd = _contiguous(selector.state_dict())
@@ -134,14 +135,16 @@ def convert(src, out, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("input", help="official plugin folder, pre-trained/ folder, PromptTunner.pt, or a minidiff "
-                                      ".safetensors (plugin or selector)")
-    parser.add_argument("output", help="output file or folder (see the examples in the module docstring)")
-    parser.add_argument("--task", default=None, help="task name (default: the folder name / the file's metadata)")
-    parser.add_argument("--base-model", default=OFFICIAL_BASE_MODEL, help="metadata: SD model the plugin was "
-                                                                          "trained on (official -> minidiff)")
-    parser.add_argument("--steps-trained", default="unknown", help="metadata: training steps (official -> minidiff)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    a = parser.add_argument
+    a("input", help="official plugin folder, pre-trained/ folder, PromptTunner.pt, or a minidiff "
+                    ".safetensors (plugin or selector)")
+    a("output", help="minidiff .safetensors (from official), official folder or .pt (from minidiff), or a "
+                     "folder (from pre-trained/)")
+    a("--task", default=None, help="task name (default: the folder name / the file's metadata)")
+    a("--base-model", default=OFFICIAL_BASE_MODEL,
+      help="metadata: the SD model the plugin was trained on (official -> minidiff)")
+    a("--steps-trained", default="unknown", help="metadata: training steps (official -> minidiff)")
+    a("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     try:
         for line in convert(os.path.normpath(args.input), os.path.normpath(args.output), args):
