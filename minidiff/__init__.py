@@ -42,6 +42,13 @@ _EXPORTS = {
     "load_feature_extractor": "metrics",
     "frechet_distance": "metrics",
     "kernel_distance": "metrics",
+    "load_image": "imageio",
+    "ImageError": "imageio",
+    "fit_size": "imageio",
+    "side_by_side": "imageio",
+    "fake_models": "runner",
+    "load_models": "runner",
+    "run_photo": "runner",
 }
 
 

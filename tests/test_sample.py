@@ -20,7 +20,8 @@ SCRIPT = ROOT / "tools" / "sample.py"
 
 
 def sample(*args, fake=True):
-    cmd = [sys.executable, str(SCRIPT), *(["--fake-weights"] if fake else []), "--no-progress", *map(str, args)]
+    cmd = [sys.executable, str(SCRIPT), *(["--fake-weights"] if fake else []), "--no-progress",
+           *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -37,7 +38,7 @@ def pixels(path):
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
     """Two identical tiny photos under different names (+ a non-image file), --task deblur, 2 steps, and a
-    --max-side small enough to cap the size (the official rule would give 768x512), to keep the test quick."""
+    --max-side small enough to cap the size (the official rule would give 768x512): a quick test."""
     src = tmp_path_factory.mktemp("in")
     photo(src / "a.png")
     photo(src / "b.png")
@@ -85,7 +86,8 @@ def test_dry_run_writes_only_the_record(tmp_path):
     assert all(isinstance(v, float) for v in rec["scores"].values())
     assert isinstance(rec["tasks"], list) and set(rec["tasks"]) <= set(tasks)
     assert rec["dry_run"] is True and rec["outputs"] is None and rec["threshold"] == 0.0
-    assert rec["processed_size"] == [680, 512] and "official rule" in rec["resize"]  # int(512 / 30 * 40) = 682
+    assert rec["processed_size"] == [680, 512]  # int(512 / 30 * 40) = 682, floored to a multiple of 8
+    assert "official rule" in rec["resize"]
     assert "restore" not in rec["timings_s"]
 
 
@@ -106,22 +108,23 @@ def _bad_inputs(tmp):
     trunc.write_bytes(good.read_bytes()[:200])
     text = tmp / "text.png"
     text.write_text("hello\n")
+    out = tmp / "out"
     return {
-        "blank prompt": ["--input", good, "--prompt", "  \t ", "--output", tmp / "out"],
-        "empty prompt": ["--input", good, "--prompt", "", "--output", tmp / "out"],
-        "truncated image": ["--input", trunc, "--task", "derain", "--output", tmp / "out"],
-        "text as image": ["--input", text, "--task", "derain", "--output", tmp / "out"],
-        "unknown task": ["--input", good, "--task", "derain", "unblur", "--output", tmp / "out"],
+        "blank prompt": ["--input", good, "--prompt", "  \t ", "--output", out],
+        "empty prompt": ["--input", good, "--prompt", "", "--output", out],
+        "truncated image": ["--input", trunc, "--task", "derain", "--output", out],
+        "text as image": ["--input", text, "--task", "derain", "--output", out],
+        "unknown task": ["--input", good, "--task", "derain", "unblur", "--output", out],
         "output is input folder": ["--input", good, "--task", "derain", "--output", tmp],
-        "prompt and task": ["--input", good, "--prompt", "rain", "--task", "derain", "--output", tmp / "out"],
-        "no instruction": ["--input", good, "--output", tmp / "out"],
-        "bad txt2img size": ["--mode", "txt2img", "--prompt", "a car", "--size", 60, "--output", tmp / "o.png"],
+        "prompt and task": ["--input", good, "--prompt", "rain", "--task", "derain", "--output", out],
+        "no instruction": ["--input", good, "--output", out],
+        "bad size": ["--mode", "txt2img", "--prompt", "car", "--size", 60, "--output", tmp / "o.png"],
     }
 
 
 @pytest.mark.parametrize("case", ["blank prompt", "empty prompt", "truncated image", "text as image",
-                                  "unknown task", "output is input folder", "prompt and task", "no instruction",
-                                  "bad txt2img size"])
+                                  "unknown task", "output is input folder", "prompt and task",
+                                  "no instruction", "bad size"])
 def test_user_mistakes_one_line_nothing_written(tmp_path, case):
     args = _bad_inputs(tmp_path)[case]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
