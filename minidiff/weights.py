@@ -5,6 +5,7 @@ pickled .ckpt/.bin/.pt (torch.load with weights_only=True, memory-mapped), and l
 meta device, so the weights exist once in memory. The per-family rename tables and loaders follow below.
 """
 import os
+import zipfile
 
 import torch
 from safetensors import safe_open
@@ -25,9 +26,11 @@ def read_state_dict(path, prefix=""):
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
             raise CheckpointError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # torch.save's zip format is memory-mapped (no copy until a tensor is used); legacy pickles are read whole
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint that loads with weights_only=True "
+                              f"({str(e).strip().splitlines()[0][:160]})") from None
     # Lightning .ckpt nests the weights under "state_dict"; Diff-Plugin's tpb.pt / PromptTunner.pt under "model".
     for nest in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(nest), dict):
