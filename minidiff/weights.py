@@ -30,7 +30,7 @@ def read_state_dict(path, prefix=""):
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint that loads with weights_only=True "
-                              f"({str(e).strip().splitlines()[0][:160]})") from None
+                              f"({type(e).__name__}: {str(e).strip()[:160]})") from None
     # Lightning .ckpt nests the weights under "state_dict"; Diff-Plugin's tpb.pt / PromptTunner.pt under "model".
     for nest in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(nest), dict):
