@@ -6,7 +6,8 @@
     python tools/benchmark.py --only load --checkpoint checkpoints/v1-5-pruned-emaonly.safetensors
 
 Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some):
-  unet  UNet forward, batch 1, 64x64 latents, fp32 on the CPU: warm-up runs, then the median of --runs.
+  unet  UNet forward, batch 1, 64x64 latents, fp32 on the CPU: warm-up runs, then the median of all timed
+        runs (--runs per process, --rounds processes per library, the libraries taking turns).
   load  load a full SD-1.5 single-file checkpoint (text encoder, UNet, VAE, tokenizer): wall time of the load
         call, and of the load plus a first read of every weight (both libraries may map the file lazily),
         and the peak RSS of the process after that read.
@@ -219,18 +220,17 @@ def worker_unet(kw):
     x = torch.randn(1, 4, kw["size"], kw["size"], generator=g)  # latents [1, 4, 64, 64]
     context = torch.randn(1, 77, 768, generator=g)  # text hidden states [1, 77, 768]
     t = torch.tensor([500])
-    times = []
+    times, cpu = [], []
     with torch.inference_mode():
         for i in range(kw["warmup"] + kw["runs"]):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             eps = forward(x, t, context)
-            if i >= kw["warmup"]:
+            if i >= kw["warmup"]:  # wall time, and CPU time of all threads (steadier on a busy machine)
                 times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
     out = os.path.join(kw["tmp"], f"eps-{kw['lib']}.pt")
     torch.save(eps.clone(), out)
-    times.sort()
-    return {"median_s": times[len(times) // 2], "times_s": times, "eps": out,
-            "threads": torch.get_num_threads()}
+    return {"times_s": times, "cpu_s": cpu, "eps": out, "threads": torch.get_num_threads()}
 
 
 WORKERS = {"load": worker_load, "unet": worker_unet}
@@ -244,10 +244,19 @@ def libraries(ctx):
 
 def bench_unet(ctx):
     a = ctx.args
-    res = {lib: ctx.run("unet", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config(),
-                        size=a.latent_size, warmup=a.warmup, runs=a.runs) for lib in libraries(ctx)}
-    rows = [("unet", f"forward {a.latent_size}x{a.latent_size} fp32 (median s)",
-             res["minidiff"]["median_s"], res.get("diffusers", {}).get("median_s"))]
+    res = {lib: {"times_s": [], "cpu_s": []} for lib in libraries(ctx)}
+    for _ in range(a.rounds):  # alternate the libraries, so a change in machine load hits both alike
+        for lib in res:
+            r = ctx.run("unet", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config(),
+                        size=a.latent_size, warmup=a.warmup, runs=a.runs)
+            res[lib].update(r, **{k: res[lib][k] + r[k] for k in ("times_s", "cpu_s")})
+    for r in res.values():
+        r["median_s"], r["median_cpu_s"] = (sorted(r[k])[len(r[k]) // 2] for k in ("times_s", "cpu_s"))
+    size = f"{a.latent_size}x{a.latent_size}"
+    rows = [("unet", f"forward {size} fp32, wall (median s)",
+             res["minidiff"]["median_s"], res.get("diffusers", {}).get("median_s")),
+            ("unet", f"forward {size} fp32, CPU time (median s)",
+             res["minidiff"]["median_cpu_s"], res.get("diffusers", {}).get("median_cpu_s"))]
     if "diffusers" in res:  # same weights and inputs: the outputs agree (a sanity check, not a parity test)
         import torch
         e = [torch.load(res[lib]["eps"], weights_only=True) for lib in ("minidiff", "diffusers")]
@@ -299,6 +308,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="SD-1.5 single file to load (default: random weights in a temp dir)")
     p.add_argument("--runs", type=int, default=3, help="timed UNet forward passes (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed UNet forward passes first")
+    p.add_argument("--rounds", type=int, default=1, help="UNet processes per library, run alternately")
     p.add_argument("--latent-size", type=int, default=64, help="latent height and width (UNet forward)")
     p.add_argument("--load-repeats", type=int, default=2, help="loads per library (best time, worst peak)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in workers (0: default)")
@@ -311,8 +321,8 @@ def main(argv=None):
         sys.exit(f"benchmark: unknown benchmark {bad} (choose from {', '.join(BENCHMARKS)})")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         sys.exit(f"benchmark: {args.checkpoint}: no such file")
-    if args.runs < 1 or args.warmup < 0 or args.load_repeats < 1:
-        sys.exit("benchmark: --runs and --load-repeats must be >= 1, --warmup >= 0")
+    if min(args.runs, args.rounds, args.load_repeats) < 1 or args.warmup < 0:
+        sys.exit("benchmark: --runs, --rounds and --load-repeats must be >= 1, --warmup >= 0")
     print("benchmark:", vars(args), flush=True)
     rows, figures = [], {"args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="minidiff-bench-") as tmp:
