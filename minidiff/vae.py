@@ -16,7 +16,6 @@ The diffusers names (down_blocks / up_blocks / mid_block / to_q ...) are a renam
 """
 from dataclasses import dataclass, replace
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
