@@ -157,7 +157,8 @@ def run_plugins(args, version):
                         record=settings)
         tqdm.write(f"{path}: tasks {rec['tasks'] or 'none (photo untouched)'} -> "
                    f"{os.path.join(out, os.path.splitext(os.path.basename(path))[0])}.{{png,json}}")
-    print(fake.strip())
+    if args.fake_weights:
+        print(fake.strip())
 
 
 def available(args):
