@@ -2,8 +2,8 @@
 
 Covers the plugin mode's outputs and JSON record, one seed for every photo of a folder, --dry-run, a prompt
 that matches no plugin (photo back untouched), user mistakes (one line on stderr, no traceback, nothing
-written, inputs intact), the missing-weights message, and the txt2img / img2img modes. About a minute on
-2 CPU cores:
+written, inputs intact), the missing-weights message, txt2img / img2img, and the loading path (the same
+tiny models written as files, run without --fake-weights). About a minute on 2 CPU cores:
     python -m pytest tests/test_sample.py -q
 """
 import json
@@ -160,3 +160,41 @@ def test_txt2img_and_img2img(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Image.open(tmp_path / "edit.png").size == (72, 40)
     assert json.loads((tmp_path / "edit.json").read_text())["strength"] == 0.5
+
+
+def test_real_loading_path_and_hashes(tmp_path):
+    """The tiny random models as files (SD single file, HF CLIP vision, minidiff plugins and selector),
+    run WITHOUT --fake-weights: loaders, selection, hashes in the record."""
+    import hashlib
+    from safetensors.torch import save_file
+
+    from minidiff.plugin import save_plugin
+    from minidiff.runner import fake_models
+    from minidiff.selector import save_selector
+    m = fake_models(["derain", "deblur"])
+    parts = {"model.diffusion_model.": m.sd.unet, "first_stage_model.": m.sd.vae,
+             "cond_stage_model.transformer.": m.sd.text_encoder}
+    save_file({p + k: v.contiguous() for p, mod in parts.items() for k, v in mod.state_dict().items()},
+              tmp_path / "sd.safetensors")
+    save_file({k: v.contiguous() for k, v in m.clip_vision.state_dict().items()},
+              tmp_path / "clip.safetensors")
+    (tmp_path / "plugins").mkdir()
+    for task, plugin in m.plugins.items():
+        save_plugin(plugin, tmp_path / "plugins" / f"{task}.safetensors")
+    save_selector(m.selector, tmp_path / "selector.safetensors")
+    src = photo(tmp_path / "p.png")
+    files = ["--sd", tmp_path / "sd.safetensors", "--clip", tmp_path / "clip.safetensors",
+             "--plugins", tmp_path / "plugins", "--selector", tmp_path / "selector.safetensors"]
+    proc = sample("--input", src, "--prompt", "remove the rain", "--dry-run", "--output", tmp_path / "a",
+                  *files, fake=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "a" / "p.json").read_text())
+    assert list(rec["scores"]) == ["derain", "deblur", "null"] and rec["fake_weights"] is False
+    proc = sample("--input", src, "--task", "deblur", "--steps", 1, "--max-side", 128,
+                  "--output", tmp_path / "b", *files, fake=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "b" / "p.json").read_text())
+    want = hashlib.sha256((tmp_path / "sd.safetensors").read_bytes()).hexdigest()
+    assert rec["checkpoints"]["sd"]["sha256"] == want
+    assert set(rec["checkpoints"]) == {"sd", "clip", "plugin:deblur"}
+    assert Image.open(tmp_path / "b" / "p.png").size == tuple(rec["processed_size"]) == (128, 80)
