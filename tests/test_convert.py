@@ -15,6 +15,7 @@ import torch
 
 from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin, load_plugin, save_plugin
 from minidiff.selector import PluginSelector, load_selector
+from minidiff.weights import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("convert_tool", os.path.join(ROOT, "tools", "convert.py"))
@@ -115,3 +116,18 @@ def test_exported_files_load_into_official_modules(tmp_path):
         ref = ref_scb(cond, torch.tensor(500), tokens, cond)
         ours = plugin.scb(cond, 500, tokens)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, ref[:3]))  # fp32 rounding only
+
+
+def test_official_folder_with_safetensors_weights(tmp_path):
+    # diffusers can also save the SCB as diffusion_pytorch_model.safetensors: read it the same way
+    from safetensors.torch import save_file
+    plugin = tiny_plugin("deblur", 4)
+    convert.plugin_to_official(plugin, str(tmp_path / "deblur"))
+    scb = tmp_path / "deblur" / "scb"
+    save_file(torch.load(scb / "diffusion_pytorch_model.bin", weights_only=True),
+              scb / "diffusion_pytorch_model.safetensors")
+    (scb / "diffusion_pytorch_model.bin").unlink()
+    assert same(load_plugin(tmp_path / "deblur").state_dict(), plugin.state_dict())
+    (tmp_path / "deblur" / "tpb.pt").unlink()
+    with pytest.raises(CheckpointError, match="tpb.pt"):
+        load_plugin(tmp_path / "deblur")
