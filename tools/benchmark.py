@@ -11,6 +11,9 @@ Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some
   load  load a full SD-1.5 single-file checkpoint (text encoder, UNet, VAE, tokenizer): wall time of the load
         call, and of the load plus a first read of every weight (both libraries may map the file lazily),
         and the peak RSS of the process after that read.
+  features  FID/KID feature extraction (tools/evaluate.py's path: read, resize, network), random weights, on
+        --feature-images generated 512x384 PNGs: images/s of minidiff vs clean-fid's CLIP ViT-B/32 path and
+        vs pytorch-fid's Inception (the reference side runs in MINIDIFF_ORACLE_PYTHON's environment).
 Every measurement runs in a fresh Python process (one per library and repeat), so memory figures start
 clean and two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single file
 (original CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers
@@ -155,7 +158,8 @@ class Context:
     def run(self, worker, **kw):
         """Run one worker in a fresh interpreter; return its result dict (the last stdout line, JSON)."""
         kw.update(threads=self.args.threads, tmp=self.tmp)
-        cmd = [sys.executable, os.path.abspath(__file__), WORKER_FLAG, worker, json.dumps(kw)]
+        python = kw.pop("python", None) or sys.executable  # features: reference side in the oracle env
+        cmd = [python, os.path.abspath(__file__), WORKER_FLAG, worker, json.dumps(kw)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:  # a CheckpointError comes back as one line, anything else with a traceback
             err = proc.stderr.strip() or "?"
@@ -290,6 +294,95 @@ def bench_load(ctx):
 BENCHMARKS = {"unet": bench_unet, "load": bench_load}
 
 
+# ------------------------------------------------------------- features (M): FID/KID feature extraction
+
+def write_feature_images(folder, n, seed=0):
+    """n smooth random 512x384 PNG photos-alike (upsampled noise), the same files for every library."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = Image.fromarray(rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8))
+        small.resize((512, 384), Image.BICUBIC).save(os.path.join(folder, f"{i:04d}.png"))
+    return folder
+
+
+def worker_features(kw):
+    """Feature extraction of a folder: minidiff (tools/evaluate.py's path) or the reference library
+    (clean-fid's CLIP path; pytorch-fid's get_activations for Inception), random weights, one warm-up batch
+    first, then the whole folder timed (reading, resizing and the network)."""
+    import glob
+    import torch
+    files = sorted(glob.glob(os.path.join(kw["images"], "*.png")))
+    bs, feature = kw["batch"], kw["feature"]
+    torch.manual_seed(0)
+    if kw["lib"] == "minidiff":
+        from minidiff import metrics
+        from minidiff.clip import CLIP_VISION_B32, CLIPVisionModel
+        from minidiff.inception import FIDInception, inception_pixels
+        if feature == "clip_vit_b_32":
+            model = CLIPVisionModel(CLIP_VISION_B32).eval()
+            ex = metrics.FeatureExtractor(feature, model, metrics.clip_pixels)
+        else:
+            ex = metrics.FeatureExtractor(feature, FIDInception().eval(), inception_pixels)
+        run = lambda fs: metrics.files_features(fs, ex, bs, progress=False)  # noqa: E731
+    elif feature == "clip_vit_b_32":  # oracle env: clean-fid with OpenAI's model class rebuilt by open_clip
+        import types
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+        model = CLIP(512, CLIPVisionCfg(layers=12, width=768, patch_size=32, image_size=224),
+                     CLIPTextCfg(context_length=77, vocab_size=49408, width=512, heads=8, layers=12),
+                     quick_gelu=True).float().eval()
+        sys.modules["clip"] = types.SimpleNamespace(load=lambda *a, **k: (model, None))  # openai `clip`
+        from cleanfid.clip_features import CLIP_fx, img_preprocess_clip
+        from cleanfid.fid import get_files_features
+        fx = CLIP_fx("ViT-B/32", device="cpu")
+        run = lambda fs: get_files_features(fs, fx, num_workers=0, batch_size=bs,  # noqa: E731
+                                            device=torch.device("cpu"), custom_fn_resize=img_preprocess_clip,
+                                            verbose=False)
+    else:  # oracle env: pytorch-fid's InceptionV3 with its weights download replaced by random weights
+        import torchvision
+        from pytorch_fid import fid_score, inception
+        net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
+                                              init_weights=False)
+        inception.load_state_dict_from_url = lambda *a, **k: net.state_dict()
+        model = inception.InceptionV3([3]).eval()
+        fid_score.tqdm = lambda x, **k: x  # no progress bar
+        run = lambda fs: fid_score.get_activations(fs, model, bs, device="cpu", num_workers=0)  # noqa: E731
+    with torch.inference_mode():
+        run(files[:bs])  # warm-up batch
+        t = time.perf_counter()
+        feats = run(files)
+        seconds = time.perf_counter() - t
+    return {"seconds": seconds, "images": len(files), "images_per_s": len(files) / seconds,
+            "shape": list(feats.shape), "threads": torch.get_num_threads()}
+
+
+def bench_features(ctx):
+    """Images/s of FID/KID feature extraction: minidiff vs clean-fid (CLIP) / pytorch-fid (Inception)."""
+    a = ctx.args
+    images = write_feature_images(os.path.join(ctx.tmp, "feature-images"), a.feature_images)
+    oracle = os.environ.get("MINIDIFF_ORACLE_PYTHON")
+    rows, res = [], {}
+    for feature, ref in (("clip_vit_b_32", "clean-fid"), ("inception", "pytorch-fid")):
+        kw = dict(feature=feature, images=images, batch=a.feature_batch)
+        res[feature] = {"minidiff": ctx.run("features", lib="minidiff", **kw)}
+        if oracle and os.path.exists(oracle):  # the reference libraries live in the oracle environment
+            res[feature][ref] = ctx.run("features", lib=ref, python=oracle, **kw)
+        r = res[feature]
+        print(f"features: {feature} images/s minidiff {r['minidiff']['images_per_s']:.2f}, {ref} "
+              + (f"{r[ref]['images_per_s']:.2f}" if ref in r else "n/a (MINIDIFF_ORACLE_PYTHON unset)")
+              + f" ({a.feature_images} images 512x384, batch {a.feature_batch}, "
+                f"{r['minidiff']['threads']} threads)")
+        rows.append(("features", f"{feature} s/image (ref: {ref})", 1 / r["minidiff"]["images_per_s"],
+                     1 / r[ref]["images_per_s"] if ref in r else None))
+    return rows, res
+
+
+WORKERS["features"] = worker_features
+BENCHMARKS["features"] = bench_features
+
+
 # ------------------------------------------------------------- driver
 
 def print_table(rows):
@@ -313,6 +406,8 @@ def main(argv=None):
     p.add_argument("--load-repeats", type=int, default=2, help="loads per library (best time, worst peak)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in workers (0: default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoint")
+    p.add_argument("--feature-images", type=int, default=32, help="features: images in the timed folder")
+    p.add_argument("--feature-batch", type=int, default=16, help="features: batch size (both libraries)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
