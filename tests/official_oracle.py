@@ -83,10 +83,11 @@ def scb_config(ch=CH, heads=HEADS, ctx=CTX):
             "concat_input": False, "enable_mask": False, "use_vae_conditioning": True}
 
 
-def make_plugin(folder, seed, module_prefix=False):
-    """Random official plugin (zero convs made non-zero so they matter) written to `folder` -> (tpb, scb)."""
+def make_plugin(folder, seed, module_prefix=False, full=False):
+    """Random official plugin (zero convs made non-zero so they matter) written to `folder` -> (tpb, scb).
+    full=True: the released sizes (TPB 1024 -> 768, SCB 320 channels, 8 heads, context 768)."""
     torch.manual_seed(seed)
-    tpb, scb = RefTPB(), RefSCB()
+    tpb, scb = (RefTPB(1024, 768), RefSCB(320, 8, 768)) if full else (RefTPB(), RefSCB())
     with torch.no_grad():
         for conv in scb.controlnet_down_blocks:
             nn.init.normal_(conv.weight, std=0.3)
@@ -94,7 +95,7 @@ def make_plugin(folder, seed, module_prefix=False):
         tpb.visual_projection[6].weight.mul_(SHARPEN)  # larger tokens: the image content shows in the output
     os.makedirs(os.path.join(folder, "scb"), exist_ok=True)
     with open(os.path.join(folder, "scb", "config.json"), "w") as f:
-        json.dump(scb_config(), f, indent=2)
+        json.dump(scb_config(320, 8, 768) if full else scb_config(), f, indent=2)
     torch.save(scb.state_dict(), os.path.join(folder, "scb", "diffusion_pytorch_model.bin"))
     sd = tpb.state_dict()
     torch.save({"model": {("module." if module_prefix else "") + k: v for k, v in sd.items()}},

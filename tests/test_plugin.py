@@ -139,18 +139,20 @@ def test_restore_matches_official_loop(official, minidiff_models, tasks, steps):
 
 
 @pytest.mark.parity
-def test_loaded_plugin_matches_official_modules(official, minidiff_models):
-    _, _, _, refs, _, _ = official
-    _, _, plugins = minidiff_models
-    tpb, scb = refs["derain"]  # its tpb.pt had `module.` prefixes
+@pytest.mark.parametrize("full", [False, True], ids=["tiny", "released-size"])
+def test_loaded_plugin_matches_official_modules(official, tmp_path, full):
+    oracle = official[0]
+    # released sizes: 320 channels, config attention_head_dim 8 = 8 heads of 40 (diffusers 0.17 semantics)
+    tpb, scb = oracle.make_plugin(str(tmp_path / "derain"), seed=7, module_prefix=True, full=full)
+    plugin = load_plugin(tmp_path / "derain")
     torch.manual_seed(3)
-    feats = torch.randn(1, 257, 128)
-    tokens = tpb([None] * 24 + [feats])
-    assert_close(plugins["derain"].tpb(feats[:, 1:]), tokens, 1e-5, "TPB")
+    feats = torch.randn(1, 257, plugin.tpb.cfg.clip_dim)
     cond, x = torch.randn(1, 4, 6, 5), torch.randn(1, 4, 6, 5)
     with torch.no_grad():
+        tokens = tpb([None] * 24 + [feats])
+        assert_close(plugin.tpb(feats[:, 1:]), tokens, 1e-5, "TPB")
         ref = scb(x, torch.tensor(999), tokens, cond)
-        ours = plugins["derain"].scb(cond, 999, tokens)
+        ours = plugin.scb(cond, 999, tokens)
     for i in range(3):
         assert_close(ours[i], ref[i], 1e-5, f"SCB residual {i}")  # fp32, float rounding only
 
