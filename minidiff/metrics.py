@@ -117,8 +117,13 @@ def load_feature_extractor(feature_type, weights, device="cpu"):
     if feature_type == "clip_vit_b_32":
         from minidiff.weights import load_clip_vision
         model = load_clip_vision(weights, dtype=torch.float32, device=device)
-        if getattr(model, "cfg", None) is not None and getattr(model.cfg, "patch_size", 32) != 32:
-            raise MetricsError(f"{weights}: not a ViT-B/32 vision tower (patch size {model.cfg.patch_size})")
+        cfg = model.cfg
+        if (cfg.patch_size, cfg.width, cfg.layers) != (32, 768, 12):
+            raise MetricsError(f"{weights}: not a CLIP ViT-B/32 vision tower (patch {cfg.patch_size}, "
+                               f"width {cfg.width}, {cfg.layers} layers)")
+        if cfg.projection is None:  # e.g. a transformers CLIPVisionModel file: no visual_projection
+            raise MetricsError(f"{weights}: no visual projection (the feature is the projected class token); "
+                               "use ViT-B-32.pt or a CLIPModel / CLIPVisionModelWithProjection file")
         return FeatureExtractor(feature_type, model, clip_pixels, device)
     if feature_type == "inception":
         from minidiff.inception import inception_pixels, load_inception

@@ -123,3 +123,13 @@ def test_fid_kid_equal_cleanfid_and_pytorch_fid(tmp_path):
         for key in ("cleanfid_fid", "cleanfid_fid_from_feats", "pytorch_fid"):
             assert abs(fid - r[key]) <= 1e-6 * abs(r[key]), key
         assert abs(kid - r["cleanfid_kid"]) <= 1e-6 * abs(r["cleanfid_kid"])
+
+
+def test_clip_weights_must_be_b32(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from minidiff.clip import TINY_CLIP_VISION_B32, CLIPVisionModel
+    torch.manual_seed(0)
+    save_file(CLIPVisionModel(TINY_CLIP_VISION_B32).state_dict(), str(tmp_path / "tiny.safetensors"))
+    with pytest.raises(metrics.MetricsError, match="not a CLIP ViT-B/32 vision tower"):
+        metrics.load_feature_extractor("clip_vit_b_32", str(tmp_path / "tiny.safetensors"))
