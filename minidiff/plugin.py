@@ -215,15 +215,27 @@ def save_plugin(plugin, path, metadata=None):
     meta.update(format=FORMAT, task=plugin.task, heads=str(plugin.scb.cfg.heads))
     tensors = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _is_plugin_file(path):
+    try:
+        with safe_open(path, framework="pt") as f:  # reads the header only
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a readable safetensors file: not a plugin
+        return False
 
 
 def find_plugins(folder):
     """Plugins in `folder` -> {task: path}, official tasks first in TASKS order, then others by name.
 
-    Recognises `<task>/scb/config.json` + `<task>/tpb.pt` (official) and `<task>.safetensors` (minidiff;
-    preferred when both exist). Other files are ignored.
+    Recognises `<task>/scb/config.json` + `<task>/tpb.pt` (official) and `<task>.safetensors` with minidiff
+    plugin metadata (preferred when both exist). Other files (a selector.safetensors, notes) are ignored.
     """
     found = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -231,7 +243,7 @@ def find_plugins(folder):
         if os.path.isdir(full) and os.path.isfile(os.path.join(full, "scb", "config.json")) \
                 and os.path.isfile(os.path.join(full, "tpb.pt")):
             found.setdefault(name, full)
-        elif name.endswith(".safetensors") and os.path.isfile(full):
+        elif name.endswith(".safetensors") and os.path.isfile(full) and _is_plugin_file(full):
             found[name[:-len(".safetensors")]] = full
     order = [t for t in TASKS if t in found] + sorted(t for t in found if t not in TASKS)
     return {t: found[t] for t in order}

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin, load_plugin, save_plugin
+from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin, find_plugins, load_plugin, save_plugin
 from minidiff.selector import PluginSelector, load_selector
 from minidiff.weights import CheckpointError
 
@@ -67,6 +67,7 @@ def test_pre_trained_folder_and_selector(tmp_path):
     assert convert.main([str(pre), str(tmp_path / "plugins")]) == 0
     assert sorted(os.listdir(tmp_path / "plugins")) == ["dehaze.safetensors", "derain.safetensors",
                                                          "selector.safetensors"]
+    assert list(find_plugins(tmp_path / "plugins")) == ["derain", "dehaze"]  # official order, no selector
     assert same(load_plugin(tmp_path / "plugins" / "derain.safetensors").state_dict(),
                 tiny_plugin("derain", 1).state_dict())
     out = tmp_path / "PromptTunner.pt"

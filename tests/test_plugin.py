@@ -50,6 +50,7 @@ def test_minidiff_file_round_trip_and_find(tmp_path):
     plugin = tiny_plugin("dehaze")
     save_plugin(plugin, tmp_path / "dehaze.safetensors", {"base_model": "sd-1.5", "steps_trained": 10})
     (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "broken.safetensors").write_bytes(b"\0" * 16)  # neither it nor a selector file is a plugin
     back = load_plugin(tmp_path / "dehaze.safetensors")
     assert back.task == "dehaze" and back.metadata["steps_trained"] == "10"
     for (k, a), (_, b) in zip(plugin.state_dict().items(), back.state_dict().items()):
