@@ -124,7 +124,10 @@ def scores(selector, sd, clip_vision, plugins, image, prompt):
     """Raw scores {task: float, ..., "null": float} of `prompt` for `image` (the photo as loaded)."""
     p = next(selector.parameters())
     feats = clip_features(clip_vision, image)  # [1, 256, clip_dim], as the plugins see it
-    rows = [plugin.tpb(feats.to(p.device, p.dtype))[0].amax(dim=0) for plugin in plugins]  # N x [768]
+    rows = []
+    for plugin in plugins:  # each TPB where its weights are; the max over the 256 tokens -> [768]
+        w = next(plugin.tpb.parameters())
+        rows.append(plugin.tpb(feats.to(w.device, w.dtype))[0].amax(dim=0).to(p.device, p.dtype))
     # null row: 256 equal copies of the " " embedding in the official code; their max is the embedding itself
     rows.append(text_embedding(sd, NULL_TEXT)[0].to(p.device, p.dtype))
     s = selector(torch.stack(rows), text_embedding(sd, prompt).to(p.device, p.dtype))  # [N + 1]
