@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from minidiff.imageio import (fit_size, list_images, load_image, save_json_atomic, save_png_atomic,
-                              side_by_side)
+from minidiff.imageio import (IMAGE_SUFFIXES, fit_size, list_images, load_image, save_json_atomic,
+                              save_png_atomic, side_by_side)
 
 FAKE_WARNING = "FAKE WEIGHTS: random tiny models, the images mean nothing (for trying the tools and tests)"
 
@@ -110,6 +110,8 @@ def plan_inputs(src, out_dir, prompt=None, tasks=None, prompts_file=None):
     """
     if not os.path.exists(src):
         raise UsageError(f"{src}: no such file or folder")
+    if os.fspath(out_dir).lower().endswith(IMAGE_SUFFIXES) and not os.path.isdir(out_dir):
+        raise UsageError(f"output {out_dir}: give a folder; each photo's outputs are named after it")
     photos = list_images(src) if os.path.isdir(src) else [src]
     if not photos:
         raise UsageError(f"{src}: no image files (.png, .jpg, ...) in this folder")

@@ -106,7 +106,7 @@ def read_source(source, name):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", required=True, help="scikit-image wheel (.whl) or its skimage/data folder")
+    parser.add_argument("--source", required=True, help="scikit-image wheel (.whl) or its skimage/data dir")
     parser.add_argument("--output", default="examples", help="folder to write the examples into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the degradations")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the written examples")
