@@ -129,7 +129,8 @@ def official_size(width, height):
 
 
 def _rescale(image, scale):
-    """Resize by `scale`, sides rounded then floored to multiples of 8 (at least 8); LANCZOS down, BICUBIC up."""
+    """Resize by `scale`, sides rounded then floored to multiples of 8 (at least 8); LANCZOS down,
+    BICUBIC up."""
     tw, th = (max(8, round(v * scale) // 8 * 8) for v in image.size)
     return image.resize((tw, th), Image.LANCZOS if scale < 1 else Image.BICUBIC)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidiff.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_size, save_json_atomic,
-                              save_png_atomic, sha256_file, side_by_side)
+from minidiff.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_size,
+                              save_json_atomic, save_png_atomic, sha256_file, side_by_side)
 
 
 def _png16_rgb(path, arr):
