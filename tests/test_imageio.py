@@ -127,11 +127,9 @@ def test_list_images_skips_other_files(tmp_path):
 
 
 @pytest.mark.parametrize("size", [(1, 1), (300, 200), (200, 300), (511, 511), (512, 512), (700, 530),
-                                  (1000, 3), (2834, 2091)])
+                                  (900, 301), (2834, 2091)])
 def test_official_size_matches_official_resize(size):
     from minidiff.plugin import official_resize
-    if max(official_size(*size)) > 4096:
-        pytest.skip("too large to build here")
     assert official_resize(Image.new("RGB", size)).size == official_size(*size)
 
 
