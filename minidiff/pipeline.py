@@ -1,15 +1,15 @@
 """Plain Stable Diffusion 1.x sampling: text-to-image and img2img with classifier-free guidance.
 
-prompt -> CLIP text embeddings (negative prompt and prompt in one batch) -> denoising loop of a sampler from
-schedulers.py, eps = eps_uncond + guidance * (eps_text - eps_uncond) -> VAE decode -> PIL image.
+prompt -> CLIP text embeddings (negative prompt and prompt in one batch) -> denoising loop of a sampler
+from schedulers.py, eps = eps_uncond + guidance * (eps_text - eps_uncond) -> VAE decode -> PIL image.
 
-Paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022); classifier-free
-guidance: Ho & Salimans 2022; img2img ("SDEdit"): Meng et al. 2022. Mirrors diffusers v0.35.2
+Paper: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022);
+classifier-free guidance: Ho & Salimans 2022; img2img ("SDEdit"): Meng et al. 2022. Mirrors diffusers v0.35.2
 src/diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py (StableDiffusionPipeline),
 pipeline_stable_diffusion_img2img.py (StableDiffusionImg2ImgPipeline) and src/diffusers/image_processor.py
-(VaeImageProcessor), including how they seed: ONE CPU torch.Generator(seed) supplies every random draw, in the
-pipelines' order (img2img: the VAE posterior sample, then the noise; DDPM: then one draw per step). So the same
-seed and weights give diffusers' image (tests/test_pipeline.py: within 2/255 on random tiny weights).
+(VaeImageProcessor), including how they seed: ONE CPU torch.Generator(seed) supplies every random draw, in
+the pipelines' order (img2img: the VAE posterior sample, then the noise; DDPM: then one draw per step). So
+the same seed and weights give diffusers' image (tests/test_pipeline.py: within 2/255, random tiny weights).
 """
 import numpy as np
 import PIL.Image
@@ -38,8 +38,9 @@ def encode_prompt(sd, prompt, negative_prompt=""):
 
 
 def preprocess(image, multiple=8):
-    """PIL image -> [1, 3, H, W] in [-1, 1], each side floored to a multiple of `multiple` by a LANCZOS resize
-    (a rescale, not a crop), as VaeImageProcessor.preprocess."""
+    """PIL image -> [1, 3, H, W] in [-1, 1], each side floored to a multiple of `multiple` by a LANCZOS
+    resize (a rescale, not a crop), as VaeImageProcessor.preprocess. Returned contiguous (diffusers keeps the
+    permuted HWC array, channels_last in memory: same values, other conv/GroupNorm summation orders)."""
     image = image.convert("RGB")
     w, h = (side - side % multiple for side in image.size)
     if w == 0 or h == 0:
@@ -47,11 +48,11 @@ def preprocess(image, multiple=8):
     if (w, h) != image.size:
         image = image.resize((w, h), resample=PIL.Image.LANCZOS)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # [H, W, 3] in [0, 1]
-    return x.permute(2, 0, 1)[None] * 2.0 - 1.0  # [1, 3, H, W]
+    return (x.permute(2, 0, 1)[None] * 2.0 - 1.0).contiguous()  # [1, 3, H, W]
 
 
 def postprocess(images):
-    """[B, 3, H, W] decoder output (about [-1, 1]) -> list of PIL images: (x / 2 + 0.5).clamp(0, 1), x255, round."""
+    """[B, 3, H, W] decoder output (about [-1, 1]) -> PIL images: (x / 2 + 0.5).clamp(0, 1), x255, round."""
     x = (images / 2 + 0.5).clamp(0, 1)
     arr = x.cpu().permute(0, 2, 3, 1).float().numpy()  # [B, H, W, 3]
     return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
@@ -97,7 +98,7 @@ def decode(sd, latents):
 @torch.no_grad()
 def txt2img(sd, prompt, *, negative_prompt="", steps=50, guidance=7.5, scheduler="ddim", seed=0, height=512,
             width=512, progress=True):
-    """Text-to-image: the image diffusers' StableDiffusionPipeline gives for the same seed (CPU generator)."""
+    """Text-to-image: what diffusers' StableDiffusionPipeline gives for the same seed (CPU generator)."""
     f = vae_scale_factor(sd.vae)
     if height % f or width % f or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
@@ -115,11 +116,12 @@ def txt2img(sd, prompt, *, negative_prompt="", steps=50, guidance=7.5, scheduler
 @torch.no_grad()
 def img2img(sd, image, prompt, *, strength=0.8, negative_prompt="", steps=50, guidance=7.5, scheduler="ddim",
             seed=0, progress=True):
-    """img2img (SDEdit): noise the photo's latent to the level `strength` of the way up and denoise from there.
+    """img2img (SDEdit): noise the photo's latent `strength` of the way up, then denoise from there.
 
-    Of `steps` timesteps only the last int(steps * strength) run (diffusers' get_timesteps). The image is rescaled
-    to multiples of 8 (LANCZOS); its latent is a SAMPLE of the VAE posterior, mean + std * noise, drawn first
-    from the seed's generator, then the forward-process noise. Same image as StableDiffusionImg2ImgPipeline.
+    Of `steps` timesteps only the last int(steps * strength) run (diffusers' get_timesteps). The image is
+    rescaled to multiples of 8 (LANCZOS); its latent is a SAMPLE of the VAE posterior, mean + std * noise,
+    drawn first from the seed's generator, then the forward-process noise. Same image as
+    StableDiffusionImg2ImgPipeline.
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")

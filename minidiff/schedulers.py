@@ -1,23 +1,24 @@
-"""Noise schedule of Stable Diffusion 1.x and the samplers that walk it backwards (and forwards, for inversion).
+"""Noise schedule of Stable Diffusion 1.x and the samplers that walk it backwards (and forwards: inversion).
 
 Forward process (DDPM, Ho et al. 2020):  x_t = alpha_t * x0 + sigma_t * eps,  eps ~ N(0, I),
-with alpha_t = sqrt(alphas_cumprod[t]) and sigma_t = sqrt(1 - alphas_cumprod[t]), t = 0 .. 999. The UNet predicts
-eps from (x_t, t). Every sampler below turns that prediction into a step to a lower noise level:
-  DDPM         ancestral sampling of the posterior q(x_prev | x_t, x0)           (Ho et al. 2020, eq. 6-7)
-  DDIM         deterministic eta=0 update, optionally re-noised with eta          (Song et al. 2021, eq. 12)
-  DDIMInverse  the DDIM update run from clean to noisy (image latent -> noise)    (Mokady et al. 2023, "null-text")
-  UniPC        multistep predictor-corrector, bh2, order 2, data prediction       (Zhao et al. 2023)
-  DPMSolverPP  DPM-Solver++(2M), the multistep second-order solver               (Lu et al. 2022)
-  Euler        Euler's method on the probability-flow ODE in sigma = sigma_t/alpha_t (Karras et al. 2022)
+with alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t]), t = 0 .. 999. The UNet
+predicts eps from (x_t, t). Every sampler below turns that prediction into a step to a lower noise level:
+  DDPM         ancestral sampling of the posterior q(x_prev | x_t, x0)        (Ho et al. 2020, eq. 6-7)
+  DDIM         deterministic eta=0 update, optionally re-noised with eta       (Song et al. 2021, eq. 12)
+  DDIMInverse  the DDIM update run from clean to noisy (latent -> noise)       (Mokady et al. 2023)
+  UniPC        multistep predictor-corrector, bh2, order 2, data prediction    (Zhao et al. 2023)
+  DPMSolverPP  DPM-Solver++(2M), the multistep second-order solver            (Lu et al. 2022)
+  Euler        Euler's method on the probability-flow ODE in sigma = sigma_t / alpha_t  (Karras et al. 2022)
 
-Each sampler reproduces, step for step, what diffusers v0.35.2 gives for `<Scheduler>.from_config(SD-1.5 scheduler
-config)` (src/diffusers/schedulers/scheduling_{ddpm,ddim,ddim_inverse,unipc_multistep,dpmsolver_multistep,
-euler_discrete}.py), except UniPC, which keeps diffusers v0.17.0's behaviour that Diff-Plugin was run with: the last
-step lands on t=0's noise level instead of zero noise (= current diffusers' final_sigmas_type="sigma_min").
+Each sampler reproduces, step for step, what diffusers v0.35.2 gives for `<Scheduler>.from_config(SD-1.5
+scheduler config)` (src/diffusers/schedulers/scheduling_{ddpm,ddim,ddim_inverse,unipc_multistep,
+dpmsolver_multistep,euler_discrete}.py), except UniPC, which keeps diffusers v0.17.0's behaviour that
+Diff-Plugin was run with: the last step lands on t=0's noise level instead of zero noise (= current
+diffusers' final_sigmas_type="sigma_min").
 
 Usage: s = make_sampler("ddim", 50); x = noise * s.init_noise_sigma; for i, t in enumerate(s.timesteps):
-eps = unet(s.scale_model_input(x, i), t, ...); x = s.step(eps, i, x). One sampler object per sampling run: the
-multistep samplers keep their own history of earlier model outputs.
+eps = unet(s.scale_model_input(x, i), t, ...); x = s.step(eps, i, x). One sampler object per sampling run:
+the multistep samplers keep their own history of earlier model outputs.
 """
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def add_noise(x0, noise, t):
 
 
 def v_target(x0, noise, t):
-    """v-prediction target (Salimans & Ho 2022): v = alpha_t * eps - sigma_t * x0. (SD-1.x's target is eps itself.)"""
+    """v-prediction target (Salimans & Ho 2022): v = alpha_t * eps - sigma_t * x0 (SD-1.x trains on eps)."""
     acp = _at(alphas_cumprod(), t, x0)
     return acp ** 0.5 * noise - (1 - acp) ** 0.5 * x0
 
@@ -58,18 +59,18 @@ def predict_x0(x, eps, t):
 
 
 def _randn(like, generator):
-    """N(0, I) noise shaped like `like`, drawn on the generator's device (diffusers' randn_tensor), then moved."""
+    """N(0, I) noise shaped like `like`, drawn on the generator's device (diffusers' randn_tensor)."""
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def _leading(steps, offset=1):
-    """SD's "leading" spacing with steps_offset=1: t = k * (1000 // steps) + 1, k = steps-1 .. 0 (50 -> 981 .. 1)."""
+    """SD's "leading" spacing, steps_offset=1: t = k * (1000 // steps) + 1, k = steps-1 .. 0 (50: 981..1)."""
     return torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (NUM_TRAIN_TIMESTEPS // steps) + offset
 
 
 def _linspace(steps):
-    """"linspace" spacing of UniPC / DPM-Solver: round(linspace(0, 999, steps+1)) reversed, the final 0 dropped."""
+    """UniPC / DPM-Solver "linspace" spacing: round(linspace(0, 999, steps+1)) reversed, final 0 dropped."""
     t = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     _, first = np.unique(t, return_index=True)  # keep order, drop repeats (only possible for steps >= 1000)
     return torch.from_numpy(t[np.sort(first)].copy())
@@ -103,7 +104,8 @@ class DDPM(Sampler):
         beta = 1 - alpha
         x0 = (x - (1 - acp_t) ** 0.5 * eps) / acp_t ** 0.5
         # Posterior mean (Ho et al. eq. 7): a blend of the predicted x0 and the current sample.
-        mean = (acp_prev ** 0.5 * beta / (1 - acp_t)) * x0 + (alpha ** 0.5 * (1 - acp_prev) / (1 - acp_t)) * x
+        mean = ((acp_prev ** 0.5 * beta / (1 - acp_t)) * x0
+                + (alpha ** 0.5 * (1 - acp_prev) / (1 - acp_t)) * x)
         if t == 0:
             return mean
         # "fixed_small" variance beta_tilde = (1 - acp_prev) / (1 - acp_t) * beta, clamped as diffusers does.
@@ -112,7 +114,8 @@ class DDPM(Sampler):
 
 
 class DDIM(Sampler):
-    """DDIM: x_prev = alpha_prev * x0 + sqrt(sigma_prev^2 - std^2) * eps + std * noise, std = eta * posterior std."""
+    """DDIM: x_prev = alpha_prev * x0 + sqrt(sigma_prev^2 - std^2) * eps + std * noise,
+    std = eta * (DDPM posterior std)."""
 
     def __init__(self, steps, eta=0.0):
         self.timesteps = _leading(steps)
@@ -138,13 +141,14 @@ class DDIM(Sampler):
 class DDIMInverse(Sampler):
     """DDIM run backwards (image latent -> noise), as diffusers' DDIMInverseScheduler with SD's config.
 
-    DDIM's eta=0 step is a deterministic map between two noise levels that keeps the predicted (x0, eps) pair:
-    x_s = alpha_s * x0 + sigma_s * eps. Inversion applies the same map from the lower level s to the higher level
-    t: x0 = (x_s - sigma_s * eps) / alpha_s, then x_t = alpha_t * x0 + sigma_t * eps. The timesteps ascend
-    (1, 1+r, ..., 1+(N-1)r with r = 1000 // N); step i moves from s = timesteps[i] - r (acp[0] when s < 0, as
-    set_alpha_to_one=False) up to t = timesteps[i], with eps evaluated by the UNet AT t (the target level) on the
-    sample still at level s. DDIM(N) then walks the same levels down, so with an eps that does not depend on
-    (x, t) the round trip is exact; with a real UNet the error is eps(x_s, t) - eps(x_t, t) per step.
+    DDIM's eta=0 step is a deterministic map between two noise levels that keeps the predicted (x0, eps)
+    pair: x_s = alpha_s * x0 + sigma_s * eps. Inversion applies the same map from the lower level s to the
+    higher level t: x0 = (x_s - sigma_s * eps) / alpha_s, then x_t = alpha_t * x0 + sigma_t * eps. The
+    timesteps ascend (1, 1+r, ..., 1+(N-1)r with r = 1000 // N); step i moves from s = timesteps[i] - r
+    (acp[0] when s < 0, as set_alpha_to_one=False) up to t = timesteps[i], with eps evaluated by the UNet AT
+    t (the target level) on the sample still at level s. DDIM(N) then walks the same levels down, so with
+    an eps that does not depend on (x, t) the round trip is exact; with a real UNet each step contributes
+    eps(x_s, t) - eps(x_t, t) (tests/test_inversion.py bounds the sum).
     """
 
     def __init__(self, steps):
@@ -162,11 +166,11 @@ class DDIMInverse(Sampler):
 
 
 class _ExponentialIntegrator(Sampler):
-    """Shared tables of the multistep ODE solvers: alpha, sigma and log-SNR lambda = log(alpha / sigma) at the
-    N timesteps plus one final level (index N) that the last step lands on.
+    """Shared tables of the multistep ODE solvers: alpha, sigma and log-SNR lambda = log(alpha / sigma)
+    at the N timesteps plus one final level (index N) that the last step lands on.
 
     In data-prediction form the probability-flow ODE has the exact solution (DPM-Solver++ eq. 9)
-        x_t = sigma_t / sigma_s * x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0(lambda) d lambda,
+        x_t = sigma_t / sigma_s * x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda,
     and with h = lambda_t - lambda_s and x0 held constant this is the DDIM step
         x_t = sigma_t / sigma_s * x_s - alpha_t * (e^-h - 1) * x0.
     Higher orders replace "x0 constant" by a line through the earlier predictions x0 (stored in self.x0s).
@@ -186,8 +190,9 @@ class _ExponentialIntegrator(Sampler):
 class UniPC(_ExponentialIntegrator):
     """UniPC (bh2, order 2, data prediction, lower order at the start and at the final step), diffusers 0.17.
 
-    Per step i: x0_i from the model at the (uncorrected) sample; UniC corrects the sample of step i using x0_i;
-    UniP predicts step i+1 from the corrected sample. The last step targets t=0's level acp[0] (sigma ~ 0.0292).
+    Per step i: x0_i from the model at the (uncorrected) sample; UniC corrects the sample of step i using
+    x0_i; UniP predicts step i+1 from the corrected sample. The last step targets t=0's level acp[0]
+    (sigma_t ~ 0.0292), not zero noise.
     """
 
     def __init__(self, steps):
@@ -213,8 +218,8 @@ class UniPC(_ExponentialIntegrator):
             return x_t - self.alpha[t] * B_h * 0.5 * D1 if order == 2 else x_t
         if order == 1:  # corrector with one slope, that of the new prediction x0_t: rho = 1/2
             return x_t - self.alpha[t] * B_h * (0.5 * (x0_t - m0))
-        # Order-2 corrector: rhos solve [[1, 1], [r1, 1]] rho = b, b_k = k! * phi_{k+1}(hh) / B_h (UniPC eq. 8),
-        # phi built by the recurrence phi_{k+1} = (phi_k - 1/k!) / hh. Same float32 op order as diffusers.
+        # Order-2 corrector: rhos solve [[1, 1], [r1, 1]] rho = b, b_k = k! * phi_{k+1}(hh) / B_h (UniPC
+        # eq. 8), phi from the recurrence phi_{k+1} = (phi_k - 1/k!) / hh. Float32 op order as diffusers.
         phi_2 = h_phi_1 / hh - 1
         b1 = phi_2 / B_h
         b2 = 2 * (phi_2 / hh - 0.5) / B_h
@@ -236,8 +241,9 @@ class UniPC(_ExponentialIntegrator):
 class DPMSolverPP(_ExponentialIntegrator):
     """DPM-Solver++(2M), "midpoint" form, ending at zero noise (diffusers' defaults).
 
-    It equals UniPC's predictor alone (UniP-2 with B(h) = e^h - 1 is this update); no corrector. The first step is
-    order 1 (no history yet), and so is the last: its target sigma = 0 has lambda = inf, e^-h = 0, x = x0.
+    It equals UniPC's predictor alone (UniP-2 with B(h) = e^h - 1 is this update); no corrector. The first
+    step is order 1 (no history yet), and so is the last: its target sigma = 0 has lambda = inf, e^-h = 0,
+    so x = x0.
     """
 
     def __init__(self, steps):
@@ -261,11 +267,12 @@ class DPMSolverPP(_ExponentialIntegrator):
 
 
 class Euler(Sampler):
-    """Euler's method on dx/dsigma = (x - x0) / sigma, in the variance-exploding variable sigma = sigma_t / alpha_t.
+    """Euler's method on dx/dsigma = (x - x0) / sigma in the variance-exploding variable
+    sigma = sigma_t / alpha_t.
 
-    Here x_sigma = x0 + sigma * eps is the DDPM latent divided by alpha_t, hence init_noise_sigma = sigma_max and
-    the UNet input scaled by 1/sqrt(sigma^2 + 1) (= alpha_t). Timesteps are "linspace" over 0..999 and NOT
-    integers (diffusers feeds the UNet fractional t); sigma at fractional t is interpolated linearly.
+    Here x_sigma = x0 + sigma * eps is the DDPM latent divided by alpha_t, hence init_noise_sigma = sigma_max
+    and the UNet input scaled by 1/sqrt(sigma^2 + 1) (= alpha_t). Timesteps are "linspace" over 0..999 and
+    NOT integers (diffusers feeds the UNet fractional t); sigma at fractional t is interpolated linearly.
     """
 
     def __init__(self, steps):

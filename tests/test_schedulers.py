@@ -1,10 +1,11 @@
-"""Tests of minidiff/schedulers.py: closed-form checks of the schedule and samplers, and step-for-step parity with
-diffusers' schedulers (`<Scheduler>.from_config(SD-1.5 scheduler config)`, UniPC with final_sigmas_type="sigma_min").
+"""Tests of minidiff/schedulers.py: closed-form checks of the schedule and samplers, and step-for-step
+parity with diffusers' schedulers (`<Scheduler>.from_config(SD-1.5 scheduler config)`, UniPC with
+final_sigmas_type="sigma_min").
 
-Parity: every sampler at 1, 2, 10, 20, 50 steps gets the same timesteps and, fed the same model outputs (a fixed
-deterministic eps function of (x, t); the same-seeded CPU generators for DDPM and DDIM eta > 0), every intermediate
-latent must agree within 1e-5 relative. Also the img2img start (noising at timesteps[t_start], then stepping from
-the middle). Run: python -m pytest tests/test_schedulers.py -q -s   (about 5 s)
+Parity: every sampler at 1, 2, 10, 20, 50 steps gets the same timesteps and, fed the same model outputs (a
+fixed deterministic eps function of (x, t); the same-seeded CPU generators for DDPM and DDIM eta > 0), every
+intermediate latent must agree within 1e-5 relative. Also the img2img start (noising at timesteps[t_start],
+then stepping from the middle). Run: python -m pytest tests/test_schedulers.py -q -s   (about 5 s)
 """
 import inspect
 
@@ -31,14 +32,15 @@ REFERENCE = {
     "euler": ("EulerDiscreteScheduler", {}),
 }
 STEPS = [1, 2, 10, 20, 50]
-# Relative tolerance of the issue: float32 samplers that compute alpha_t / sigma_t by a different but equivalent
-# route (sqrt(acp) here, 1/sqrt(1+sigma^2) in current diffusers' UniPC/DPM) differ by ~1e-6 (measured <= 2e-6).
+# Relative tolerance of the issue: float32 samplers that compute alpha_t / sigma_t by a different but
+# equivalent route (sqrt(acp) here, 1/sqrt(1+sigma^2) in current diffusers' UniPC/DPM) differ by ~1e-6
+# (measured <= 2e-6).
 TOL = 1e-5
 MU = torch.linspace(-1.5, 1.5, 2 * 4 * 8 * 8).reshape(2, 4, 8, 8)  # the "data" the fake model points to
 
 
 def fake_eps(x, t):
-    """A fixed smooth eps model of (x, t): a denoiser towards MU with a t-dependent schedule, plus a nonlinearity."""
+    """A fixed smooth eps model of (x, t): a denoiser towards MU on a t-dependent schedule, plus a wiggle."""
     t = float(t)
     c = torch.exp(torch.tensor(-t / 300.0))  # stands in for alpha_t
     return (x - c * MU) / (1 - 0.99 * c * c) ** 0.5 + 0.1 * torch.sin(3 * x + t / 90.0)
@@ -73,14 +75,14 @@ def run_both(name, steps, x, start=0, seed=1, eta=None):
         eps_mine = fake_eps(mine.scale_model_input(x_mine, i), mine.timesteps[i])
         x_ref = ref_step(ref, eps_ref, t, x_ref, g_ref, **({} if eta is None else {"eta": eta}))
         x_mine = mine.step(eps_mine, i, x_mine, generator=g_mine)
-        rel = ((x_mine - x_ref).abs().max() / x_ref.abs().max().clamp(min=1)).item()  # assert_close's measure
+        rel = ((x_mine - x_ref).abs().max() / x_ref.abs().max().clamp(min=1)).item()  # as assert_close
         assert rel <= TOL, f"{name} steps={steps} step {i}: relative latent diff {rel:.2e} > {TOL}"
         worst = max(worst, rel)
     assert_close(x_mine, x_ref, TOL, f"{name} steps={steps} start={start} final latent")
     return worst
 
 
-# ------------------------------------------------------------------------------------------------ closed forms
+# -------------------------------------------------------------------------------------------- closed forms
 def test_alphas_cumprod_values():
     acp = alphas_cumprod()
     assert acp.dtype == torch.float32 and acp.shape == (1000,)
@@ -100,13 +102,13 @@ def test_noise_helpers_invert_each_other():
 
 
 def test_timesteps_closed_forms():
-    assert make_sampler("ddim", 20).timesteps.tolist() == list(range(951, 0, -50))  # facts 5: leading + offset 1
+    assert make_sampler("ddim", 20).timesteps.tolist() == list(range(951, 0, -50))  # facts 5: leading, +1
     assert make_sampler("ddim", 50).timesteps.tolist() == list(range(981, 0, -20))
     assert make_sampler("ddpm", 10).timesteps.tolist() == list(range(901, 0, -100))
     assert DDIMInverse(20).timesteps.tolist() == list(range(1, 1000, 50))
     for name in ("ddpm", "ddim", "unipc", "dpmpp2m"):
         assert make_sampler(name, 7).timesteps.dtype == torch.int64
-    assert make_sampler("euler", 4).timesteps.tolist() == [999.0, 666.0, 333.0, 0.0]  # float, can be fractional
+    assert make_sampler("euler", 4).timesteps.tolist() == [999.0, 666.0, 333.0, 0.0]  # float (fractional)
 
 
 def test_make_sampler_errors_and_no_mutation():
@@ -133,7 +135,7 @@ def test_ddpm_seeded_determinism():
     assert torch.equal(outs[0], outs[1])
 
 
-# ---------------------------------------------------------------------------------------- parity vs diffusers
+# ------------------------------------------------------------------------------------ parity vs diffusers
 @pytest.mark.parity
 @pytest.mark.parametrize("name", list(REFERENCE))
 @pytest.mark.parametrize("steps", STEPS)

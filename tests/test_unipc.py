@@ -1,5 +1,6 @@
-"""UniPC as Diff-Plugin ran it (diffusers 0.17 via the SD-1.4 PNDM config): timesteps, predictor/corrector orders,
-where the last step lands, and the official loop's re-noising of the latent between steps (facts 1.2, 1.3).
+"""UniPC as Diff-Plugin ran it (diffusers 0.17 via the SD-1.4 PNDM config): timesteps, predictor/corrector
+orders, where the last step lands, and the official loop's re-noising of the latent between steps (facts 1.2,
+1.3).
 
 Run: python -m pytest tests/test_unipc.py -q -s   (about 2 s)
 """
@@ -18,8 +19,8 @@ def test_unipc_timesteps_as_diffusers_017():
 
 
 def test_unipc_orders():
-    """Predictor orders 1, 2, ..., 2, 1 (warm-up, lower_order_final); the corrector at step i uses the order of
-    the predictor of step i-1 and runs at every step i > 0."""
+    """Predictor orders 1, 2, ..., 2, 1 (warm-up, lower_order_final); the corrector at step i uses the order
+    of the predictor of step i-1 and runs at every step i > 0."""
     s, x = make_sampler("unipc", 20), torch.randn(2, 4, 8, 8)
     predictor, corrected = [], []
     for i, t in enumerate(s.timesteps):
@@ -43,9 +44,10 @@ def test_exact_model_lands_on_final_level():
     for name, final in [("ddim", acp0), ("unipc", acp0), ("dpmpp2m", 1.0), ("euler", 1.0)]:
         for steps in (1, 3, 20):
             s = make_sampler(name, steps)
-            # alpha_t at step i; Euler's (fractional) level: 1 / sqrt(1 + sigma^2), its x is the DDPM x / alpha
-            alpha = [(1 / (1 + s.sigmas[i] ** 2)).sqrt() if name == "euler" else alphas_cumprod()[int(t)].sqrt()
-                     for i, t in enumerate(s.timesteps)]
+            # alpha_t at step i; Euler's (fractional) level: 1 / sqrt(1 + sigma^2), its x = DDPM x / alpha
+            acp = [1 / (1 + s.sigmas[i] ** 2) if name == "euler" else alphas_cumprod()[int(t)]
+                   for i, t in enumerate(s.timesteps)]
+            alpha = [a.sqrt() for a in acp]
             x = alpha[0] * MU + (1 - alpha[0] ** 2).sqrt() * n  # on the trajectory at the first level
             x = x / alpha[0] if name == "euler" else x
             for i, a in enumerate(alpha):
@@ -58,7 +60,7 @@ def test_exact_model_lands_on_final_level():
 @pytest.mark.parity
 def test_unipc_renoise_between_steps_and_final_sigma():
     """Diff-Plugin's loop overwrites the latent by add_noise(cond, noise, t) at every t >= 960, keeping the
-    scheduler's history (50 steps: t=999 and t=979). Same with diffusers; and "sigma_min" vs "zero" differ."""
+    scheduler's history (50 steps: t=999 and t=979). Same with diffusers; "sigma_min" and "zero" differ."""
     diffusers = pytest.importorskip("diffusers")
     cls = diffusers.UniPCMultistepScheduler
     ref, zero = (cls.from_config(SD15_SCHEDULER_CONFIG, final_sigmas_type=f) for f in ("sigma_min", "zero"))
@@ -75,5 +77,5 @@ def test_unipc_renoise_between_steps_and_final_sigma():
         x_zero = zero.step(fake_eps(x_zero, t), t, x_zero).prev_sample
         x_mine = mine.step(fake_eps(x_mine, t), i, x_mine)
         assert_close(x_mine, x_ref, TOL, f"unipc re-noise i={i}")
-    # the last step differs by about sigma_0 * eps ~ 0.03: diffusers' default would not be Diff-Plugin's UniPC
+    # the last step differs by about sigma_0 * eps ~ 0.03: diffusers' default is not Diff-Plugin's UniPC
     assert (x_zero - x_ref).abs().max() > 1e-3
