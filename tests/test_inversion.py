@@ -6,9 +6,9 @@ Derivation. Inversion and reconstruction visit the same levels L_0 = acp[0], L_{
 (timesteps 1, 1+r, ..., r = 1000 // N). DDIM's step from level k+1 down to k with model output e is the
 affine map D_k(y, e) = rho_k y + c_k e, with rho_k = sqrt(L_k / L_{k+1}) >= 1 and
 c_k = sqrt(1 - L_k) - rho_k sqrt(1 - L_{k+1}); DDIMInverse's step k is exactly its inverse for the same e
-(both use the same float32 alpha/sigma values). Both evaluate the model at the same timestep t = timesteps[k],
-the inversion at x_k, the reconstruction at y_{k+1}. With e_k = eps(x_k, t), e'_k = eps(y_{k+1}, t) and
-d_k = max|y_k - x_k| (d_N = 0):
+(both use the same float32 alpha/sigma values). Both evaluate the model at the same timestep
+t = timesteps[k], the inversion at x_k, the reconstruction at y_{k+1}. With e_k = eps(x_k, t),
+e'_k = eps(y_{k+1}, t) and d_k = max|y_k - x_k| (d_N = 0):
     y_k - x_k = rho_k (y_{k+1} - x_{k+1}) + c_k (e'_k - e_k)    =>    d_k <= rho_k d_{k+1} + |c_k| E_k,
 with E_k = max|e'_k - e_k|. Three eps models:
   1. constant eps: E_k = 0, the round trip is exact; only float32 rounding remains (bound R below);
