@@ -250,11 +250,11 @@ class DPMSolverPP(_ExponentialIntegrator):
         super().__init__(steps, torch.tensor(1.0))  # acp = 1: sigma = 0, a clean sample
 
     def step(self, eps, i, x, generator=None):
-        x = x.float()
-        x0 = self.data_prediction(eps, i, x)
+        x0 = self.data_prediction(eps, i, x)  # in the model's dtype, as diffusers
+        x = x.float()  # the update runs in float32; the result goes back to the model's dtype
         self.x0s = self.x0s[-1:] + [(i, x0)]
         if i == len(self.timesteps) - 1:  # sigma_t = 0: the first-order update returns x0 exactly
-            return x0
+            return x0.to(eps.dtype)
         t = i + 1
         h = self.lam[t] - self.lam[i]
         x_t = (self.sigma[t] / self.sigma[i]) * x - (self.alpha[t] * (torch.exp(-h) - 1.0)) * x0
@@ -263,7 +263,7 @@ class DPMSolverPP(_ExponentialIntegrator):
             r0 = (self.lam[i] - self.lam[s1]) / h
             D1 = (1.0 / r0) * (x0 - m1)
             x_t = x_t - 0.5 * (self.alpha[t] * (torch.exp(-h) - 1.0)) * D1
-        return x_t
+        return x_t.to(eps.dtype)
 
 
 class Euler(Sampler):
@@ -291,11 +291,11 @@ class Euler(Sampler):
         return x0 + self.sigmas[i] * noise  # forward process in the sigma variable
 
     def step(self, eps, i, x, generator=None):
-        x = x.float()
+        x = x.float()  # float32 update (diffusers upcasts), returned in the model's dtype
         sigma = self.sigmas[i]
         x0 = x - sigma * eps
         d = (x - x0) / sigma  # the ODE's slope dx/dsigma (= eps, written as diffusers computes it)
-        return x + d * (self.sigmas[i + 1] - sigma)
+        return (x + d * (self.sigmas[i + 1] - sigma)).to(eps.dtype)
 
 
 SAMPLERS = {"ddpm": DDPM, "ddim": DDIM, "unipc": UniPC, "dpmpp2m": DPMSolverPP, "euler": Euler}
