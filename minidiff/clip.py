@@ -135,11 +135,23 @@ class CLIPEncoder(nn.Module):
 # Text tower
 
 
+def _normal(shape, std):
+    """A tensor drawn from N(0, std^2), left empty on the meta device: there the loader fills it, and a random draw
+    on meta would import torch's Python decompositions (about 800 modules, 1 s of every load) for nothing."""
+    w = torch.empty(shape)
+    return w if w.is_meta else w.normal_(0.0, std)
+
+
+def _embedding(n, width):
+    """nn.Embedding(n, width) with its usual N(0, 1) init (skipped on the meta device, see _normal)."""
+    return nn.Embedding(n, width, _weight=_normal((n, width), 1.0))
+
+
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)  # learned, absolute
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = _embedding(cfg.max_positions, cfg.width)  # learned, absolute
 
     def forward(self, ids):
         # Position ids are made here rather than kept as a buffer: a non-persistent buffer would stay on the
@@ -191,10 +203,10 @@ class CLIPVisionEmbeddings(nn.Module):
         super().__init__()
         self.image_size = cfg.image_size
         grid = cfg.image_size // cfg.patch_size
-        self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width**-0.5)  # learned [CLS] token
+        self.class_embedding = nn.Parameter(_normal(cfg.width, cfg.width**-0.5))  # learned [CLS] token
         # A patch_size-strided conv = a linear map of each non-overlapping patch (no bias: OpenAI's conv1).
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(grid * grid + 1, cfg.width)
+        self.position_embedding = _embedding(grid * grid + 1, cfg.width)
 
     def forward(self, pixels):
         B, _, H, W = pixels.shape

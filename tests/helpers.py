@@ -46,3 +46,13 @@ def run_oracle(script, *args, timeout=900):
 def python_in_subprocess(code, timeout=600):
     """Run code in a fresh interpreter of this environment (for checks on a clean sys.modules)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def photo_folder():
+    """A folder of real photos: the official demo photos beside the checkout (../shared/data/official-demo, varied
+    sizes and modes) when present, else the committed examples/ (public-domain photos, tools/make_examples.py)."""
+    demo = os.path.join(os.path.dirname(REPO), "shared", "data", "official-demo")
+    return demo if os.path.isdir(demo) else os.path.join(REPO, "examples")

@@ -2,8 +2,8 @@
 
 Fast: shapes and dtype for single images, lists and non-RGB modes; inputs left untouched.
 Parity (@pytest.mark.parity, needs transformers 4.x): against transformers' CLIPImageProcessor (the PIL/numpy
-one of 4.x, the class Diff-Plugin's official code calls) on the real demo photos in
-/work/shared/data/official-demo/ (skipped when absent) and on synthetic sizes: smaller than 224, 1-pixel and
+one of 4.x, the class Diff-Plugin's official code calls) on real photos (helpers.photo_folder(): the official
+demo photos, else examples/) and on synthetic sizes: smaller than 224, 1-pixel and
 3-pixel sides, odd crops, long strips, and grey / RGBA / palette / CMYK images. Expected: bit-exact (the same
 PIL resize, then the same float32 arithmetic).
 Run: cd /work/main && python -m pytest tests/test_clip_preprocess.py -q -s     (about 10 s on 2 CPU cores)
@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import assert_close
+from helpers import assert_close, photo_folder
 from minidiff.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
-DEMO = "/work/shared/data/official-demo"
+DEMO = photo_folder()
 # (width, height): exact 224, one over (odd crop), smaller than 224, tiny, thin strips, 1 and 3 pixels high
 SIZES = [(224, 224), (225, 224), (500, 223), (7, 300), (1, 1), (300, 3), (3, 300), (1, 60), (640, 427),
          (223, 225), (1000, 999), (31, 17)]
@@ -71,10 +71,8 @@ def test_matches_clip_image_processor_on_synthetic_sizes_and_modes():
 @pytest.mark.parity
 def test_matches_clip_image_processor_on_demo_photos():
     transformers = pytest.importorskip("transformers")
-    if not os.path.isdir(DEMO):
-        pytest.skip(f"{DEMO} is absent (real demo photos)")
     processor = transformers.CLIPImageProcessor()
-    names = sorted(os.listdir(DEMO))
+    names = sorted(n for n in os.listdir(DEMO) if n.endswith((".jpg", ".png")))
     assert names
     images = [Image.open(os.path.join(DEMO, n)) for n in names]  # opened as the official code's PIL does
     x = clip_preprocess(images)

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 
 from minidiff import metrics
-from tests.helpers import assert_close, run_oracle
+from helpers import assert_close, photo_folder, run_oracle
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import evaluate  # noqa: E402
 
-DEMO = REPO.parent / "shared" / "data" / "official-demo"
+DEMO = Path(photo_folder())
 
 
 def make_folder(path, n, seed=0, size=(40, 30)):
@@ -116,8 +116,6 @@ def test_cli_error_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def cleanfid_clip(tmp_path_factory):
     """Random ViT-B-32.pt-layout weights and clean-fid's CLIP features of the demo photos (oracle run)."""
-    if not DEMO.is_dir():
-        pytest.skip(f"{DEMO} missing (shared/ data beside the repo)")
     tmp = tmp_path_factory.mktemp("clip")
     run_oracle(REPO / "tests" / "oracle" / "cleanfid_clip.py", DEMO, tmp / "ViT-B-32.pt", tmp / "ref.npy")
     return tmp / "ViT-B-32.pt", np.load(tmp / "ref.npy")

@@ -14,10 +14,10 @@ import torch
 
 from minidiff import inception, metrics
 from minidiff.weights import CheckpointError
-from tests.helpers import assert_close, run_oracle
+from helpers import assert_close, photo_folder, run_oracle
 
 ORACLE = os.path.join(os.path.dirname(__file__), "oracle")
-DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "official-demo"
+DEMO = Path(photo_folder())
 
 
 def pt_inception_state_dict():
@@ -61,8 +61,6 @@ def test_inception_pixels_range():
 
 @pytest.mark.parity
 def test_features_equal_pytorch_fid(tmp_path):
-    if not DEMO.is_dir():
-        pytest.skip(f"{DEMO} missing (shared/ data beside the repo)")
     weights = tmp_path / "pt_inception.pth"
     run_oracle(os.path.join(ORACLE, "fid_inception.py"), DEMO, weights, tmp_path / "ref.npy")
     ref = np.load(tmp_path / "ref.npy")

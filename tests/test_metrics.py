@@ -13,7 +13,7 @@ import pytest
 from scipy import linalg
 
 from minidiff import metrics
-from tests.helpers import run_oracle
+from helpers import run_oracle
 
 ORACLE = os.path.join(os.path.dirname(__file__), "oracle")
 
