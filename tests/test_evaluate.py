@@ -125,22 +125,23 @@ def cleanfid_clip(tmp_path_factory):
 def test_clip_features_and_tool_equal_cleanfid(cleanfid_clip, tmp_path, capsys):
     weights, ref = cleanfid_clip
     files = metrics.list_images(str(DEMO))  # sorted, as the oracle's features
-    for i, f in enumerate(files):  # 4 restored, 5 reference photos
-        (tmp_path / ("r" if i < 4 else "g")).mkdir(exist_ok=True)
-        os.symlink(f, tmp_path / ("r" if i < 4 else "g") / os.path.basename(f))
+    k = len(files) // 2  # first half "restored", the rest "reference" (9 demo photos: 4 | 5)
+    for i, f in enumerate(files):
+        (tmp_path / ("r" if i < k else "g")).mkdir(exist_ok=True)
+        os.symlink(f, tmp_path / ("r" if i < k else "g") / os.path.basename(f))
     rc, _ = run(["--restored", tmp_path / "r", "--reference", tmp_path / "g", "--weights", weights,
                  "--json", tmp_path / "out.json", "--save-stats", tmp_path / "g.npz", "--batch-size", 4],
                 capsys)
     assert rc == 0
     ex = metrics.load_feature_extractor("clip_vit_b_32", str(weights))
-    ours = np.concatenate([metrics.files_features(files[:4], ex, batch_size=4, progress=False),
+    ours = np.concatenate([metrics.files_features(files[:k], ex, batch_size=4, progress=False),
                            metrics.load_stats(str(tmp_path / "g.npz"), "clip_vit_b_32")["feats"]])
     assert ours.dtype == np.float32
     # 1e-4 x scale: float32 ViT-B/32 of two torch builds (2.13 vs 2.14), SDPA vs nn.MultiheadAttention
-    assert_close(ours, ref, 1e-4, "clip_vit_b_32 features (9 demo photos)")
+    assert_close(ours, ref, 1e-4, "clip_vit_b_32 features (real photos)")
     res = json.loads((tmp_path / "out.json").read_text())
-    fid = metrics.frechet_distance(*metrics.statistics(ref[:4]), *metrics.statistics(ref[4:]))
-    kid = metrics.kernel_distance(ref[:4], ref[4:])
+    fid = metrics.frechet_distance(*metrics.statistics(ref[:k]), *metrics.statistics(ref[k:]))
+    kid = metrics.kernel_distance(ref[:k], ref[k:])
     print(f"tool fid {res['fid']:.6f} kid {res['kid']:.6f}; from clean-fid features: {fid:.6f} {kid:.6f}")
-    # features agree to ~1e-6 relative; FID/KID are smooth in them (5 images: the eps-regularised sqrtm)
+    # features agree to ~1e-6 relative; FID/KID are smooth in them (few images: the eps-regularised sqrtm)
     assert abs(res["fid"] - fid) <= 1e-4 * fid and abs(res["kid"] - kid) <= 1e-4 * abs(kid)

@@ -36,7 +36,7 @@ pf.load_state_dict_from_url = lambda *a, **k: torch.load(weights_out, weights_on
 model = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
 to_tensor = torchvision.transforms.ToTensor()
 feats = []
-for path in sorted(glob.glob(os.path.join(image_dir, "*"))):
+for path in sorted(p for p in glob.glob(os.path.join(image_dir, "*")) if p.endswith((".jpg", ".png"))):
     x = to_tensor(Image.open(path).convert("RGB"))[None]  # images differ in size: one per batch
     with torch.no_grad():
         feats.append(model(x)[0].squeeze(3).squeeze(2).numpy())  # [1, 2048, 1, 1] -> [1, 2048]
