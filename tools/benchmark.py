@@ -15,6 +15,9 @@ Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some
         --feature-images generated 512x384 PNGs: images/s of minidiff vs clean-fid's CLIP ViT-B/32 path and
         vs pytorch-fid's Inception (the reference side runs in MINIDIFF_ORACLE_PYTHON's environment); the best
         of --rounds alternating processes per library.
+  plugin  one Diff-Plugin restore (--plugin-steps UniPC steps) of a --plugin-size photo with full-size random
+        networks, fp32: minidiff against the official loop rebuilt from diffusers + transformers
+        (tests/official_oracle.py, the parity tests' reference); wall time and peak RSS.
 Every measurement runs in a fresh Python process (one per library and repeat), so memory figures start
 clean and two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single file
 (original CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers
@@ -245,7 +248,49 @@ def worker_unet(kw):
     return {"times_s": times, "cpu_s": cpu, "eps": out, "threads": torch.get_num_threads()}
 
 
-WORKERS = {"load": worker_load, "unet": worker_unet}
+def worker_plugin(kw):
+    """One Diff-Plugin restore (UniPC, kw steps) of a size x size photo with full-size random networks, fp32.
+
+    minidiff: minidiff.plugin.restore. diffusers: the official loop rebuilt from diffusers + transformers in
+    tests/official_oracle.py (the parity tests' reference). Timing only: each side draws its own random weights.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).resize((kw["size"],) * 2)
+    if kw["lib"] == "minidiff":
+        from minidiff.clip import CLIP_VISION_L14, CLIPVisionModel
+        from minidiff.plugin import SCB, TPB, TaskPlugin, restore
+        from minidiff.unet import UNet, UNetConfig
+        from minidiff.vae import AutoencoderKL, VAEConfig
+        from minidiff.weights import StableDiffusion
+        sd = StableDiffusion(None, None, UNet(UNetConfig()).eval(), AutoencoderKL(VAEConfig()).eval())
+        clip, plugin = CLIPVisionModel(CLIP_VISION_L14).eval(), TaskPlugin("derain", TPB(), SCB()).eval()
+        run = lambda: restore(sd, clip, [plugin], photo, steps=kw["steps"], clip_image=photo,  # noqa: E731
+                              progress=False)
+    else:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        import official_oracle as oracle
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).eval()  # SD 1.x sizes
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2).eval()
+        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                num_attention_heads=16, patch_size=14,
+                                                hidden_act="quick_gelu")).eval()
+        plugin = ("derain", oracle.RefTPB(1024, 768).eval(), oracle.RefSCB(320, 8, 768).eval())
+        run = lambda: oracle.official_restore(unet, vae, clip, [plugin], photo, photo,  # noqa: E731
+                                              steps=kw["steps"])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        run()
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+WORKERS = {"load": worker_load, "unet": worker_unet, "plugin": worker_plugin}
 
 
 # ------------------------------------------------------------- benchmarks (one function each)
@@ -299,7 +344,20 @@ def bench_load(ctx):
     return rows, {"runs": res, "summary": fig}
 
 
-BENCHMARKS = {"unet": bench_unet, "load": bench_load}
+def bench_plugin(ctx):
+    """Wall time of one 20-step Diff-Plugin restore of a 512x512 photo, CPU fp32, minidiff vs the diffusers loop."""
+    a, res = ctx.args, {lib: [] for lib in libraries(ctx)}
+    for _ in range(a.rounds):
+        for lib in res:
+            res[lib].append(ctx.run("plugin", lib=lib, size=a.plugin_size, steps=a.plugin_steps))
+    best = {lib: min(r["seconds"] for r in runs) for lib, runs in res.items()}
+    peak = {lib: max(r["peak_rss_mb"] for r in runs) for lib, runs in res.items()}
+    label = f"restore {a.plugin_size}x{a.plugin_size}, {a.plugin_steps} steps"
+    return [("plugin", f"{label}, wall (best s)", best["minidiff"], best.get("diffusers")),
+            ("plugin", f"{label}, peak RSS (MiB)", peak["minidiff"], peak.get("diffusers"))], res
+
+
+BENCHMARKS = {"unet": bench_unet, "load": bench_load, "plugin": bench_plugin}
 
 
 # ------------------------------------------------------------- features (M): FID/KID feature extraction
@@ -420,6 +478,8 @@ def main(argv=None):
     p.add_argument("--malloc-tuned", action="store_true",
                    help="run both libraries' workers with the same glibc malloc settings (see MALLOC_TUNED)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoint")
+    p.add_argument("--plugin-size", type=int, default=512, help="plugin: photo height and width")
+    p.add_argument("--plugin-steps", type=int, default=20, help="plugin: UniPC steps")
     p.add_argument("--feature-images", type=int, default=32, help="features: images in the timed folder")
     p.add_argument("--feature-batch", type=int, default=16, help="features: batch size (both libraries)")
     p.add_argument("--json", help="also write the figures to this JSON file")
