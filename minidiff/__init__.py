@@ -7,9 +7,9 @@ import importlib
 
 # public name -> module that defines it
 _EXPORTS = {
+    # Stable Diffusion 1.x and CLIP: loaders, networks, tokenizer, preprocessing
     "load_stable_diffusion": "weights",
     "load_clip_vision": "weights",
-    "build_clip_text": "weights",
     "StableDiffusion": "weights",
     "CLIPTokenizer": "tokenizer",
     "CLIPTextModel": "clip",
@@ -17,44 +17,29 @@ _EXPORTS = {
     "clip_preprocess": "clip",
     "UNet": "unet",
     "UNetConfig": "unet",
-    "unet_from_diffusers": "weights",
     "AutoencoderKL": "vae",
     "VAEConfig": "vae",
     "LATENT_SCALE": "vae",
+    # samplers and the plain SD pipelines
     "make_sampler": "schedulers",
     "DDIMInverse": "schedulers",
-    "alphas_cumprod": "schedulers",
     "add_noise": "schedulers",
     "txt2img": "pipeline",
     "img2img": "pipeline",
-    "build_vae": "weights",
-    "vae_from_diffusers": "weights",
-    "TPB": "plugin",
-    "SCB": "plugin",
-    "TaskPlugin": "plugin",
+    # Diff-Plugin
     "TASKS": "plugin",
+    "TaskPlugin": "plugin",
     "load_plugin": "plugin",
     "save_plugin": "plugin",
-    "find_plugins": "plugin",
-    "official_resize": "plugin",
     "restore": "plugin",
     "PluginSelector": "selector",
     "load_selector": "selector",
-    "save_selector": "selector",
     "select": "selector",
-    "COMPOSITE": "selector",
-    "FIDInception": "inception",
-    "load_inception": "inception",
+    "load_image": "imageio",
+    # FID / KID
     "load_feature_extractor": "metrics",
     "frechet_distance": "metrics",
     "kernel_distance": "metrics",
-    "load_image": "imageio",
-    "ImageError": "imageio",
-    "fit_size": "imageio",
-    "side_by_side": "imageio",
-    "fake_models": "runner",
-    "load_models": "runner",
-    "run_photo": "runner",
 }
 
 
