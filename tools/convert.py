@@ -90,8 +90,11 @@ def _to_file(write, out, overwrite):
 
 def _format(path):
     """The minidiff "format" metadata of a .safetensors file ('' when none)."""
-    with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("format", "")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format", "")
+    except Exception as e:  # safetensors' own error types: truncated, not safetensors at all
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def convert(src, out, args):
