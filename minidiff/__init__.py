@@ -8,9 +8,9 @@ import importlib
 # public name -> module that defines it
 _EXPORTS = {
     # Stable Diffusion 1.x and CLIP: loaders, networks, tokenizer, preprocessing
-    "load_stable_diffusion": "weights",
-    "load_clip_vision": "weights",
-    "StableDiffusion": "weights",
+    "load_stable_diffusion": "loading",
+    "load_clip_vision": "loading",
+    "StableDiffusion": "loading",
     "CLIPTokenizer": "tokenizer",
     "CLIPTextModel": "clip",
     "CLIPVisionModel": "clip",

@@ -115,7 +115,7 @@ def load_feature_extractor(feature_type, weights, device="cpu"):
     inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
     """
     if feature_type == "clip_vit_b_32":
-        from minidiff.weights import load_clip_vision
+        from minidiff.loading import load_clip_vision
         model = load_clip_vision(weights, dtype=torch.float32, device=device)
         cfg = model.cfg
         if (cfg.patch_size, cfg.width, cfg.layers) != (32, 768, 12):

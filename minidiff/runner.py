@@ -57,7 +57,7 @@ def fake_models(tasks, with_selector=True, device="cpu", dtype=torch.float32, se
     from minidiff.tokenizer import CLIPTokenizer
     from minidiff.unet import TINY_UNET, UNet
     from minidiff.vae import TINY_VAE, AutoencoderKL
-    from minidiff.weights import StableDiffusion
+    from minidiff.loading import StableDiffusion
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     width = TINY_CLIP_TEXT.width
@@ -88,7 +88,7 @@ def load_models(sd, clip, plugins, tasks=None, selector=None, dtype=torch.float3
     """
     from minidiff.plugin import find_plugins, load_plugin
     from minidiff.selector import load_selector
-    from minidiff.weights import load_clip_vision, load_stable_diffusion
+    from minidiff.loading import load_clip_vision, load_stable_diffusion
     found = find_plugins(plugins)
     missing = [os.path.join(plugins, t) for t in (tasks or []) if t not in found]
     if missing or not found:

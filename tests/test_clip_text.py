@@ -1,4 +1,4 @@
-"""Tests for the CLIP text tower (minidiff/clip.py CLIPTextModel) and weights.build_clip_text.
+"""Tests for the CLIP text tower (minidiff/clip.py CLIPTextModel) and loading.build_clip_text.
 
 Fast: shapes, the causal mask (a later token never changes earlier hidden states), the pooled index (first
 end-of-text), the config read from shapes, the SD 2.x refusal, a checkpoint's position_ids ignored.
@@ -14,7 +14,8 @@ import torch
 
 from helpers import assert_close
 from minidiff.clip import CLIP_TEXT_L14, TINY_CLIP_TEXT, CLIPTextModel
-from minidiff.weights import CheckpointError, build_clip_text, read_state_dict
+from minidiff.loading import build_clip_text
+from minidiff.weights import CheckpointError, read_state_dict
 
 BOS, EOS = 49406, 49407
 

@@ -110,7 +110,7 @@ def official(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minidiff_models(official):
-    from minidiff.weights import load_clip_vision, load_stable_diffusion
+    from minidiff.loading import load_clip_vision, load_stable_diffusion
     _, root, _, _, _, _ = official
     plugins = {t: load_plugin(root / "pre-trained" / t) for t in ["derain", "lowlight", "dehaze"]}
     return load_stable_diffusion(str(root / "sd")), load_clip_vision(str(root / "clip")), plugins

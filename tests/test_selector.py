@@ -92,7 +92,8 @@ def test_scores_match_official(tmp_path):
     transformers = pytest.importorskip("transformers")
     import official_oracle as oracle
     from test_tokenizer import _reference_tokenizer
-    from minidiff.weights import build_clip_text, load_clip_vision, read_state_dict
+    from minidiff.loading import build_clip_text, load_clip_vision
+    from minidiff.weights import read_state_dict
     from minidiff.tokenizer import CLIPTokenizer
     _, _, text, clip = oracle.make_sd_and_clip(str(tmp_path))
     tasks = ["derain", "lowlight", "dehaze", "face"]

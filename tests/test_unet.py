@@ -16,7 +16,7 @@ import torch
 import sd_layout
 from helpers import assert_close
 from minidiff.unet import TINY_UNET, UNet, UNetConfig
-from minidiff.weights import build_unet
+from minidiff.loading import build_unet
 
 # fp32 throughout; the two implementations differ only in summation order (SDPA vs SDPA, conv vs conv), so
 # 1e-4 x max(1, max|ref|) (the bound) leaves room for ~1e-6 relative noise through ~30 layers.

@@ -1,5 +1,5 @@
-"""Tests for the SD/UNet section of minidiff/weights.py: unet_from_diffusers, the UNet config read from shapes,
-one-line errors for other model families and broken files, and load_stable_diffusion.
+"""Tests for the SD/UNet sections of minidiff/weights.py and minidiff/loading.py: unet_from_diffusers, the UNet
+config read from shapes, one-line errors for other model families and broken files, and load_stable_diffusion.
 
 Fast: rename-table coverage on a model-made state dict (every CompVis key reached, also at SD-1.5 size on the
 meta device, and the diffusers-named Diff-Plugin SCB subset), config inference, error messages, a tiny original
@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 import sd_layout
 from helpers import assert_close
 from minidiff.unet import TINY_UNET, UNet, UNetConfig
-from minidiff.weights import (CheckpointError, build_unet, load_stable_diffusion, unet_config_from_state_dict,
-                              unet_from_diffusers)
+from minidiff.loading import build_unet, load_stable_diffusion, unet_config_from_state_dict
+from minidiff.weights import CheckpointError, unet_from_diffusers
 
 
 def model_state_dict(cfg, meta=False, seed=0):

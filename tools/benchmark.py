@@ -265,7 +265,7 @@ def worker_plugin(kw):
         from minidiff.plugin import SCB, TPB, TaskPlugin, restore
         from minidiff.unet import UNet, UNetConfig
         from minidiff.vae import AutoencoderKL, VAEConfig
-        from minidiff.weights import StableDiffusion
+        from minidiff.loading import StableDiffusion
         sd = StableDiffusion(None, None, UNet(UNetConfig()).eval(), AutoencoderKL(VAEConfig()).eval())
         clip, plugin = CLIPVisionModel(CLIP_VISION_L14).eval(), TaskPlugin("derain", TPB(), SCB()).eval()
         run = lambda: restore(sd, clip, [plugin], photo, steps=kw["steps"], clip_image=photo,  # noqa: E731

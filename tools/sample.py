@@ -179,7 +179,7 @@ def run_sd(args, version):
     from minidiff.imageio import cap_size, load_image, save_json_atomic, save_png_atomic, sha256_path
     from minidiff.pipeline import img2img, txt2img
     from minidiff.runner import FAKE_WARNING, fake_models
-    from minidiff.weights import load_stable_diffusion
+    from minidiff.loading import load_stable_diffusion
     out = args.output or os.path.join("out", f"{args.mode}.png")
     if not out.lower().endswith(".png") or os.path.isdir(out):
         raise UsageError(f"--output {out}: give a .png file name in --mode {args.mode}")
