@@ -136,8 +136,9 @@ class CLIPEncoder(nn.Module):
 
 
 def _normal(shape, std):
-    """A tensor drawn from N(0, std^2), left empty on the meta device: there the loader fills it, and a random draw
-    on meta would import torch's Python decompositions (about 800 modules, 1 s of every load) for nothing."""
+    """A tensor drawn from N(0, std^2), left empty on the meta device: there the loader fills it, and a random
+    draw on meta would import torch's Python decompositions (about 800 modules, 1 s of every load) for
+    nothing."""
     w = torch.empty(shape)
     return w if w.is_meta else w.normal_(0.0, std)
 

@@ -1,8 +1,8 @@
 """Pieces shared by two or more model families: multi-head attention and the sinusoidal timestep embedding.
 
-Attention runs through torch.nn.functional.scaled_dot_product_attention (SDPA: flash / memory-efficient kernels
-on the GPU, a fused kernel on the CPU). The explicit softmax(q k^T / sqrt(d)) v path stays beside it, as in
-nanoGPT, so a reader sees what SDPA computes and a test can check one against the other.
+Attention runs through torch.nn.functional.scaled_dot_product_attention (SDPA: flash / memory-efficient
+kernels on the GPU, a fused kernel on the CPU). The explicit softmax(q k^T / sqrt(d)) v path stays beside it,
+as in nanoGPT, so a reader sees what SDPA computes and a test can check one against the other.
 """
 import math
 
@@ -34,9 +34,11 @@ def attention(q, k, v, heads, causal=False, sdpa=True):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of diffusion timesteps, cos first (CompVis ldm; diffusers flip_sin_to_cos=True, shift 0).
+    """Sinusoidal embedding of diffusion timesteps, cos first (CompVis ldm; diffusers flip_sin_to_cos=True,
+    shift 0).
 
-    t: [B] (int or float) -> [B, dim] float32; frequencies exp(-ln(max_period) * k / (dim/2)), k = 0 .. dim/2-1.
+    t: [B] (int or float) -> [B, dim] float32; frequencies exp(-ln(max_period) * k / (dim/2)),
+    k = 0 .. dim/2-1.
     """
     half = dim // 2
     k = torch.arange(half, dtype=torch.float32, device=t.device)

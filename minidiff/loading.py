@@ -20,8 +20,8 @@ from minidiff.clip import CLIP_TEXT_L14, CLIP_VISION_L14, CLIPTextModel, CLIPVis
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
-from minidiff.weights import (CLIP_IGNORED, VAE_IGNORED, CheckpointError, clip_vision_from_openai, load_strict,
-                              read_state_dict, unet_from_diffusers, vae_from_diffusers)
+from minidiff.weights import (CLIP_IGNORED, VAE_IGNORED, CheckpointError, clip_vision_from_openai,
+                              load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers)
 
 
 # -------------------------------------------------------------------------------------- VAE (AutoencoderKL)
@@ -169,8 +169,8 @@ def load_clip_vision(path, dtype=torch.float32, device="cpu"):
 def _check_sd1_unet(sd, what):
     """One-line CheckpointError when a CompVis-named UNet state dict is not an SD 1.x text-to-image UNet."""
     if any(k.startswith(("label_emb.", "add_embedding.")) for k in sd):
-        raise CheckpointError(f"{what}: UNet has label_emb/add_embedding (size and pooled-text conditioning): "
-                              "this looks like SDXL; minidiff loads SD 1.x")
+        raise CheckpointError(f"{what}: UNet has label_emb/add_embedding (size and pooled-text "
+                              "conditioning): this looks like SDXL; minidiff loads SD 1.x")
     if "input_blocks.0.0.weight" not in sd:
         raise CheckpointError(f"{what}: no input_blocks.0.0 / conv_in tensor: not a Stable Diffusion UNet "
                               f"({len(sd)} tensors, first {list(sd)[:3]})")
@@ -187,8 +187,8 @@ def _check_sd1_unet(sd, what):
         raise CheckpointError(f"{what}: linear proj_in (use_linear_projection): this looks like SD 2.x; "
                               "minidiff loads SD 1.x")
     if any(".transformer_blocks.1." in k for k in sd):
-        raise CheckpointError(f"{what}: several transformer blocks per SpatialTransformer: this looks like SDXL; "
-                              "minidiff loads SD 1.x")
+        raise CheckpointError(f"{what}: several transformer blocks per SpatialTransformer: "
+                              "this looks like SDXL; minidiff loads SD 1.x")
 
 
 def unet_config_from_state_dict(sd):
@@ -234,9 +234,11 @@ class StableDiffusion:
 
 SD_SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                            "text": "cond_stage_model.transformer."}
-SD_DIFFUSERS_FILES = {"unet": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
-                      "vae": ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"),
-                      "text": ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin")}
+SD_DIFFUSERS_FILES = {
+    "unet": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
+    "vae": ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"),
+    "text": ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin"),
+}
 
 
 def _file_keys(path):
@@ -261,8 +263,8 @@ def _sd_part(path, part):
         if any(k.startswith("conditioner.") for k in keys):
             raise CheckpointError(f"{path}: conditioner.* text encoders: this looks like SDXL; "
                                   "minidiff loads SD 1.x")
-        raise CheckpointError(f"{path}: no model.diffusion_model.* tensors: not a Stable Diffusion single file "
-                              f"({len(keys)} tensors, first {keys[:3]})")
+        raise CheckpointError(f"{path}: no model.diffusion_model.* tensors: not a Stable Diffusion single "
+                              f"file ({len(keys)} tensors, first {keys[:3]})")
     if part == "text":
         # some early files store the CLIPTextModel without its text_model. level
         sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}

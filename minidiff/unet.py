@@ -34,14 +34,15 @@ class UNetConfig:
     model_channels: int = 320  # width of level 0; the time embedding is 4x this wide
     channel_mult: tuple = (1, 2, 4, 4)  # width of each resolution level, in units of model_channels
     num_res_blocks: int = 2  # ResBlocks per level on the way down (the way up has one more)
-    attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer after each ResBlock (yaml: 4, 2, 1)
+    # levels with a SpatialTransformer after each ResBlock (yaml: 4, 2, 1)
+    attention_levels: tuple = (0, 1, 2)
     heads: int = 8  # attention heads in every SpatialTransformer (SD 1.x: num_heads 8, head width varies)
     context_dim: int = 768  # width of the cross-attention context (CLIP ViT-L/14 text hidden states)
     groups: int = 32  # GroupNorm groups everywhere
 
 
-# Test-sized UNet with the SD 1.x block pattern: 4 levels, 2 ResBlocks each, so the same 12 skips (0..11) exist
-# as in SD 1.5 and Diff-Plugin's SCB residuals land on skips 0, 1, 2 at full latent resolution.
+# Test-sized UNet with the SD 1.x block pattern: 4 levels, 2 ResBlocks each, so the same 12 skips (0..11)
+# exist as in SD 1.5 and Diff-Plugin's SCB residuals land on skips 0, 1, 2 at full latent resolution.
 TINY_UNET = replace(UNetConfig(), model_channels=32, channel_mult=(1, 2, 2, 2), context_dim=32)
 
 
@@ -67,7 +68,8 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from queries of width `dim` onto a context of width `context_dim` (self if equal)."""
+    """Multi-head attention from queries of width `dim` onto a context of width `context_dim`
+    (self-attention if equal)."""
 
     def __init__(self, dim, heads, context_dim=None):
         super().__init__()
@@ -75,7 +77,8 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # CompVis: Sequential(Linear, Dropout) -> key to_out.0
+        # CompVis: Sequential(Linear, Dropout) -> key to_out.0
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
     def forward(self, x, context=None):
         # x: [B, N, dim], context: [B, M, context_dim] (None: self-attention) -> [B, N, dim]
@@ -85,7 +88,8 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Gated GELU (Shazeer 2020): one projection gives value and gate; exact (erf) GELU as in CompVis/diffusers."""
+    """Gated GELU (Shazeer 2020): one projection gives value and gate; exact (erf) GELU as in
+    CompVis/diffusers."""
 
     def __init__(self, dim, inner):
         super().__init__()
@@ -224,7 +228,8 @@ class UNet(nn.Module):
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, context, skip_residuals=None):
-        """x [B, in_ch, h, w], timesteps int | 0-d | [B], context [B, N, context_dim] -> eps [B, out_ch, h, w].
+        """x [B, in_ch, h, w], timesteps int | 0-d | [B], context [B, N, context_dim]
+        -> eps [B, out_ch, h, w].
 
         skip_residuals[i] (broadcastable to skip i) is added to skip connection i before the decoder uses it:
         i = 0 is conv_in's output, i = 11 the last encoder ResBlock (ControlNet / Diff-Plugin SCB semantics).
@@ -237,7 +242,8 @@ class UNet(nn.Module):
             skips.append(h)
         for i, r in (skip_residuals or {}).items():
             if not 0 <= i < len(skips):
-                raise ValueError(f"skip_residuals: no skip connection {i} (this UNet has 0..{len(skips) - 1})")
+                raise ValueError(f"skip_residuals: no skip connection {i} "
+                                 f"(this UNet has 0..{len(skips) - 1})")
             skips[i] = skips[i] + r  # a new tensor: the caller's residual and the skip stay untouched
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:

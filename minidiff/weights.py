@@ -26,27 +26,30 @@ def read_state_dict(path, prefix=""):
             with safe_open(path, framework="pt") as f:
                 return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-            raise CheckpointError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: not a readable .safetensors file "
+                                  f"({str(e).splitlines()[0]})") from None
     try:
-        # torch.save's zip format is memory-mapped (no copy until a tensor is used); legacy pickles are read whole
+        # torch.save's zip format is memory-mapped (no copy until a tensor is used); legacy pickles load whole
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint that loads with weights_only=True "
                               f"({type(e).__name__}: {str(e).strip()[:160]})") from None
-    # Lightning .ckpt nests the weights under "state_dict"; Diff-Plugin's tpb.pt / PromptTunner.pt under "model".
+    # Lightning .ckpt nests weights under "state_dict"; Diff-Plugin's tpb.pt / PromptTunner.pt under "model".
     for nest in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(nest), dict):
             obj = obj[nest]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k[len(prefix):]: v for k, v in obj.items() if isinstance(v, torch.Tensor) and k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in obj.items()
+            if isinstance(v, torch.Tensor) and k.startswith(prefix)}
 
 
 def load_strict(model, state_dict, what, dtype=None, device="cpu", ignore=()):
     """Fill every parameter/buffer of `model` (usually built on the meta device) from `state_dict`.
 
     Every model tensor must be present with the same shape, and every checkpoint tensor used, except keys
-    starting with one of `ignore`. Raises CheckpointError naming the first offenders. Returns the model in eval mode.
+    starting with one of `ignore`. Raises CheckpointError naming the first offenders. Returns the model in
+    eval mode.
     """
     expected = model.state_dict()
     given = {k: v for k, v in state_dict.items() if not k.startswith(tuple(ignore))}
@@ -87,7 +90,6 @@ VAE_DIFFUSERS_RENAMES = [
     (r"\.attn_1\.(to_v|value)\.", ".attn_1.v."),
     (r"\.attn_1\.(to_out\.0|proj_attn)\.", ".attn_1.proj_out."),
 ]
-
 # Training-only tensors of standalone VAE files (CompVis kl-f8: the GAN loss; EMA bookkeeping): not the model.
 VAE_IGNORED = ("loss.", "model_ema.")
 
@@ -160,9 +162,10 @@ def clip_vision_from_openai(state_dict):
 
 # -------------------------------------------------------------------------------- Stable Diffusion 1.x UNet
 # Top-level diffusers UNet2DConditionModel modules -> CompVis UNetModel modules.
-UNET_DIFFUSERS_TOP = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+UNET_DIFFUSERS_TOP = {"time_embedding.linear_1.": "time_embed.0.",
+                      "time_embedding.linear_2.": "time_embed.2.",
                       "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
-# Block prefixes. Fields: b = diffusers block, j = layer in it, L = resnets per down block (up blocks have L + 1):
+# Block prefixes. Fields: b = diffusers block, j = layer in it, L = resnets per down block (up blocks: L + 1):
 # down = 1 + b(L+1) + j, op = (b+1)(L+1), up = b(L+1) + j, up_last = b(L+1) + L, slot = 2 if the up block has
 # attentions (Upsample after ResBlock + SpatialTransformer) else 1. The flag marks ResBlock prefixes.
 UNET_DIFFUSERS_BLOCKS = [
@@ -175,15 +178,16 @@ UNET_DIFFUSERS_BLOCKS = [
     (r"up_blocks\.(?P<b>\d+)\.attentions\.(?P<j>\d+)\.", "output_blocks.{up}.1.", False),
     (r"up_blocks\.(?P<b>\d+)\.upsamplers\.0\.", "output_blocks.{up_last}.{slot}.", False),
 ]
-# Inside a ResBlock (diffusers ResnetBlock2D -> CompVis ResBlock). SpatialTransformer names are the same in both.
+# Inside a ResBlock (diffusers ResnetBlock2D -> CompVis ResBlock). SpatialTransformer names are the same.
 UNET_RESNET_RENAMES = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
-                       "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}
+                       "norm2.": "out_layers.0.", "conv2.": "out_layers.3.",
+                       "conv_shortcut.": "skip_connection."}
 
 
 def unet_from_diffusers(state_dict):
     """Diffusers UNet2DConditionModel-style names -> CompVis names, for any block configuration (also the
-    diffusers-named Diff-Plugin SCB, whose down_blocks.0 / time_embedding map like a UNet's). Keys that no rule
-    matches (e.g. the SCB's controlnet_*) pass unchanged. Tensors are not copied."""
+    diffusers-named Diff-Plugin SCB, whose down_blocks.0 / time_embedding map like a UNet's). Keys that no
+    rule matches (e.g. the SCB's controlnet_*) pass unchanged. Tensors are not copied."""
     L = 1 + max([int(m[1]) for k in state_dict if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", k))],
                 default=-1)
     attn_up = {int(m[1]) for k in state_dict if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
@@ -195,10 +199,11 @@ def unet_from_diffusers(state_dict):
                 b, j = int(m.groupdict().get("b", 0)), int(m.groupdict().get("j", 0))
                 rest = key[m.end():]
                 if is_resnet:
-                    rest = next((v + rest[len(p):] for p, v in UNET_RESNET_RENAMES.items() if rest.startswith(p)),
-                                rest)
+                    rest = next((v + rest[len(p):] for p, v in UNET_RESNET_RENAMES.items()
+                                 if rest.startswith(p)), rest)
                 new = template.format(down=1 + b * (L + 1) + j, op=(b + 1) * (L + 1), mid=2 * j,
-                                      up=b * (L + 1) + j, up_last=b * (L + 1) + L, slot=2 if b in attn_up else 1)
+                                      up=b * (L + 1) + j, up_last=b * (L + 1) + L,
+                                      slot=2 if b in attn_up else 1)
                 new += rest
                 break
         out[new] = tensor

@@ -30,7 +30,8 @@ def oracle_python():
     """
     path = os.environ.get("MINIDIFF_ORACLE_PYTHON")
     if not path or not os.path.exists(path):
-        pytest.skip("MINIDIFF_ORACLE_PYTHON is not set (oracle virtualenv with torchvision, clean-fid, pytorch-fid)")
+        pytest.skip("MINIDIFF_ORACLE_PYTHON is not set "
+                    "(oracle virtualenv with torchvision, clean-fid, pytorch-fid)")
     return path
 
 
@@ -52,7 +53,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def photo_folder():
-    """A folder of real photos: the official demo photos beside the checkout (../shared/data/official-demo, varied
-    sizes and modes) when present, else the committed examples/ (public-domain photos, tools/make_examples.py)."""
+    """A folder of real photos: the official demo photos beside the checkout (../shared/data/official-demo,
+    varied sizes and modes) when present, else the committed examples/ (public-domain photos,
+    tools/make_examples.py)."""
     demo = os.path.join(os.path.dirname(REPO), "shared", "data", "official-demo")
     return demo if os.path.isdir(demo) else os.path.join(REPO, "examples")

@@ -1,4 +1,5 @@
-"""Test-side writer of the ORIGINAL Stable Diffusion 1.x single-file layout from diffusers/transformers modules.
+"""Test-side writer of the ORIGINAL Stable Diffusion 1.x single-file layout from diffusers/transformers
+modules.
 
 Written independently of minidiff.weights (prefix tables built by walking the block structure, the way the
 CompVis UNetModel constructor counts its blocks) and proved by test_unet.py: a round trip through diffusers'
@@ -9,13 +10,15 @@ Shared by the tests of U1 (UNet), S (pipelines), P1 (plugins) and U2 (VAE) to bu
     original_to_unet(state_dict, layers_per_block) -> diffusers names (the inverse; no diffusers import)
     vae_to_original(state_dict, levels) -> CompVis VAE names (no prefix; proved by test_vae.py)
     original_state_dict(unet=, vae=, text_encoder=) -> full single-file dict with the three prefixes
-    write_original_single_file(path, unet=, vae=, text_encoder=)   .safetensors, or .ckpt ({"state_dict": ...})
+    write_original_single_file(path, unet=, vae=, text_encoder=)
+        .safetensors, or .ckpt ({"state_dict": ...})
 """
 import re
 
 import torch
 
-UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = ("model.diffusion_model.", "first_stage_model.",
+                                       "cond_stage_model.transformer.")
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
@@ -71,8 +74,9 @@ def unet_to_original(dsd, layers_per_block):
 
 
 def original_to_unet(osd, layers_per_block, attention_blocks, blocks):
-    """CompVis names -> diffusers names (for unit tests without diffusers): the inverse of the prefix table of a
-    UNet with `blocks` down/up blocks, attention in down blocks `attention_blocks` (mirrored in the up blocks)."""
+    """CompVis names -> diffusers names (for unit tests without diffusers): the inverse of the prefix table of
+    a UNet with `blocks` down/up blocks, attention in down blocks `attention_blocks` (mirrored in the up
+    blocks)."""
     fake = ["conv_in.", "mid_block."]
     for b in range(blocks):
         fake.append(f"down_blocks.{b}.")
@@ -99,8 +103,9 @@ def original_to_unet(osd, layers_per_block, attention_blocks, blocks):
 
 
 def vae_to_original(dsd, levels):
-    """Diffusers AutoencoderKL state dict -> original CompVis VAE names (no prefix; tensors shared). U2's writer,
-    independent of minidiff.weights.vae_from_diffusers; proved by test_vae.py's round trip through diffusers."""
+    """Diffusers AutoencoderKL state dict -> original CompVis VAE names (no prefix; tensors shared). U2's
+    writer, independent of minidiff.weights.vae_from_diffusers; proved by test_vae.py's round trip through
+    diffusers."""
     out = {}
     for key, t in dsd.items():
         part, rest = key.split(".", 1)  # encoder / decoder / quant_conv / post_quant_conv
@@ -125,8 +130,9 @@ def vae_to_original(dsd, levels):
 
 
 def original_state_dict(unet=None, vae=None, text_encoder=None):
-    """The single-file dict (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`)
-    of a diffusers UNet2DConditionModel, a diffusers AutoencoderKL and a transformers CLIPTextModel."""
+    """The single-file dict (`model.diffusion_model.*`, `first_stage_model.*`,
+    `cond_stage_model.transformer.*`) of a diffusers UNet2DConditionModel, a diffusers AutoencoderKL and a
+    transformers CLIPTextModel."""
     out = {}
     if unet is not None:
         sd = unet_to_original(unet.state_dict(), unet.config.layers_per_block)

@@ -1,5 +1,5 @@
-"""GPU checks (skipped without CUDA): SDPA vs the explicit attention path, fp16/bf16 against fp32, torch.compile
-against eager, and the full-size UNet against diffusers on the GPU when diffusers is importable.
+"""GPU checks (skipped without CUDA): SDPA vs the explicit attention path, fp16/bf16 against fp32,
+torch.compile against eager, and the full-size UNet against diffusers on the GPU when diffusers is importable.
 
     python -m pytest tests/test_gpu.py -s     # on a CUDA machine; prints every measured difference
 """
@@ -85,9 +85,11 @@ def test_unet_vs_diffusers(full_unet):
     assert_close(ours(x, t, ctx), ref, 1e-4, "UNet fp32 vs diffusers (GPU)")
     for dtype in (torch.float16, torch.bfloat16):
         a, b = ours.to(dtype), ref_model.to(dtype)
-        out_a, out_b = a(x.to(dtype), t, ctx.to(dtype)).float(), b(x.to(dtype), t, ctx.to(dtype)).sample.float()
+        out_a = a(x.to(dtype), t, ctx.to(dtype)).float()
+        out_b = b(x.to(dtype), t, ctx.to(dtype)).sample.float()
         print(f"[{dtype}] minidiff vs fp32 {(out_a - ref).abs().max():.3e}, diffusers vs fp32 "
               f"{(out_b - ref).abs().max():.3e}, minidiff vs diffusers {(out_a - out_b).abs().max():.3e}")
-        # same casts, same kernels: minidiff's half-precision error is no larger than diffusers' own (x1.5 slack)
+        # same casts, same kernels: minidiff's half-precision error is no larger than diffusers' own
+        # (x1.5 slack)
         assert (out_a - ref).abs().max() <= 1.5 * (out_b - ref).abs().max() + 1e-3
         ours, ref_model = a.float(), b.float()

@@ -1,9 +1,9 @@
 """Tests for minidiff/unet.py (the SD-1.x UNet) and its diffusers parity.
 
-Fast: shapes (odd latent sizes too), timestep forms, skip_residuals (zeros change nothing, one residual changes
-the output, bad index refused), inputs left unmutated, SD-1.5 size and key count on the meta device.
-Parity (@pytest.mark.parity, needs diffusers 0.35.2): random diffusers UNet2DConditionModel weights written in the
-ORIGINAL single-file layout by tests/sd_layout.py, which is proved by a round trip through diffusers' own
+Fast: shapes (odd latent sizes too), timestep forms, skip_residuals (zeros change nothing, one residual
+changes the output, bad index refused), inputs left unmutated, SD-1.5 size and key count on the meta device.
+Parity (@pytest.mark.parity, needs diffusers 0.35.2): random diffusers UNet2DConditionModel weights written in
+the ORIGINAL single-file layout by tests/sd_layout.py, which is proved by a round trip through diffusers' own
 single-file converter; then eps vs diffusers at full SD-1.5 size (1x4x16x16) and tiny size (incl. 17x13), and
 Diff-Plugin's SCB residual path (12-entry list + zero mid residual, official-facts 1.9).
 Run: cd /work/main && nice -n 5 python -m pytest tests/test_unet.py -q -s     (about 60 s on 2 CPU cores)
@@ -66,16 +66,18 @@ def test_sd15_size_and_keys_on_meta():
     sd = unet.state_dict()
     assert len(sd) == 686
     assert sd["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 768)
-    assert sd["output_blocks.2.1.conv.weight"].shape == (1280, 1280, 3, 3)  # Upsample without attention: slot 1
-    assert sd["output_blocks.5.2.conv.weight"].shape == (1280, 1280, 3, 3)  # after a SpatialTransformer: slot 2
+    # an Upsample without attention sits in slot 1, after a SpatialTransformer in slot 2
+    assert sd["output_blocks.2.1.conv.weight"].shape == (1280, 1280, 3, 3)
+    assert sd["output_blocks.5.2.conv.weight"].shape == (1280, 1280, 3, 3)
     assert "input_blocks.3.0.op.weight" in sd and "out.2.bias" in sd and "time_embed.2.weight" in sd
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Parity with diffusers
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 def diffusers_unet(seed=0, meta=False, **kw):
-    """A diffusers SD-1.x-style UNet2DConditionModel; random weights, every tensor perturbed (no exact 0/1)."""
+    """A diffusers SD-1.x-style UNet2DConditionModel; random weights, every tensor perturbed (no exact
+    0/1)."""
     diffusers = pytest.importorskip("diffusers")
     kw = {"cross_attention_dim": 768, "attention_head_dim": 8, **kw}
     if meta:
@@ -108,7 +110,8 @@ def test_original_layout_round_trip_through_diffusers(kw):
     dunet = diffusers_unet(meta=True, **kw)
     dsd = dunet.state_dict()
     osd = sd_layout.unet_to_original(dsd, dunet.config.layers_per_block)
-    back = convert_ldm_unet_checkpoint({sd_layout.UNET_PREFIX + k: v for k, v in osd.items()}, dict(dunet.config))
+    back = convert_ldm_unet_checkpoint({sd_layout.UNET_PREFIX + k: v for k, v in osd.items()},
+                                       dict(dunet.config))
     assert set(back) == set(dsd) and all(back[k] is dsd[k] for k in dsd)
     print(f"[round trip {'sd15' if not kw else 'tiny'}] {len(dsd)} tensors identical")
 
@@ -128,15 +131,16 @@ def test_eps_parity_tiny(hw):
 
 @pytest.mark.parity
 def test_skip_residuals_parity_tiny():
-    """Diff-Plugin's SCB call: 3 real residuals on skips 0, 1, 2; diffusers needs the 12-entry list (9 broadcast
-    zeros) AND a zero mid residual, else it takes its T2I-Adapter path (official-facts 1.9)."""
+    """Diff-Plugin's SCB call: 3 real residuals on skips 0, 1, 2; diffusers needs the 12-entry list (9
+    broadcast zeros) AND a zero mid residual, else it takes its T2I-Adapter path (official-facts 1.9)."""
     dunet = diffusers_unet(**TINY_DIFFUSERS)
     unet = load_original(dunet)
     torch.manual_seed(2)
     x, ctx, t = torch.randn(1, 4, 16, 16), torch.randn(1, 6, 32), torch.tensor(999)
     res = [torch.randn(1, 32, 16, 16) for _ in range(3)]
     with torch.no_grad():
-        ref = dunet(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=res + [torch.zeros(1)] * 9,
+        ref = dunet(x, t, encoder_hidden_states=ctx,
+                    down_block_additional_residuals=res + [torch.zeros(1)] * 9,
                     mid_block_additional_residual=torch.zeros(1)).sample
         plain = dunet(x, t, encoder_hidden_states=ctx).sample
         eps = unet(x, t, ctx, skip_residuals=dict(enumerate(res)))

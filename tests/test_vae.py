@@ -22,7 +22,8 @@ from minidiff.weights import CheckpointError, read_state_dict, vae_from_diffuser
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # small inputs on a shared 2-core machine: one thread runs this file 2x faster than two oversubscribed ones
+    # small inputs on a shared 2-core machine: one thread runs this file 2x faster than two oversubscribed
+    # ones
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

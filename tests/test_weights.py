@@ -1,11 +1,13 @@
-"""Tests for the SD/UNet sections of minidiff/weights.py and minidiff/loading.py: unet_from_diffusers, the UNet
-config read from shapes, one-line errors for other model families and broken files, and load_stable_diffusion.
+"""Tests for the SD/UNet sections of minidiff/weights.py and minidiff/loading.py: unet_from_diffusers, the
+UNet config read from shapes, one-line errors for other model families and broken files, and
+load_stable_diffusion.
 
 Fast: rename-table coverage on a model-made state dict (every CompVis key reached, also at SD-1.5 size on the
-meta device, and the diffusers-named Diff-Plugin SCB subset), config inference, error messages, a tiny original
-single file (.safetensors and .ckpt) written from minidiff modules and loaded back tensor for tensor.
+meta device, and the diffusers-named Diff-Plugin SCB subset), config inference, error messages, a tiny
+original single file (.safetensors and .ckpt) written from minidiff modules and loaded back tensor for tensor.
 Parity (@pytest.mark.parity, needs diffusers + transformers): a tiny SD written from diffusers/transformers
-modules as an original single file and as a diffusers folder (save_pretrained); the loaded UNet matches diffusers.
+modules as an original single file and as a diffusers folder (save_pretrained); the loaded UNet matches
+diffusers.
 Run: cd /work/main && python -m pytest tests/test_weights.py -q -s     (about 20 s on 2 CPU cores)
 """
 from dataclasses import replace
@@ -39,7 +41,8 @@ def test_unet_from_diffusers_reaches_every_key(cfg):
 
 def test_unet_from_diffusers_on_scb_names():
     """Diff-Plugin's SCB file: one diffusers down block, no downsampler, plus its own controlnet_* tensors."""
-    sd = {n: torch.zeros(1) for n in ["time_embedding.linear_1.weight", "down_blocks.0.resnets.1.conv1.weight",
+    sd = {n: torch.zeros(1) for n in ["time_embedding.linear_1.weight",
+                                      "down_blocks.0.resnets.1.conv1.weight",
                                       "down_blocks.0.resnets.0.time_emb_proj.bias",
                                       "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight",
                                       "controlnet_cond_embedding.weight", "controlnet_down_blocks.2.bias"]}
@@ -49,9 +52,10 @@ def test_unet_from_diffusers_on_scb_names():
         "controlnet_down_blocks.2.bias"]
 
 
-@pytest.mark.parametrize("cfg", [TINY_UNET, UNetConfig(),
-                                 replace(TINY_UNET, num_res_blocks=1, channel_mult=(1, 2), attention_levels=(1,)),
-                                 replace(TINY_UNET, channel_mult=(1, 1, 2), attention_levels=(), context_dim=48)])
+@pytest.mark.parametrize("cfg", [
+    TINY_UNET, UNetConfig(),
+    replace(TINY_UNET, num_res_blocks=1, channel_mult=(1, 2), attention_levels=(1,)),
+    replace(TINY_UNET, channel_mult=(1, 1, 2), attention_levels=(), context_dim=48)])
 def test_config_from_shapes(cfg):
     assert unet_config_from_state_dict(model_state_dict(cfg, meta=True)) == cfg
 
@@ -81,7 +85,8 @@ def test_sdxl_and_sd2_markers_named():
     with pytest.raises(CheckpointError, match="label_emb/add_embedding .*SDXL"):
         build_unet({**sd, "label_emb.0.0.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="SDXL"):  # diffusers names
-        build_unet({"conv_in.weight": torch.zeros(32, 4, 3, 3), "add_embedding.linear_1.weight": torch.zeros(1)})
+        build_unet({"conv_in.weight": torch.zeros(32, 4, 3, 3),
+                    "add_embedding.linear_1.weight": torch.zeros(1)})
     key = "middle_block.1.proj_in.weight"
     with pytest.raises(CheckpointError, match="linear proj_in .*SD 2.x"):
         build_unet({**sd, key: sd[key][:, :, 0, 0]})
@@ -95,7 +100,8 @@ def tiny_single_file_dict(seed=0):
     from minidiff.vae import TINY_VAE, AutoencoderKL
     torch.manual_seed(seed)
     parts = {"model.diffusion_model.": UNet(TINY_UNET), "first_stage_model.": AutoencoderKL(TINY_VAE),
-             "cond_stage_model.transformer.": CLIPTextModel(replace(TINY_CLIP_TEXT, width=TINY_UNET.context_dim))}
+             "cond_stage_model.transformer.": CLIPTextModel(
+                 replace(TINY_CLIP_TEXT, width=TINY_UNET.context_dim))}
     return {p + k: v for p, m in parts.items() for k, v in m.state_dict().items()}
 
 
@@ -133,13 +139,14 @@ def test_bad_files_one_line_errors(tmp_path):
     sd = {k[len("model.diffusion_model."):]: v for k, v in tiny_single_file_dict().items()
           if k.startswith("model.diffusion_model.")}
     save_file(sd, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(CheckpointError, match="diffusers folder has no vae/diffusion_pytorch_model.safetensors"):
+    with pytest.raises(CheckpointError,
+                       match="diffusers folder has no vae/diffusion_pytorch_model.safetensors"):
         load_stable_diffusion(str(folder))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Parity: files written from diffusers / transformers modules
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 def reference_parts():
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
@@ -150,7 +157,7 @@ def reference_parts():
                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32).eval()
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, vocab_size=49408,
-        max_position_embeddings=77)).eval()  # heads = width // 64: the only count minidiff can read from shapes
+        max_position_embeddings=77)).eval()  # heads = width // 64: the only count minidiff reads from shapes
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(torch.randn_like(p), alpha=0.02)  # no parameter keeps its exact default (0 or 1)

@@ -252,7 +252,8 @@ def worker_plugin(kw):
     """One Diff-Plugin restore (UniPC, kw steps) of a size x size photo with full-size random networks, fp32.
 
     minidiff: minidiff.plugin.restore. diffusers: the official loop rebuilt from diffusers + transformers in
-    tests/official_oracle.py (the parity tests' reference). Timing only: each side draws its own random weights.
+    tests/official_oracle.py (the parity tests' reference). Timing only: each side draws its own random
+    weights.
     """
     import numpy as np
     import torch
@@ -276,10 +277,11 @@ def worker_plugin(kw):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPVisionConfig, CLIPVisionModel
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).eval()  # SD 1.x sizes
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2).eval()
-        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                                num_attention_heads=16, patch_size=14,
+        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096,
+                                                num_hidden_layers=24, num_attention_heads=16, patch_size=14,
                                                 hidden_act="quick_gelu")).eval()
         plugin = ("derain", oracle.RefTPB(1024, 768).eval(), oracle.RefSCB(320, 8, 768).eval())
         run = lambda: oracle.official_restore(unet, vae, clip, [plugin], photo, photo,  # noqa: E731
@@ -287,7 +289,8 @@ def worker_plugin(kw):
     t = time.perf_counter()
     with torch.inference_mode():
         run()
-    return {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(), "threads": torch.get_num_threads()}
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(),
+            "threads": torch.get_num_threads()}
 
 
 WORKERS = {"load": worker_load, "unet": worker_unet, "plugin": worker_plugin}
@@ -345,7 +348,8 @@ def bench_load(ctx):
 
 
 def bench_plugin(ctx):
-    """Wall time of one 20-step Diff-Plugin restore of a 512x512 photo, CPU fp32, minidiff vs the diffusers loop."""
+    """Wall time of one 20-step Diff-Plugin restore of a 512x512 photo, CPU fp32, minidiff vs the diffusers
+    loop."""
     a, res = ctx.args, {lib: [] for lib in libraries(ctx)}
     for _ in range(a.rounds):
         for lib in res:

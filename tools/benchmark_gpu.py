@@ -4,11 +4,12 @@
     python tools/benchmark_gpu.py --json gpu.json                 # on a CUDA machine; diffusers optional
     python tools/benchmark_gpu.py --dtypes fp16 --runs 5 --no-compile   # quick look
 
-Random SD-1.5 weights are drawn in diffusers' UNet2DConditionModel (when diffusers is installed) and renamed into
-minidiff's UNet with minidiff.weights.unet_from_diffusers, so both run the very same numbers; without diffusers only
-minidiff's rows are filled. Inputs: batch 2 (a classifier-free-guidance pair) of 64x64 latents (512x512 images),
-77-token context. Each figure is the median of --runs forward passes after --warmup passes, timed with CUDA events.
-Attention runs through PyTorch SDPA in both libraries (flash / memory-efficient kernels in fp16 and bf16).
+Random SD-1.5 weights are drawn in diffusers' UNet2DConditionModel (when diffusers is installed) and renamed
+into minidiff's UNet with minidiff.weights.unet_from_diffusers, so both run the very same numbers; without
+diffusers only minidiff's rows are filled. Inputs: batch 2 (a classifier-free-guidance pair) of 64x64 latents
+(512x512 images), 77-token context. Each figure is the median of --runs forward passes after --warmup passes,
+timed with CUDA events. Attention runs through PyTorch SDPA in both libraries (flash / memory-efficient
+kernels in fp16 and bf16).
 """
 import argparse
 import json
@@ -49,7 +50,8 @@ def build_models():
     except ImportError:
         return ours.cuda().eval().requires_grad_(False), None
     ref = diffusers.UNet2DConditionModel(
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
     ours.load_state_dict(unet_from_diffusers(ref.state_dict()))
@@ -107,7 +109,8 @@ def main(argv=None):
                 for r in rows:
                     if r["dtype"] == name:
                         r["vs_diffusers_eager"] = round(base / r["ms"], 3)  # > 1: faster than diffusers
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "rows": rows}
+    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
+              "rows": rows}
     print(json.dumps(record, indent=1))
     if args.json:
         tmp = args.json + ".tmp"

@@ -94,7 +94,8 @@ def _format(path):
         with safe_open(path, framework="pt") as f:
             return (f.metadata() or {}).get("format", "")
     except Exception as e:  # safetensors' own error types: truncated, not safetensors at all
-        raise CheckpointError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a readable .safetensors file "
+                              f"({str(e).splitlines()[0]})") from None
 
 
 def convert(src, out, args):
