@@ -8,7 +8,7 @@ original single file (.safetensors and .ckpt) written from minidiff modules and 
 Parity (@pytest.mark.parity, needs diffusers + transformers): a tiny SD written from diffusers/transformers
 modules as an original single file and as a diffusers folder (save_pretrained); the loaded UNet matches
 diffusers.
-Run: cd /work/main && python -m pytest tests/test_weights.py -q -s     (about 20 s on 2 CPU cores)
+Run: cd /work/main && python -m pytest tests/test_loading.py -q -s     (about 20 s on 2 CPU cores)
 """
 from dataclasses import replace
 
