@@ -334,12 +334,13 @@ def run_plugin(sd, plugin, feats, image, steps, seed, bar=None):
 
 @torch.no_grad()
 def restore(sd, clip_vision, plugins, image, *, steps=20, chain_steps=3, seed=42, progress=True,
-            clip_image=None):
+            clip_image=None, features=None):
     """Run `plugins` one after another on `image` (each on the previous output), as the official demo.
 
     image: the photo at its processing size (call official_resize, or your own cap, first; it is rescaled
     to multiples of 8 if needed). clip_image: the photo CLIP sees, for every plugin; the official code uses
-    the ORIGINAL loaded photo, before the 512 resize (default: `image`). The first plugin samples `steps`
+    the ORIGINAL loaded photo, before the 512 resize (default: `image`); features: its clip_features(), when
+    already computed (the selector needs the same ones). The first plugin samples `steps`
     UniPC steps, later ones `chain_steps` (demo.py: 3); the noise generator is re-seeded with `seed` for
     each plugin. No plugins: the photo comes back unchanged. Returns a PIL image of the processing size.
     """
@@ -349,7 +350,8 @@ def restore(sd, clip_vision, plugins, image, *, steps=20, chain_steps=3, seed=42
         return image
     for plugin in plugins:
         check_fits(sd, clip_vision, plugin)
-    feats = clip_features(clip_vision, image if clip_image is None else clip_image)  # [1, 256, clip_dim]
+    feats = features if features is not None else \
+        clip_features(clip_vision, image if clip_image is None else clip_image)  # [1, 256, clip_dim]
     total = steps + chain_steps * (len(plugins) - 1)
     with tqdm(total=total, disable=not progress, desc="restore", unit="step") as bar:
         for k, plugin in enumerate(plugins):

@@ -147,15 +147,17 @@ def run_photo(models, path, out_dir, *, prompt=None, tasks=None, steps=20, chain
     <stem>-compare.png (input | result) and <stem>.json, each atomically, the JSON last; with dry_run only
     the JSON. `record`: extra fields for the JSON (settings, hashes). Returns the record.
     """
-    from minidiff.plugin import restore
+    from minidiff.plugin import clip_features, restore
     from minidiff.selector import select
     stem = os.path.splitext(os.path.basename(path))[0]
     clock = [time.perf_counter()]
     notes = []
     image = load_image(path, notes)
+    feats = None  # CLIP features of the photo as loaded: computed once for the selector and the plugins
     if prompt is not None:  # the selector sees the photo as loaded, as demo.py
+        feats = clip_features(models.clip_vision, image)
         tasks, scores = select(models.selector, models.sd, models.clip_vision, models.plugins, image, prompt,
-                               threshold)
+                               threshold, features=feats)
     else:
         tasks, scores = list(tasks or []), None
     clock.append(time.perf_counter())
@@ -175,7 +177,7 @@ def run_photo(models, path, out_dir, *, prompt=None, tasks=None, steps=20, chain
         # CLIP sees the photo as loaded, every plugin the previous one's output (demo.py l.123, 177-251)
         result = image if not tasks else restore(
             models.sd, models.clip_vision, [models.plugins[t] for t in tasks], processed, steps=steps,
-            chain_steps=chain_steps, seed=seed, progress=progress, clip_image=image)
+            chain_steps=chain_steps, seed=seed, progress=progress, clip_image=image, features=feats)
         clock.append(time.perf_counter())
         save_png_atomic(result, os.path.join(out_dir, stem + ".png"))
         save_png_atomic(side_by_side(image, result), os.path.join(out_dir, stem + "-compare.png"))

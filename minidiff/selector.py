@@ -120,10 +120,11 @@ def official_order(tasks, available):
 
 
 @torch.no_grad()
-def scores(selector, sd, clip_vision, plugins, image, prompt):
-    """Raw scores {task: float, ..., "null": float} of `prompt` for `image` (the photo as loaded)."""
+def scores(selector, sd, clip_vision, plugins, image, prompt, features=None):
+    """Raw scores {task: float, ..., "null": float} of `prompt` for `image` (the photo as loaded);
+    features: clip_features(clip_vision, image) when the caller already has them."""
     p = next(selector.parameters())
-    feats = clip_features(clip_vision, image)  # [1, 256, clip_dim], as the plugins see it
+    feats = features if features is not None else clip_features(clip_vision, image)  # [1, 256, clip_dim]
     rows = []
     for plugin in plugins:  # each TPB where its weights are; the max over the 256 tokens -> [768]
         w = next(plugin.tpb.parameters())
@@ -134,7 +135,7 @@ def scores(selector, sd, clip_vision, plugins, image, prompt):
     return {name: float(v) for name, v in zip([pl.task for pl in plugins] + [NULL], s.tolist())}
 
 
-def select(selector, sd, clip_vision, plugins, image, prompt, threshold=0.0):
+def select(selector, sd, clip_vision, plugins, image, prompt, threshold=0.0, features=None):
     """Tasks to run for `prompt` and the raw scores (negative values kept, "null" included).
 
     As demo.py: a plugin runs when its score is above `threshold` (0: negative scores are zeroed, then > 0);
@@ -146,7 +147,7 @@ def select(selector, sd, clip_vision, plugins, image, prompt, threshold=0.0):
         raise ValueError("the prompt is empty: say what to do, e.g. 'remove the rain'")
     plugins = list(plugins.values()) if isinstance(plugins, dict) else list(plugins)
     names = [pl.task for pl in plugins]
-    s = scores(selector, sd, clip_vision, plugins, image, prompt)
+    s = scores(selector, sd, clip_vision, plugins, image, prompt, features)
     chosen = [t for t in names if s[t] > threshold]
     chosen += composite_tasks(prompt, names)[0]
     return official_order(chosen, names), s
