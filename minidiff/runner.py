@@ -148,7 +148,7 @@ def run_photo(models, path, out_dir, *, prompt=None, tasks=None, steps=20, chain
     the JSON. `record`: extra fields for the JSON (settings, hashes). Returns the record.
     """
     from minidiff.plugin import clip_features, restore
-    from minidiff.selector import select
+    from minidiff.selector import composite_tasks, select
     stem = os.path.splitext(os.path.basename(path))[0]
     clock = [time.perf_counter()]
     notes = []
@@ -167,7 +167,9 @@ def run_photo(models, path, out_dir, *, prompt=None, tasks=None, steps=20, chain
         processed, resize = image, "none: no plugin to apply, the photo comes back untouched"
     clock.append(time.perf_counter())
     fake = models is not None and models.fake  # models None: a dry run with explicit tasks needs none
+    composite = composite_tasks(prompt, list(models.plugins))[1] if prompt is not None else None
     record = {"input": os.path.abspath(path), "prompt": prompt, "tasks": tasks, "scores": scores,
+              "composite_matches": composite,
               "threshold": threshold if prompt is not None else None, "fake_weights": fake,
               **({"warning": FAKE_WARNING} if fake else {}), "dry_run": dry_run, "outputs": None,
               "input_size": list(image.size), "input_notes": notes, "processed_size": list(processed.size),
