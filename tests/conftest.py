@@ -7,6 +7,7 @@ CI must run every comparison against the reference libraries.
 import os
 
 import pytest
+import torch
 
 
 def pytest_addoption(parser):
@@ -35,3 +36,13 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") and report.skipped and "parity" in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"parity test skipped under CI: {report.longrepr}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module of tiny models: on a shared 2-core machine two oversubscribed
+    threads run them several times slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

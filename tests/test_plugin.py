@@ -12,6 +12,8 @@ from helpers import assert_close
 from minidiff.plugin import (TASKS, TINY_PLUGIN, SCB, TPB, TaskPlugin, find_plugins, load_plugin,
                              official_resize, restore, save_plugin)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny_plugin(task="derain", seed=0):
     torch.manual_seed(seed)
@@ -77,15 +79,6 @@ def test_official_resize_rule():
 
 # --------------------------------------------------------------------------------------------------------
 # Parity with the official loop (diffusers 0.35.2 + transformers 4.57, tiny random weights, official layouts)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: one thread is ~50x faster than two oversubscribed ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,8 @@ from minidiff import selector as sel
 from minidiff.plugin import TINY_PLUGIN, TPB, TaskPlugin, load_plugin
 from minidiff.weights import CheckpointError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: oversubscribed threads only slow them down
-    yield
-    torch.set_num_threads(n)
 
 
 def fake_scores(monkeypatch, values):

@@ -20,14 +20,7 @@ from minidiff.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL, VAEConfig
 from minidiff.loading import build_vae
 from minidiff.weights import CheckpointError, read_state_dict, vae_from_diffusers
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small inputs on a shared 2-core machine: one thread runs this file 2x faster than two oversubscribed
-    # ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # diffusers attention names: current -> legacy (the names of older diffusers files such as SD-1.4's vae/)
