@@ -26,6 +26,8 @@ from pathlib import Path, PurePath
 
 from tqdm import tqdm
 
+from minidiff.imageio import sha256_file
+
 HF = "https://huggingface.co"
 # Official Diff-Plugin weights live in the code repository itself (pre-trained/<task>/...); pinned to the
 # commit the reference notes were taken at.
@@ -203,14 +205,6 @@ def _is_huggingface(url):
     return host in ("huggingface.co", "hf.co") or host.endswith(".huggingface.co") or host == endpoint
 
 
-def sha256_of(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_file(url, dest, size=None, sha256=None, progress=True, timeout=60, chunk=1 << 20):
     """Fetch `url` to `dest`: resume `<dest>.part` with a Range request, check size and sha256, rename.
 
@@ -309,7 +303,7 @@ def download(keys, root="checkpoints", base_url=None, progress=True, verify=Fals
 def _complete(dest, f, verify):
     if not dest.is_file() or (f.size is not None and dest.stat().st_size != f.size):
         return False
-    return not (verify and f.sha256 is not None and sha256_of(dest) != f.sha256)
+    return not (verify and f.sha256 is not None and sha256_file(dest) != f.sha256)
 
 
 def _part_size(dest):

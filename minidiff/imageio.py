@@ -19,7 +19,6 @@ multiples of 8) runs photos of any size at full size, and a 2834x2091 photo runs
 """
 import hashlib
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -176,7 +175,7 @@ def side_by_side(a, b):
     return out
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call write(tmp) on a temporary name in the destination folder, then rename it over `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -197,7 +196,7 @@ def _atomic_write(path, write):
 
 def save_png_atomic(image, path):
     """Save a PIL image as PNG at `path` without ever leaving a half-written file there."""
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_json_atomic(obj, path):
@@ -207,7 +206,7 @@ def save_json_atomic(obj, path):
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def sha256_file(path, chunk=1 << 20):

@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minidiff.imageio import atomic_write
 from minidiff.layers import timestep_embedding
 from minidiff.weights import CheckpointError, load_strict, read_state_dict
 
@@ -214,13 +215,7 @@ def save_plugin(plugin, path, metadata=None):
     meta = {k: str(v) for k, v in {**plugin.metadata, **(metadata or {})}.items()}
     meta.update(format=FORMAT, task=plugin.task, heads=str(plugin.scb.cfg.heads))
     tensors = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def _is_plugin_file(path):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from minidiff.imageio import (IMAGE_SUFFIXES, fit_size, list_images, load_image, save_json_atomic,
-                              save_png_atomic, side_by_side)
+from minidiff.imageio import (DEFAULT_MAX_SIDE, IMAGE_SUFFIXES, fit_size, list_images, load_image,
+                              save_json_atomic, save_png_atomic, side_by_side)
 
 FAKE_WARNING = "FAKE WEIGHTS: random tiny models, the images mean nothing (for trying the tools and tests)"
 
@@ -140,7 +140,7 @@ def plan_inputs(src, out_dir, prompt=None, tasks=None, prompts_file=None):
 
 
 def run_photo(models, path, out_dir, *, prompt=None, tasks=None, steps=20, chain_steps=3, seed=42,
-              threshold=0.0, max_side=1536, dry_run=False, progress=True, record=None):
+              threshold=0.0, max_side=DEFAULT_MAX_SIDE, dry_run=False, progress=True, record=None):
     """Restore one photo: select (prompt) or take `tasks`, resize, run the plugins, write the outputs.
 
     Writes <stem>.png (the result, at the processed size; the photo as loaded when no plugin applies),

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minidiff.imageio import atomic_write
 from minidiff.plugin import TASKS, clip_features, strip_module_prefix
 from minidiff.weights import CheckpointError, load_strict, read_state_dict
 
@@ -88,10 +89,8 @@ def save_selector(selector, path, metadata=None):
     """Write the selector as a minidiff .safetensors (atomically)."""
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta["format"] = FORMAT
-    tmp = f"{path}.tmp{os.getpid()}"
     tensors = {k: v.detach().contiguous().cpu() for k, v in selector.state_dict().items()}
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 @torch.no_grad()

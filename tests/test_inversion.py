@@ -26,7 +26,6 @@ import math
 
 import numpy as np
 import PIL.Image
-import pytest
 import torch
 
 from minidiff.schedulers import DDIMInverse, alphas_cumprod, make_sampler

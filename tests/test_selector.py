@@ -14,7 +14,7 @@ from PIL import Image
 
 from helpers import assert_close
 from minidiff import selector as sel
-from minidiff.plugin import TINY_PLUGIN, TPB, TaskPlugin, load_plugin
+from minidiff.plugin import load_plugin
 from minidiff.weights import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

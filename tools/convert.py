@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from minidiff import plugin as P
+from minidiff.imageio import atomic_write
 from minidiff import selector as S
 from minidiff.weights import CheckpointError, scb_to_diffusers
 
@@ -78,14 +79,7 @@ def _to_file(write, out, overwrite):
     """Write a single file through a temporary name in the same folder."""
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        _replace(tmp, out, True)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(out, write)
 
 
 def _format(path):

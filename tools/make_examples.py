@@ -14,7 +14,6 @@ import argparse
 import glob
 import hashlib
 import io
-import json
 import os
 import sys
 import zipfile
@@ -24,7 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minidiff.imageio import ImageError, save_json_atomic, to_rgb  # noqa: E402
+from minidiff.imageio import ImageError, atomic_write, save_json_atomic, to_rgb  # noqa: E402
 
 # source file -> (sha256 as in scikit-image's skimage/data/_registry.py, licence from its docstring)
 SOURCES = {
@@ -127,9 +126,7 @@ def main():
         out = degrade(np.asarray(photo, np.float64) / 255.0, rng)
         out = Image.fromarray((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
         path = os.path.join(args.output, stem + ".jpg")
-        tmp = path + ".tmp"
-        out.save(tmp, format="JPEG", quality=args.quality)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: out.save(tmp, format="JPEG", quality=args.quality))
         prompts[stem] = prompt
         print(f"{path}: {out.width}x{out.height}, {os.path.getsize(path) // 1024} KiB, from {name}")
     save_json_atomic(prompts, os.path.join(args.output, "prompts.json"))

@@ -20,6 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from minidiff.imageio import DEFAULT_MAX_SIDE  # noqa: E402  (numpy + PIL only: --help stays quick)
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -43,7 +44,8 @@ def parse_args(argv=None):
     a("--chain-steps", type=int, default=3, help="steps of every plugin after the first (official demo: 3)")
     a("--seed", type=int, default=42, help="noise seed; every photo of a folder uses the same one")
     a("--threshold", type=float, default=0.0, help="selector threshold: plugins scoring above it run")
-    a("--max-side", type=int, default=1536, help="cap on the processed long side (0: none, as official)")
+    a("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+      help="cap on the processed long side (0: none, as official)")
     a("--sd", help="Stable Diffusion 1.x: single file or diffusers folder (default under checkpoints/)")
     a("--clip", help="CLIP ViT-L/14 vision weights (default under checkpoints/)")
     a("--plugins", help="folder of plugins: official <task>/ folders or <task>.safetensors")
@@ -81,6 +83,10 @@ def check_args(args):
     if not 0.0 < args.strength <= 1.0:
         raise UsageError("--strength must be in (0, 1]")
     import torch
+    from minidiff.schedulers import NUM_TRAIN_TIMESTEPS
+    for name in ("steps", "chain_steps"):
+        if (getattr(args, name) or 0) > NUM_TRAIN_TIMESTEPS:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {NUM_TRAIN_TIMESTEPS}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -106,7 +112,8 @@ def check_weights(args, need_selector):
     for name in ("sd", "clip", "plugins", "selector"):
         setattr(args, name, getattr(args, name) or defaults[name])
     tasks = args.task if args.mode == "plugin" else None
-    if tasks and (len(set(tasks)) < len(tasks) or not set(tasks) <= set(TASKS) | available(args)):
+    found = available(args) if tasks else set()  # lists the plugin folder once
+    if tasks and (len(set(tasks)) < len(tasks) or not set(tasks) <= set(TASKS) | found):
         raise UsageError(f"--task {' '.join(tasks)}: unknown or repeated task; known: {', '.join(TASKS)}")
     if args.fake_weights:
         return
@@ -114,7 +121,7 @@ def check_weights(args, need_selector):
     wanted += [args.selector, args.plugins] if need_selector else []
     missing = [p for p in wanted if not os.path.exists(p)]
     if args.mode == "plugin" and args.task:  # only the plugins asked for
-        missing += [os.path.join(args.plugins, t) for t in args.task if t not in available(args)]
+        missing += [os.path.join(args.plugins, t) for t in args.task if t not in found]
     if missing:
         print(missing_weights_message(missing), file=sys.stderr)
         sys.exit(1)
