@@ -23,13 +23,13 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from minidiff.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 FEATURE_TYPES = ("clip_vit_b_32", "inception")
 FEATURE_DIMS = {"clip_vit_b_32": 512, "inception": 2048}
 # clean-fid's EXTENSIONS (utils.py): globbed case-sensitively, so "x.Png" is not an image there either
 EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy", "JPEG", "JPG", "PNG")
 CLIP_SIZE = 224
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (clean-fid CLIP_fx)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 KID_SUBSETS = 100  # clean-fid kernel_distance defaults
 KID_MAX_SUBSET = 1000
 
@@ -88,7 +88,7 @@ def clip_pixels(arr):
     x = torch.from_numpy(np.array(clip_resize(arr))).permute(2, 0, 1)  # [224, 224, 3] -> [3, 224, 224]
     # ToTensor()*255 (dataset) then /255 (CLIP_fx): kept as two float32 steps, which can move a value by 1 ulp
     x = x.float().div(255) * 255 / 255.0
-    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN), torch.tensor(OPENAI_CLIP_STD)  # clean-fid CLIP_fx
     return (x - mean[:, None, None]) / std[:, None, None]
 
 

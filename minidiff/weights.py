@@ -184,6 +184,11 @@ UNET_RESNET_RENAMES = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time
                        "conv_shortcut.": "skip_connection."}
 
 
+def _swap_prefix(key, pairs):
+    """`key` with the first matching (old, new) prefix replaced by new; unchanged when none matches."""
+    return next((new + key[len(old):] for old, new in pairs if key.startswith(old)), key)
+
+
 def unet_from_diffusers(state_dict):
     """Diffusers UNet2DConditionModel-style names -> CompVis names, for any block configuration (also the
     diffusers-named Diff-Plugin SCB, whose down_blocks.0 / time_embedding map like a UNet's). Keys that no
@@ -193,14 +198,13 @@ def unet_from_diffusers(state_dict):
     attn_up = {int(m[1]) for k in state_dict if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     out = {}
     for key, tensor in state_dict.items():
-        new = next((v + key[len(p):] for p, v in UNET_DIFFUSERS_TOP.items() if key.startswith(p)), key)
+        new = _swap_prefix(key, UNET_DIFFUSERS_TOP.items())
         for pattern, template, is_resnet in UNET_DIFFUSERS_BLOCKS:
             if m := re.match(pattern, key):
                 b, j = int(m.groupdict().get("b", 0)), int(m.groupdict().get("j", 0))
                 rest = key[m.end():]
                 if is_resnet:
-                    rest = next((v + rest[len(p):] for p, v in UNET_RESNET_RENAMES.items()
-                                 if rest.startswith(p)), rest)
+                    rest = _swap_prefix(rest, UNET_RESNET_RENAMES.items())
                 new = template.format(down=1 + b * (L + 1) + j, op=(b + 1) * (L + 1), mid=2 * j,
                                       up=b * (L + 1) + j, up_last=b * (L + 1) + L,
                                       slot=2 if b in attn_up else 1)
@@ -225,31 +229,27 @@ SCB_DIFFUSERS_NAMES = [
 ]
 
 
-def _rename_scb(state_dict, to_minidiff):
+def _rename_scb(state_dict, pairs, resnet_pairs):
+    """Rename by the first matching (src, dst) block prefix; inside a ResBlock also by `resnet_pairs`."""
     out = {}
     for key, tensor in state_dict.items():
-        new = key
-        for diff, mini in SCB_DIFFUSERS_NAMES:
-            src, dst = (diff, mini) if to_minidiff else (mini, diff)
+        for src, dst in pairs:
             if key.startswith(src):
                 rest = key[len(src):]
-                if ".resnets." in diff:  # inside a ResBlock: the UNet's table (norm1 -> in_layers.0 ...)
-                    for rdiff, rmini in UNET_RESNET_RENAMES.items():
-                        rsrc, rdst = (rdiff, rmini) if to_minidiff else (rmini, rdiff)
-                        if rest.startswith(rsrc):
-                            rest = rdst + rest[len(rsrc):]
-                            break
-                new = dst + rest
+                if ".resnets." in src + dst:  # inside a ResBlock: the UNet's table (norm1 -> in_layers.0 ...)
+                    rest = _swap_prefix(rest, resnet_pairs)
+                key = dst + rest
                 break
-        out[new] = tensor  # unknown keys pass through; load_strict names them
+        out[key] = tensor  # unknown keys pass through; load_strict names them
     return out
 
 
 def scb_from_diffusers(state_dict):
     """Official (diffusers-named) SCB state dict -> minidiff.plugin.SCB names. Tensors are not copied."""
-    return _rename_scb(state_dict, to_minidiff=True)
+    return _rename_scb(state_dict, SCB_DIFFUSERS_NAMES, UNET_RESNET_RENAMES.items())
 
 
 def scb_to_diffusers(state_dict):
     """minidiff.plugin.SCB state dict -> the official diffusers names (for tools/convert.py)."""
-    return _rename_scb(state_dict, to_minidiff=False)
+    return _rename_scb(state_dict, [(m, d) for d, m in SCB_DIFFUSERS_NAMES],
+                       [(m, d) for d, m in UNET_RESNET_RENAMES.items()])

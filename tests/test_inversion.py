@@ -89,7 +89,7 @@ def test_constant_eps_round_trip_is_exact():
     results = {n: round_trip(lambda x, t: eps, x0, n) for n in STEPS}
     report("constant", results)
     for err, bound, rounding in results.values():
-        assert bound == rounding  # E_k = 0: nothing but float32 rounding
+        assert err <= rounding  # E_k = 0: the only error left is float32 rounding
 
 
 def test_affine_eps_round_trip_within_lipschitz_bound():
