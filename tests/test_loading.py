@@ -159,7 +159,7 @@ def reference_parts():
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, vocab_size=49408,
         max_position_embeddings=77)).eval()  # heads = width // 64: the only count minidiff reads from shapes
     with torch.no_grad():
-        for p in unet.parameters():
+        for p in [*unet.parameters(), *vae.parameters(), *text.parameters()]:
             p.add_(torch.randn_like(p), alpha=0.02)  # no parameter keeps its exact default (0 or 1)
     return unet, vae, text
 
@@ -193,3 +193,10 @@ def test_load_reference_written_checkpoints(tmp_path, layout):
         hidden = pipe.text_encoder(ids)[0]
         hidden_ref = text(ids).last_hidden_state
     assert_close(hidden, hidden_ref, 1e-4, f"text hidden via {layout}")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean, _ = pipe.vae.encode(x)
+        dist = vae.encode(x).latent_dist
+        decoded, decoded_ref = pipe.vae.decode(mean), vae.decode(dist.mean).sample
+    assert_close(mean, dist.mean, 1e-4, f"VAE mean via {layout}")
+    assert_close(decoded, decoded_ref, 1e-4, f"VAE decode via {layout}")
