@@ -29,13 +29,14 @@ _EXPORTS = {
     # Diff-Plugin
     "TASKS": "plugin",
     "TaskPlugin": "plugin",
-    "load_plugin": "plugin",
-    "save_plugin": "plugin",
+    "load_plugin": "plugin_files",
+    "save_plugin": "plugin_files",
     "restore": "plugin",
     "PluginSelector": "selector",
-    "load_selector": "selector",
+    "load_selector": "plugin_files",
     "select": "selector",
     "load_image": "imageio",
+    "save_selector": "plugin_files",
     # FID / KID
     "load_feature_extractor": "metrics",
     "frechet_distance": "metrics",

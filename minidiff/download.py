@@ -26,13 +26,13 @@ from pathlib import Path, PurePath
 
 from tqdm import tqdm
 
-from minidiff.imageio import sha256_file
+from minidiff.files import sha256_file
+from minidiff.plugin import TASKS
 
 HF = "https://huggingface.co"
 # Official Diff-Plugin weights live in the code repository itself (pre-trained/<task>/...); pinned to the
 # commit the reference notes were taken at.
 DIFF_PLUGIN = "https://github.com/yuhaoliu7456/Diff-Plugin/raw/79e12bb46e01b498215fb385ce88099c75b2a7e5"
-TASKS = ("derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire")  # official order
 
 
 class DownloadError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Image files in and out for the tools: robust loading, the size cap, comparisons, atomic writes.
+"""Images in and out, and every image rule in one place: robust loading, the official size rule, the size
+cap, PIL <-> tensor, side-by-side comparisons, atomic PNG writes.
 
 Loading mirrors the official Diff-Plugin code (yuhaoliu7456/Diff-Plugin @ 79e12bb, infer.py l.90, through
 diffusers 0.17 `load_image`, utils/testing_utils.py l.262-290: PIL open, `ImageOps.exif_transpose`, convert
@@ -14,17 +15,17 @@ Each such step is recorded in an optional `notes` list so the tools can write do
 
 Size: the official resolution rule (infer.py l.96-107: short side raised to 512 when smaller, then
 multiples of 8) runs photos of any size at full size, and a 2834x2091 photo runs out of GPU memory.
-`fit_size` applies that rule (minidiff.plugin.official_resize) unless the result's long side would exceed
+`fit_size` applies that rule (official_resize) unless the result's long side would exceed
 `max_side`; then it downscales the photo once (LANCZOS) so the long side fits, multiples of 8, and says so.
 """
-import hashlib
-import json
 import os
-import tempfile
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from minidiff.files import atomic_write
 
 # Default cap on the long side of the processed image. The official demo's largest setting is a short side of
 # 1024 (demo.py `image_resolution` slider 512-1024), i.e. 1536 long for a 3:2 photo. Peak GPU memory of one
@@ -114,17 +115,50 @@ def list_images(folder):
     return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
 
 
-def official_size(width, height):
-    """Size the official rule gives: short side raised to 512 when smaller (int() truncation), then
-    multiples of 8. Arithmetic only, to decide on the cap without building a huge image;
-    minidiff.plugin.official_resize does the actual resize and tests/test_imageio.py checks the two agree.
-    """
+def upscaled_size(width, height):
+    """infer.py l.96-107: when a side is below 512, the size that raises the short side to 512 (int()
+    truncation, ties to the else branch); otherwise the size unchanged."""
     if width < OFFICIAL_SHORT_SIDE or height < OFFICIAL_SHORT_SIDE:
         if width < height:
-            width, height = OFFICIAL_SHORT_SIDE, int(OFFICIAL_SHORT_SIDE / width * height)
-        else:
-            width, height = int(OFFICIAL_SHORT_SIDE / height * width), OFFICIAL_SHORT_SIDE
+            return OFFICIAL_SHORT_SIDE, int(OFFICIAL_SHORT_SIDE / width * height)
+        return int(OFFICIAL_SHORT_SIDE / height * width), OFFICIAL_SHORT_SIDE
+    return width, height
+
+
+def official_size(width, height):
+    """Size the official rule gives (upscaled_size, then multiples of 8), by arithmetic only: decides on
+    the cap without building a huge image."""
+    width, height = upscaled_size(width, height)
     return width - width % 8, height - height % 8
+
+
+def official_resize(image):
+    """The official resolution rule: short side raised to 512 when a side is below 512 (PIL bicubic,
+    infer.py l.96-107), then the LANCZOS rescale to multiples of 8 of diffusers' VaeImageProcessor.preprocess.
+    Photos with both sides >= 512 are not downscaled."""
+    size = upscaled_size(*image.size)
+    image = image if size == image.size else image.resize(size, Image.BICUBIC)
+    return to_multiple_of_8(image)
+
+
+def to_multiple_of_8(image):
+    """Rescale (not crop) to (W - W % 8, H - H % 8) with LANCZOS, as VaeImageProcessor (a copy if there)."""
+    w, h = image.size
+    if w < 8 or h < 8:
+        raise ValueError(f"image {w}x{h} is too small; apply official_resize() first")
+    return image.resize((w - w % 8, h - h % 8), Image.LANCZOS)
+
+
+def pil_to_tensor(image):
+    """PIL RGB -> [1, 3, H, W] float32 in [-1, 1] (uint8 / 255, then 2x - 1, as VaeImageProcessor)."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB")).astype(np.float32) / 255.0)  # [H, W, 3]
+    return (2.0 * x - 1.0).permute(2, 0, 1)[None].contiguous()  # [1, 3, H, W]
+
+
+def tensor_to_pil(x):
+    """[1, 3, H, W] about [-1, 1] -> PIL RGB: (x/2 + 0.5) clamped, x 255, rounded half-to-even."""
+    x = (x[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
+    return Image.fromarray((x * 255).round().astype(np.uint8))
 
 
 def _rescale(image, scale):
@@ -147,7 +181,7 @@ def cap_size(image, max_side=DEFAULT_MAX_SIDE):
 def fit_size(image, max_side=DEFAULT_MAX_SIDE):
     """The image at the size the plugins run at, and a one-line note saying how it got there.
 
-    The official rule (minidiff.plugin.official_resize) unless its long side would exceed `max_side`; then
+    The official rule (official_resize) unless its long side would exceed `max_side`; then
     one rescale so the long side is exactly max_side (multiples of 8): a downscale of a big photo, or, for a
     small elongated one that the 512 rule would stretch past the cap, a smaller upscale. The short side may
     then end below 512. max_side None or 0 turns the cap off, as in the official code.
@@ -155,7 +189,6 @@ def fit_size(image, max_side=DEFAULT_MAX_SIDE):
     w, h = image.size
     ow, oh = official_size(w, h)
     if not max_side or max(ow, oh) <= max_side:
-        from minidiff.plugin import official_resize  # the plugin stack is only needed when resizing for it
         out = official_resize(image)
         how = "unchanged" if out.size == (w, h) else "official rule (short side >= 512, multiples of 8)"
         return out, f"{w}x{h} -> {out.size[0]}x{out.size[1]}: {how}"
@@ -175,57 +208,6 @@ def side_by_side(a, b):
     return out
 
 
-def atomic_write(path, write):
-    """Call write(tmp) on a temporary name in the destination folder, then rename it over `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)  # atomic on POSIX and Windows within one folder
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_png_atomic(image, path):
     """Save a PIL image as PNG at `path` without ever leaving a half-written file there."""
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def save_json_atomic(obj, path):
-    """Write `obj` as indented JSON (UTF-8, trailing newline) at `path`, atomically."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def sha256_file(path, chunk=1 << 20):
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_path(path):
-    """SHA-256 of a file, or {relative path: SHA-256} of every file under a folder (diffusers, plugins)."""
-    if os.path.isfile(path):
-        return sha256_file(path)
-    found = {}
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            found[os.path.relpath(full, path)] = sha256_file(full)
-    return found

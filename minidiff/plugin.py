@@ -14,32 +14,28 @@ and plugin chaining).
   UNet's skip connections 0, 1, 2, the ones its last decoder stage consumes. Parameter names follow the
   CompVis UNet (`input_blocks.{1,2}`, `time_embed`); the diffusers-named official file maps via weights.py.
 
-    plugin = load_plugin("pre-trained/derain")                  # or "plugins/derain.safetensors"
-    photo = load_image(...)                                      # the photo as loaded (EXIF-rotated RGB)
+    plugin = load_plugin("pre-trained/derain")   # minidiff.plugin_files; or "plugins/derain.safetensors"
+    photo = load_image(...)                       # minidiff.imageio: the photo as loaded (EXIF-rotated RGB)
     out = restore(sd, clip_vision, [plugin], official_resize(photo), clip_image=photo)
 """
-import json
-import os
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
+from tqdm import tqdm
 
-from minidiff.imageio import atomic_write
+from minidiff.clip import clip_preprocess
+from minidiff.imageio import pil_to_tensor, tensor_to_pil, to_multiple_of_8
 from minidiff.layers import timestep_embedding
-from minidiff.weights import CheckpointError, load_strict, read_state_dict
+from minidiff.schedulers import add_noise, make_sampler
+from minidiff.unet import ResBlock, SpatialTransformer
+from minidiff.vae import LATENT_SCALE
 
 # The eight official tasks, in the official demo's order (demo.py l.32): selection and chaining follow it.
 TASKS = ("derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire")
 # Tasks whose sampling starts from pure noise instead of the re-noised input latent (demo.py l.179-182).
 PURE_NOISE_TASKS = ("lowlight", "highlight")
 RENOISE_FROM = 960  # infer.py `time_threshold`: at every step with t >= this, x = add_noise(cond, noise, t)
-MIN_SIDE = 512  # infer.py l.96-107: a photo with a side below this is upscaled so its short side is 512
-FORMAT = "minidiff-plugin"  # safetensors metadata "format" of minidiff's one-file plugins
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,6 @@ class SCB(nn.Module):
 
     def __init__(self, cfg=PluginConfig()):
         super().__init__()
-        from minidiff.unet import ResBlock, SpatialTransformer  # the SD core's blocks, CompVis names
         self.cfg = cfg
         c, emb = cfg.channels, 4 * cfg.channels
         # time embedding: sinusoid(channels) -> Linear -> SiLU -> Linear (diffusers TimestepEmbedding)
@@ -129,155 +124,8 @@ class TaskPlugin(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Files: the official folder `<task>/{scb/config.json, scb/diffusion_pytorch_model.bin, tpb.pt}` and
-# minidiff's `<task>.safetensors` (keys `tpb.*`, `scb.*`; metadata format, task, heads, base_model, ...).
-# --------------------------------------------------------------------------------------------------------
-
-def strip_module_prefix(state_dict):
-    """Drop the `module.` prefix DataParallel/DDP training leaves on every key (official tpb.pt may)."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def config_from_state_dicts(tpb_sd, scb_sd, heads):
-    """PluginConfig from the TPB and SCB (minidiff names) tensor shapes; the head count is not in them."""
-    try:
-        clip_dim = tpb_sd["visual_projection.0.weight"].shape[1]
-        context_dim = tpb_sd["visual_projection.6.weight"].shape[0]
-        channels, latent_channels = scb_sd["input_blocks.0.0.weight"].shape[:2]
-    except KeyError as e:
-        raise CheckpointError(f"plugin: no tensor {e}; not a Diff-Plugin TPB/SCB state dict") from None
-    return PluginConfig(clip_dim=clip_dim, context_dim=context_dim, latent_channels=latent_channels,
-                        channels=channels, heads=heads)
-
-
-def build_plugin(task, tpb_sd, scb_sd, heads, metadata=None, dtype=None, device="cpu"):
-    """TaskPlugin from minidiff-named state dicts (strict, built on the meta device, no weight copy)."""
-    cfg = config_from_state_dicts(tpb_sd, scb_sd, heads)
-    with torch.device("meta"):
-        tpb, scb = TPB(cfg), SCB(cfg)
-    load_strict(tpb, tpb_sd, f"{task} TPB", dtype=dtype, device=device)
-    load_strict(scb, scb_sd, f"{task} SCB", dtype=dtype, device=device)
-    return TaskPlugin(task, tpb, scb, metadata).eval()
-
-
-def read_scb_config(folder):
-    """Official scb/config.json -> number of heads, after checking it describes the SCB implemented here."""
-    path = os.path.join(folder, "scb", "config.json")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the SCB config ({e})") from None
-    heads = cfg.get("attention_head_dim", 8)
-    heads = heads[0] if isinstance(heads, list) else heads
-    expect = {"down_block_types": ["CrossAttnDownBlock2D"], "layers_per_block": 2, "norm_num_groups": 32}
-    for key, value in expect.items():
-        if cfg.get(key, value) != value:
-            raise CheckpointError(f"{path}: {key} = {cfg[key]!r}, but a Diff-Plugin SCB has {value!r}")
-    return int(heads)
-
-
-def load_plugin(path, task=None, dtype=torch.float32, device="cpu"):
-    """Load a Task-Plugin: an official folder (`<task>/scb/`, `<task>/tpb.pt`) or a minidiff .safetensors.
-
-    task defaults to the folder name / the file's metadata / the file stem.
-    """
-    from minidiff.weights import scb_from_diffusers
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        heads = read_scb_config(path)
-        scb_dir = os.path.join(path, "scb")
-        names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
-        files = [os.path.join(scb_dir, n) for n in names if os.path.isfile(os.path.join(scb_dir, n))]
-        if not files:
-            raise CheckpointError(f"{scb_dir}: no diffusion_pytorch_model.bin or .safetensors")
-        scb_sd = scb_from_diffusers(strip_module_prefix(read_state_dict(files[0])))
-        tpb_sd = strip_module_prefix(read_state_dict(os.path.join(path, "tpb.pt")))
-        task = task or os.path.basename(os.path.normpath(path))
-        return build_plugin(task, tpb_sd, scb_sd, heads, {"source": "official"}, dtype, device)
-    if not path.endswith(".safetensors"):
-        raise CheckpointError(f"{path}: not a plugin folder (scb/ + tpb.pt) nor a .safetensors file")
-    sd = read_state_dict(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: no '{FORMAT}' metadata; not a minidiff plugin file")
-    tpb_sd = {k[4:]: v for k, v in sd.items() if k.startswith("tpb.")}
-    scb_sd = {k[4:]: v for k, v in sd.items() if k.startswith("scb.")}
-    task = task or meta.get("task") or os.path.basename(path)[:-len(".safetensors")]
-    return build_plugin(task, tpb_sd, scb_sd, int(meta.get("heads", 8)), meta, dtype, device)
-
-
-def save_plugin(plugin, path, metadata=None):
-    """Write `plugin` as one minidiff .safetensors (atomically). metadata: e.g. base_model, steps_trained."""
-    meta = {k: str(v) for k, v in {**plugin.metadata, **(metadata or {})}.items()}
-    meta.update(format=FORMAT, task=plugin.task, heads=str(plugin.scb.cfg.heads))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def _is_plugin_file(path):
-    try:
-        with safe_open(path, framework="pt") as f:  # reads the header only
-            return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # not a readable safetensors file: not a plugin
-        return False
-
-
-def find_plugins(folder):
-    """Plugins in `folder` -> {task: path}, official tasks first in TASKS order, then others by name.
-
-    Recognises `<task>/scb/config.json` + `<task>/tpb.pt` (official) and `<task>.safetensors` with minidiff
-    plugin metadata (preferred when both exist). Other files (a selector.safetensors, notes) are ignored.
-    """
-    found = {}
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        full = os.path.join(folder, name)
-        if os.path.isdir(full) and os.path.isfile(os.path.join(full, "scb", "config.json")) \
-                and os.path.isfile(os.path.join(full, "tpb.pt")):
-            found.setdefault(name, full)
-        elif name.endswith(".safetensors") and os.path.isfile(full) and _is_plugin_file(full):
-            found[name[:-len(".safetensors")]] = full
-    order = [t for t in TASKS if t in found] + sorted(t for t in found if t not in TASKS)
-    return {t: found[t] for t in order}
-
-
-# --------------------------------------------------------------------------------------------------------
 # The official restoration loop (infer.py l.86-160, demo.py l.160-251).
 # --------------------------------------------------------------------------------------------------------
-
-def official_resize(image):
-    """The official resolution rule: short side raised to 512 when a side is below 512 (PIL bicubic, int()
-    truncation, ties to the else branch, infer.py l.96-107), then the LANCZOS rescale to multiples of 8 of
-    diffusers' VaeImageProcessor.preprocess. Photos with both sides >= 512 are not downscaled."""
-    w, h = image.size
-    if w < MIN_SIDE or h < MIN_SIDE:
-        size = (MIN_SIDE, int(MIN_SIDE / w * h)) if w < h else (int(MIN_SIDE / h * w), MIN_SIDE)
-        image = image.resize(size, Image.BICUBIC)
-    return to_multiple_of_8(image)
-
-
-def to_multiple_of_8(image):
-    """Rescale (not crop) to (W - W % 8, H - H % 8) with LANCZOS, as VaeImageProcessor (a copy if there)."""
-    w, h = image.size
-    if w < 8 or h < 8:
-        raise ValueError(f"image {w}x{h} is too small; apply official_resize() first")
-    return image.resize((w - w % 8, h - h % 8), Image.LANCZOS)
-
-
-def pil_to_tensor(image):
-    """PIL RGB -> [1, 3, H, W] float32 in [-1, 1] (uint8 / 255, then 2x - 1, as VaeImageProcessor)."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB")).astype(np.float32) / 255.0)  # [H, W, 3]
-    return (2.0 * x - 1.0).permute(2, 0, 1)[None]  # [1, 3, H, W]
-
-
-def tensor_to_pil(x):
-    """[1, 3, H, W] about [-1, 1] -> PIL RGB: (x/2 + 0.5) clamped, x 255, rounded half-to-even."""
-    x = (x[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
-    return Image.fromarray((x * 255).round().astype(np.uint8))
-
 
 def check_fits(sd, clip_vision, plugin):
     """Raise ValueError (one line) when a plugin's widths do not fit the loaded UNet / CLIP vision model."""
@@ -295,7 +143,6 @@ def check_fits(sd, clip_vision, plugin):
 def clip_features(clip_vision, image):
     """CLIP patch tokens the TPB reads: hidden_states[24][:, 1:] of ViT-L/14 (the last layer's output before
     the post-LayerNorm, CLS dropped) -> [1, 256, 1024]. The official code feeds the ORIGINAL photo."""
-    from minidiff.clip import clip_preprocess
     p = next(clip_vision.parameters())
     out = clip_vision(clip_preprocess(image.convert("RGB")).to(p.device, p.dtype))
     return out.hidden_states[-1][:, 1:]  # [-1] == [24] for ViT-L/14 (24 layers); drop CLS -> [1, 256, D]
@@ -304,8 +151,6 @@ def clip_features(clip_vision, image):
 @torch.no_grad()
 def run_plugin(sd, plugin, feats, image, steps, seed, bar=None):
     """One official plugin pass (infer.py l.108-160): `steps` UniPC steps from the photo `image` -> PIL."""
-    from minidiff.schedulers import add_noise, make_sampler
-    from minidiff.vae import LATENT_SCALE
     p = next(sd.unet.parameters())
     context = plugin.tpb(feats.to(p.device, p.dtype))  # [1, 256, 768] replaces the text context everywhere
     mean, _ = sd.vae.encode(pil_to_tensor(image).to(p.device, p.dtype))
@@ -339,7 +184,6 @@ def restore(sd, clip_vision, plugins, image, *, steps=20, chain_steps=3, seed=42
     UniPC steps, later ones `chain_steps` (demo.py: 3); the noise generator is re-seeded with `seed` for
     each plugin. No plugins: the photo comes back unchanged. Returns a PIL image of the processing size.
     """
-    from tqdm import tqdm
     image = to_multiple_of_8(image.convert("RGB"))
     if not plugins:
         return image

@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from minidiff.files import save_json_atomic
 from minidiff.imageio import (DEFAULT_MAX_SIDE, IMAGE_SUFFIXES, fit_size, list_images, load_image,
-                              save_json_atomic, save_png_atomic, side_by_side)
+                              save_png_atomic, side_by_side)
 
 FAKE_WARNING = "FAKE WEIGHTS: random tiny models, the images mean nothing (for trying the tools and tests)"
 
@@ -86,8 +87,7 @@ def load_models(sd, clip, plugins, tasks=None, selector=None, dtype=torch.float3
     all found, which the selector needs); selector: its file, or None when no selection is wanted.
     Raises MissingPlugins for a task without a plugin file, CheckpointError for a bad file.
     """
-    from minidiff.plugin import find_plugins, load_plugin
-    from minidiff.selector import load_selector
+    from minidiff.plugin_files import find_plugins, load_plugin, load_selector
     from minidiff.loading import load_clip_vision, load_stable_diffusion
     found = find_plugins(plugins)
     missing = [os.path.join(plugins, t) for t in (tasks or []) if t not in found]

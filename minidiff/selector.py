@@ -10,26 +10,20 @@ the visual head `proj_v`, the pooled CLIP text embedding of the instruction thro
 the score is exp(logit_scale) x cosine. A "null" entry, the pooled embedding of " " put through the VISUAL
 head, stands for "nothing to do". Plugins scoring above the threshold theta (0) run, in the official order.
 
-    selector = load_selector("pre-trained/plugin_selector/PromptTunner.pt")
+    selector = load_selector("pre-trained/plugin_selector/PromptTunner.pt")   # minidiff.plugin_files
     tasks, scores = select(selector, sd, clip_vision, plugins, photo, "remove the rain please")
 """
 import math
-import os
 import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from minidiff.imageio import atomic_write
-from minidiff.plugin import TASKS, clip_features, strip_module_prefix
-from minidiff.weights import CheckpointError, load_strict, read_state_dict
+from minidiff.plugin import TASKS, clip_features
 
 NULL = "null"  # the score entry meaning "no plugin": its row is last, as in the official demo (index 8)
 NULL_TEXT = " "  # the text whose pooled embedding is the null entry (demo.py l.98-100)
-FORMAT = "minidiff-selector"  # safetensors metadata "format" of minidiff's selector files
 
 # Predefined mapping table (paper sec. 3.2): composite requests no single plugin covers -> sub-tasks. Each
 # entry: (regular expression matched case-insensitively on word boundaries, sub-tasks, why). The sub-tasks
@@ -65,32 +59,6 @@ class PluginSelector(nn.Module):
         v = F.normalize(self.proj_v(visual), dim=-1)  # [N, dim], unit length
         q = F.normalize(self.proj_t(text), dim=-1)  # [1, dim]
         return self.logit_scale.exp() * (v @ q.T)[:, 0]  # [N]: exp(logit_scale) * cosine
-
-
-def load_selector(path, dtype=torch.float32, device="cpu"):
-    """The official PromptTunner.pt ({'model': state dict}, keys maybe `module.`-prefixed) or a minidiff
-    .safetensors written by save_selector."""
-    path = os.fspath(path)
-    sd = strip_module_prefix(read_state_dict(path))
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("format") != FORMAT:
-                raise CheckpointError(f"{path}: no '{FORMAT}' metadata; not a minidiff selector file")
-    if "proj_v.weight" not in sd:
-        raise CheckpointError(f"{path}: no proj_v.weight; not a Diff-Plugin selector ({len(sd)} tensors)")
-    if "logit_scale" in sd:
-        sd["logit_scale"] = sd["logit_scale"].reshape(())  # accept a [1] scalar as well as a 0-d one
-    with torch.device("meta"):
-        model = PluginSelector(sd["proj_v.weight"].shape[0])
-    return load_strict(model, sd, f"plugin selector ({path})", dtype=dtype, device=device)
-
-
-def save_selector(selector, path, metadata=None):
-    """Write the selector as a minidiff .safetensors (atomically)."""
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    meta["format"] = FORMAT
-    tensors = {k: v.detach().contiguous().cpu() for k, v in selector.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 @torch.no_grad()

@@ -13,8 +13,10 @@ import sys
 import pytest
 import torch
 
-from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin, find_plugins, load_plugin, save_plugin
-from minidiff.selector import PluginSelector, load_selector
+from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin
+from minidiff.plugin_files import (export_official_plugin, find_plugins, load_plugin, load_selector,
+                                   save_plugin)
+from minidiff.selector import PluginSelector
 from minidiff.weights import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +60,7 @@ def test_plugin_round_trips_bit_exact(tmp_path):
 def test_pre_trained_folder_and_selector(tmp_path):
     pre = tmp_path / "pre-trained"
     for i, task in enumerate(["dehaze", "derain"]):
-        convert.plugin_to_official(tiny_plugin(task, i), str(pre / task))
+        export_official_plugin(tiny_plugin(task, i), str(pre / task))
     torch.manual_seed(3)
     sel = PluginSelector(32)
     (pre / "plugin_selector").mkdir()
@@ -100,7 +102,7 @@ def test_exported_files_load_into_official_modules(tmp_path):
     pytest.importorskip("diffusers")
     import official_oracle as oracle
     plugin = tiny_plugin("derain", 0)
-    convert.plugin_to_official(plugin, str(tmp_path / "derain"))
+    export_official_plugin(plugin, str(tmp_path / "derain"))
     cfg = json.loads((tmp_path / "derain" / "scb" / "config.json").read_text())
     width, heads, ctx = cfg["block_out_channels"][0], cfg["attention_head_dim"], cfg["cross_attention_dim"]
     ref_scb = oracle.RefSCB(width, heads, ctx)
@@ -123,7 +125,7 @@ def test_official_folder_with_safetensors_weights(tmp_path):
     # diffusers can also save the SCB as diffusion_pytorch_model.safetensors: read it the same way
     from safetensors.torch import save_file
     plugin = tiny_plugin("deblur", 4)
-    convert.plugin_to_official(plugin, str(tmp_path / "deblur"))
+    export_official_plugin(plugin, str(tmp_path / "deblur"))
     scb = tmp_path / "deblur" / "scb"
     save_file(torch.load(scb / "diffusion_pytorch_model.bin", weights_only=True),
               scb / "diffusion_pytorch_model.safetensors")

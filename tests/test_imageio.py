@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from minidiff.files import save_json_atomic, sha256_file
 from minidiff.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_size,
-                              save_json_atomic, save_png_atomic, sha256_file, side_by_side)
+                              save_png_atomic, side_by_side)
 
 
 def _png16_rgb(path, arr):
@@ -129,7 +130,7 @@ def test_list_images_skips_other_files(tmp_path):
 @pytest.mark.parametrize("size", [(1, 1), (300, 200), (200, 300), (511, 511), (512, 512), (700, 530),
                                   (900, 301), (2834, 2091)])
 def test_official_size_matches_official_resize(size):
-    from minidiff.plugin import official_resize
+    from minidiff.imageio import official_resize
     assert official_resize(Image.new("RGB", size)).size == official_size(*size)
 
 

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from helpers import assert_close
-from minidiff.plugin import (TASKS, TINY_PLUGIN, SCB, TPB, TaskPlugin, find_plugins, load_plugin,
-                             official_resize, restore, save_plugin)
+from minidiff.imageio import official_resize
+from minidiff.plugin import TASKS, TINY_PLUGIN, SCB, TPB, TaskPlugin, restore
+from minidiff.plugin_files import find_plugins, load_plugin, save_plugin
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -168,9 +168,9 @@ def test_real_loading_path_and_hashes(tmp_path):
     import hashlib
     from safetensors.torch import save_file
 
-    from minidiff.plugin import save_plugin
+    from minidiff.plugin_files import save_plugin
     from minidiff.runner import fake_models
-    from minidiff.selector import save_selector
+    from minidiff.plugin_files import save_selector
     m = fake_models(["derain", "deblur"])
     parts = {"model.diffusion_model.": m.sd.unet, "first_stage_model.": m.sd.vae,
              "cond_stage_model.transformer.": m.sd.text_encoder}

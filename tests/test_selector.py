@@ -14,7 +14,7 @@ from PIL import Image
 
 from helpers import assert_close
 from minidiff import selector as sel
-from minidiff.plugin import load_plugin
+from minidiff.plugin_files import load_plugin, load_selector, save_selector
 from minidiff.weights import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,15 +56,15 @@ def test_selector_files(tmp_path):
     model = sel.PluginSelector(16)
     sd = {"module." + k: v for k, v in model.state_dict().items()}
     torch.save({"model": sd}, tmp_path / "PromptTunner.pt")
-    back = sel.load_selector(tmp_path / "PromptTunner.pt")
+    back = load_selector(tmp_path / "PromptTunner.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
     assert math.isclose(back.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
-    sel.save_selector(back, str(tmp_path / "selector.safetensors"))
-    again = sel.load_selector(tmp_path / "selector.safetensors")
+    save_selector(back, str(tmp_path / "selector.safetensors"))
+    again = load_selector(tmp_path / "selector.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError):
-        sel.load_selector(tmp_path / "bad.pt")
+        load_selector(tmp_path / "bad.pt")
 
 
 def test_scores_formula():
@@ -105,7 +105,7 @@ def test_scores_match_official(tmp_path):
         read_state_dict(str(tmp_path / "sd" / "text_encoder" / "model.safetensors"))))
     clip_vision = load_clip_vision(str(tmp_path / "clip"))
     plugins = [load_plugin(tmp_path / "pre-trained" / t) for t in tasks]
-    selector = sel.load_selector(tmp_path / "PromptTunner.pt")
+    selector = load_selector(tmp_path / "PromptTunner.pt")
     for prompt in ["please remove the rain", "Make it brighter!", "restore the face, it's blurry"]:
         expect = oracle.official_scores(ref, text, ref_tok, clip, tpbs, photo, prompt)
         tasks_, scores = sel.select(selector, sd, clip_vision, plugins, photo, prompt)

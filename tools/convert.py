@@ -17,62 +17,15 @@ Outputs are written under a temporary name and renamed; an existing output is ne
 --overwrite. Pickles are read with torch.load(weights_only=True) only.
 """
 import argparse
-import json
 import os
 import shutil
 import sys
 
-import torch
-from safetensors import safe_open
-
-from minidiff import plugin as P
-from minidiff.imageio import atomic_write
-from minidiff import selector as S
-from minidiff.weights import CheckpointError, scb_to_diffusers
-
-OFFICIAL_BASE_MODEL = "CompVis/stable-diffusion-v1-4"  # the official plugins' base model (infer.py l.22)
-
-
-def official_scb_config(cfg):
-    """scb/config.json as the released ones (derain's key set), for a PluginConfig."""
-    return {"_class_name": "SCBNet", "_diffusers_version": "0.17.1", "act_fn": "silu",
-            "attention_head_dim": cfg.heads, "block_out_channels": [cfg.channels], "class_embed_type": None,
-            "conditioning_embedding_out_channels": [16, 32, 96, 256],
-            "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": cfg.context_dim,
-            "down_block_types": ["CrossAttnDownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True,
-            "freq_shift": 0, "global_pool_conditions": False, "in_channels": cfg.latent_channels,
-            "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-            "num_class_embeds": None, "only_cross_attention": False,
-            "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default",
-            "upcast_attention": False, "use_linear_projection": False}
-
-
-def _contiguous(sd):
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-
-
-def _replace(tmp, out, overwrite):
-    """Move the finished temporary output into place (a folder or a file)."""
-    if os.path.exists(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
-        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-    os.replace(tmp, out)
-
-
-def plugin_to_official(plugin, out, overwrite=False):
-    """Write `plugin` as an official `<task>/` folder (scb/config.json, scb/*.bin, tpb.pt), atomically."""
-    tmp = f"{out.rstrip(os.sep)}.tmp{os.getpid()}"
-    os.makedirs(os.path.join(tmp, "scb"))
-    try:
-        with open(os.path.join(tmp, "scb", "config.json"), "w") as f:
-            json.dump(official_scb_config(plugin.scb.cfg), f, indent=2, sort_keys=True)
-        torch.save(scb_to_diffusers(_contiguous(plugin.scb.state_dict())),
-                   os.path.join(tmp, "scb", "diffusion_pytorch_model.bin"))
-        torch.save({"model": _contiguous(plugin.tpb.state_dict())}, os.path.join(tmp, "tpb.pt"))
-        _replace(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+from minidiff.files import atomic_write
+from minidiff.plugin_files import (OFFICIAL_BASE_MODEL, PLUGIN_FORMAT, export_official_plugin,
+                                   export_official_selector, find_plugins, load_plugin, load_selector,
+                                   read_format, save_plugin, save_selector)
+from minidiff.weights import CheckpointError
 
 
 def _to_file(write, out, overwrite):
@@ -82,27 +35,28 @@ def _to_file(write, out, overwrite):
     atomic_write(out, write)
 
 
-def _format(path):
-    """The minidiff "format" metadata of a .safetensors file ('' when none)."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format", "")
-    except Exception as e:  # safetensors' own error types: truncated, not safetensors at all
-        raise CheckpointError(f"{path}: not a readable .safetensors file "
-                              f"({str(e).splitlines()[0]})") from None
+def _to_folder(plugin, out, overwrite):
+    """Write an official plugin folder: built complete under a temporary name, then moved into place."""
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    tmp = f"{out.rstrip(os.sep)}.new{os.getpid()}"
+    export_official_plugin(plugin, tmp)
+    if os.path.exists(out):
+        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+    os.replace(tmp, out)
 
 
 def convert(src, out, args):
     """Convert one input; returns a list of 'what -> where' lines."""
     meta = {"base_model": args.base_model, "steps_trained": args.steps_trained, "converted_from": src}
     if os.path.isdir(src) and os.path.isdir(os.path.join(src, "scb")):  # official plugin folder
-        plugin = P.load_plugin(src, task=args.task)
+        plugin = load_plugin(src, task=args.task)
         if not out.endswith(".safetensors"):
             raise ValueError(f"{out}: a minidiff plugin file must end in .safetensors")
-        _to_file(lambda tmp: P.save_plugin(plugin, tmp, meta), out, args.overwrite)
+        _to_file(lambda tmp: save_plugin(plugin, tmp, meta), out, args.overwrite)
         return [f"plugin {plugin.task}: {src} -> {out}"]
     if os.path.isdir(src):  # a pre-trained/ folder: every official plugin and the selector
-        found = {t: p for t, p in P.find_plugins(src).items() if os.path.isdir(p)}
+        found = {t: p for t, p in find_plugins(src).items() if os.path.isdir(p)}
         selector = os.path.join(src, "plugin_selector", "PromptTunner.pt")
         if not found and not os.path.isfile(selector):
             raise ValueError(f"{src}: no official plugin folders (<task>/scb/, <task>/tpb.pt) nor selector")
@@ -115,18 +69,19 @@ def convert(src, out, args):
         return done
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: no such file or folder")
-    if src.endswith(".safetensors") and _format(src) == P.FORMAT:  # minidiff plugin -> official folder
-        plugin = P.load_plugin(src, task=args.task)
-        plugin_to_official(plugin, out, args.overwrite)
+    if src.endswith(".safetensors") and read_format(src) == PLUGIN_FORMAT:  # minidiff plugin -> official folder
+        plugin = load_plugin(src, task=args.task)
+        _to_folder(plugin, out, args.overwrite)
         return [f"plugin {plugin.task}: {src} -> {out}/ (scb/config.json, scb/*.bin, tpb.pt)"]
-    selector = S.load_selector(src)  # PromptTunner.pt or a minidiff selector file (raises when neither)
+    selector = load_selector(src)  # PromptTunner.pt or a minidiff selector file (raises when neither)
     if src.endswith(".safetensors"):
-        sd = _contiguous(selector.state_dict())
-        _to_file(lambda tmp: torch.save({"model": sd}, tmp), out, args.overwrite)
+        if os.path.exists(out) and not args.overwrite:
+            raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+        export_official_selector(selector, out)
     else:
         if not out.endswith(".safetensors"):
             raise ValueError(f"{out}: a minidiff selector file must end in .safetensors")
-        _to_file(lambda tmp: S.save_selector(selector, tmp, meta), out, args.overwrite)
+        _to_file(lambda tmp: save_selector(selector, tmp, meta), out, args.overwrite)
     return [f"selector: {src} -> {out}"]
 
 

@@ -31,7 +31,7 @@ if REPO not in sys.path:  # run from a checkout too
     sys.path.insert(0, REPO)
 
 from minidiff import metrics  # noqa: E402
-from minidiff.imageio import save_json_atomic, sha256_path  # noqa: E402
+from minidiff.files import save_json_atomic, sha256_path  # noqa: E402
 from minidiff.weights import CheckpointError  # noqa: E402
 
 

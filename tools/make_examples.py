@@ -23,7 +23,8 @@ from PIL import Image
 from scipy import ndimage
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minidiff.imageio import ImageError, atomic_write, save_json_atomic, to_rgb  # noqa: E402
+from minidiff.files import atomic_write, save_json_atomic  # noqa: E402
+from minidiff.imageio import ImageError, to_rgb  # noqa: E402
 
 # source file -> (sha256 as in scikit-image's skimage/data/_registry.py, licence from its docstring)
 SOURCES = {

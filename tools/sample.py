@@ -130,7 +130,8 @@ def check_weights(args, need_selector):
 def run_plugins(args, version):
     """Plugin mode: every photo of --input through the selector (or --task) and the plugins."""
     from tqdm import tqdm
-    from minidiff.imageio import load_image, sha256_path
+    from minidiff.files import sha256_path
+    from minidiff.imageio import load_image
     from minidiff.plugin import TASKS
     from minidiff.runner import FAKE_WARNING, MissingPlugins, fake_models, load_models, plan_inputs
     from minidiff.runner import run_photo
@@ -177,13 +178,14 @@ def run_plugins(args, version):
 
 def available(args):
     """Task names of the plugins in --plugins (files and folders), for checking --task."""
-    from minidiff.plugin import find_plugins
+    from minidiff.plugin_files import find_plugins
     return set(find_plugins(args.plugins)) if args.plugins and os.path.isdir(args.plugins) else set()
 
 
 def run_sd(args, version):
     """txt2img / img2img through minidiff.pipeline, one PNG (and its JSON record) at --output."""
-    from minidiff.imageio import cap_size, load_image, save_json_atomic, save_png_atomic, sha256_path
+    from minidiff.files import save_json_atomic, sha256_path
+    from minidiff.imageio import cap_size, load_image, save_png_atomic
     from minidiff.pipeline import img2img, txt2img
     from minidiff.runner import FAKE_WARNING, fake_models
     from minidiff.loading import load_stable_diffusion

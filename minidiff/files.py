@@ -1,0 +1,64 @@
+"""Small file utilities: atomic writes and SHA-256 digests.
+
+Every file minidiff writes (weights, images, JSON records, checkpoints) goes through `atomic_write`: it is
+written under a hidden temporary name in the destination folder and renamed over the target, so a reader,
+a crash or a kill never sees a half-written file. No network and no image code: the networks, the loaders
+and the tools all import this module, and it imports nothing of minidiff.
+"""
+import hashlib
+import json
+import os
+import tempfile
+
+TMP_SUFFIX = ".tmp"  # hidden temporaries are named `.<name>.<random>.tmp` (see atomic_write)
+
+
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary name in the destination folder, then rename it over `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+        os.replace(tmp, path)  # atomic on POSIX and Windows within one folder
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json_atomic(obj, path):
+    """Write `obj` as indented JSON (UTF-8, trailing newline) at `path`, atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def sha256_file(path, chunk=1 << 20):
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_path(path):
+    """SHA-256 of a file, or {relative path: SHA-256} of every file under a folder (diffusers, plugins)."""
+    if os.path.isfile(path):
+        return sha256_file(path)
+    found = {}
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            found[os.path.relpath(full, path)] = sha256_file(full)
+    return found
