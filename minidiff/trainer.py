@@ -36,6 +36,7 @@ seeded permutation per epoch; `rank_micro_batches` gives each rank its slice, sp
 `generator_for(seed, ...)` seeds a torch.Generator from any tuple of ints.
 """
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -79,11 +80,16 @@ def generator_for(*parts):
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, n_items, epoch):
+    """The order in which `epoch` visits the dataset items: a permutation seeded by (seed, epoch)."""
+    return torch.randperm(n_items, generator=generator_for(seed, "epoch", epoch)).tolist()
+
+
 def sample_item(seed, n_items, n):
-    """Global sample number n -> (dataset item, epoch): epoch e = n // n_items walks a seeded permutation."""
+    """Global sample number n -> (dataset item, epoch): epoch e = n // n_items walks epoch_order(e)."""
     epoch, pos = divmod(n, n_items)
-    order = torch.randperm(n_items, generator=generator_for(seed, "epoch", epoch))
-    return int(order[pos]), epoch
+    return epoch_order(seed, n_items, epoch)[pos], epoch
 
 
 def rank_micro_batches(step, global_batch, grad_accum, dist):
@@ -114,11 +120,12 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device="auto", global_batch=None, grad_accum=1):
+def setup_distributed(device="auto", global_batch=None, grad_accum=1, join=True):
     """Read torchrun's environment and join the process group (gloo on CPU, nccl on CUDA).
 
-    The batch arithmetic is checked before joining (a wrong --batch-size fails at once, not after a hang).
-    device: "auto" (CUDA when present), "cpu", "cuda". Each rank takes cuda:LOCAL_RANK.
+    The batch arithmetic is checked first (a wrong --batch-size fails at once, not after a hang).
+    device: "auto" (CUDA when present), "cpu", "cuda". Each rank takes cuda:LOCAL_RANK. join=False: only
+    read and check; call join_process_group(dist) once the tool's own input checks have passed.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -130,11 +137,18 @@ def setup_distributed(device="auto", global_batch=None, grad_accum=1):
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
     dev = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, local, dev)
+    dist = Dist(rank, world, local, dev)
+    if join:
+        join_process_group(dist)
+    return dist
+
+
+def join_process_group(dist):
+    if dist.device.type == "cuda":
+        torch.cuda.set_device(dist.device)
+    if dist.world_size > 1 and not torch_dist.is_initialized():
+        backend = "nccl" if dist.device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
 
 
 def cleanup_distributed(dist):
@@ -145,6 +159,21 @@ def cleanup_distributed(dist):
 def barrier(dist):
     if dist.world_size > 1:
         torch_dist.barrier()
+
+
+def check_on_main(dist, check):
+    """Run `check()` on rank 0 only (e.g. decoding every image once), share its UsageError with every rank,
+    and raise it everywhere, so all processes stop together with the same one-line message."""
+    message = [None]
+    if dist.is_main:
+        try:
+            check()
+        except UsageError as e:
+            message[0] = str(e)
+    if dist.world_size > 1:
+        torch_dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UsageError(message[0])
 
 
 def all_reduce_mean(value, dist):
