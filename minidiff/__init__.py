@@ -1,54 +1,31 @@
 """minidiff: Stable Diffusion 1.5 and Diff-Plugin (CVPR 2024) in plain PyTorch.
 
-Importing the package loads no weights, no vocabulary and no optional dependency: the public names below
-are resolved on first use from the module that defines them.
+The public names, each imported from the module that defines it. Importing the package imports torch and
+the model code but loads no weights, no vocabulary (the tokenizer reads it when one is constructed) and
+none of the reference libraries the tests compare with (tests/test_import.py checks all three).
 """
-import importlib
+# Stable Diffusion 1.x and CLIP: loaders, networks, tokenizer, preprocessing
+from minidiff.clip import CLIPTextModel, CLIPVisionModel, clip_preprocess
+from minidiff.loading import StableDiffusion, load_clip_vision, load_stable_diffusion
+from minidiff.tokenizer import CLIPTokenizer
+from minidiff.unet import UNet, UNetConfig
+from minidiff.vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+# samplers and the plain SD pipelines
+from minidiff.pipeline import img2img, txt2img
+from minidiff.schedulers import DDIMInverse, add_noise, make_sampler
+# Diff-Plugin: the Task-Plugins, their files, the Plugin-Selector, photos in
+from minidiff.imageio import load_image
+from minidiff.plugin import TASKS, TaskPlugin, restore
+from minidiff.plugin_files import load_plugin, load_selector, save_plugin, save_selector
+from minidiff.selector import PluginSelector, select
+# FID / KID
+from minidiff.metrics import frechet_distance, kernel_distance, load_feature_extractor
 
-# public name -> module that defines it
-_EXPORTS = {
-    # Stable Diffusion 1.x and CLIP: loaders, networks, tokenizer, preprocessing
-    "load_stable_diffusion": "loading",
-    "load_clip_vision": "loading",
-    "StableDiffusion": "loading",
-    "CLIPTokenizer": "tokenizer",
-    "CLIPTextModel": "clip",
-    "CLIPVisionModel": "clip",
-    "clip_preprocess": "clip",
-    "UNet": "unet",
-    "UNetConfig": "unet",
-    "AutoencoderKL": "vae",
-    "VAEConfig": "vae",
-    "LATENT_SCALE": "vae",
-    # samplers and the plain SD pipelines
-    "make_sampler": "schedulers",
-    "DDIMInverse": "schedulers",
-    "add_noise": "schedulers",
-    "txt2img": "pipeline",
-    "img2img": "pipeline",
-    # Diff-Plugin
-    "TASKS": "plugin",
-    "TaskPlugin": "plugin",
-    "load_plugin": "plugin_files",
-    "save_plugin": "plugin_files",
-    "restore": "plugin",
-    "PluginSelector": "selector",
-    "load_selector": "plugin_files",
-    "select": "selector",
-    "load_image": "imageio",
-    "save_selector": "plugin_files",
-    # FID / KID
-    "load_feature_extractor": "metrics",
-    "frechet_distance": "metrics",
-    "kernel_distance": "metrics",
-}
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"minidiff.{_EXPORTS[name]}"), name)
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+__all__ = [
+    "CLIPTextModel", "CLIPVisionModel", "clip_preprocess", "StableDiffusion", "load_clip_vision",
+    "load_stable_diffusion", "CLIPTokenizer", "UNet", "UNetConfig", "LATENT_SCALE", "AutoencoderKL", "VAEConfig",
+    "img2img", "txt2img", "DDIMInverse", "add_noise", "make_sampler",
+    "load_image", "TASKS", "TaskPlugin", "restore", "load_plugin", "load_selector", "save_plugin", "save_selector",
+    "PluginSelector", "select",
+    "frechet_distance", "kernel_distance", "load_feature_extractor",
+]
