@@ -19,6 +19,22 @@ diffusers' final_sigmas_type="sigma_min").
 Usage: s = make_sampler("ddim", 50); x = noise * s.init_noise_sigma; for i, t in enumerate(s.timesteps):
 eps = unet(s.scale_model_input(x, i), t, ...); x = s.step(eps, i, x). One sampler object per sampling run:
 the multistep samplers keep their own history of earlier model outputs.
+
+Why step objects and not k-diffusion's one function per sampler (`sample_euler(model, x, sigmas)`, which owns
+the loop): the loop belongs to the callers here, and they do things between steps that such a function
+would have to hide behind callbacks. Diff-Plugin's loop (plugin.py) overwrites the latent with a re-noised
+input at every t >= 960 while UniPC keeps its history of predictions, and feeds the UNet SCB residuals;
+img2img starts in the middle of the schedule; the parity tests compare every intermediate latent with
+diffusers' `scheduler.step`. Each step() is still short and self-contained, and the hardest one, UniPC's,
+is written out step by step below.
+
+Precision: each sampler keeps the dtype handling of the diffusers scheduler it reproduces, so that a
+half-precision run gives diffusers' latents too. Schedule values (alpha_t, sigma_t, ...) are float32 0-d
+tensors; multiplying a half tensor by one keeps the half dtype and, on the CPU, rounds once in float32.
+  DDPM, DDIM, DDIMInverse, UniPC   update in the model's dtype (diffusers does not upcast them)
+  DPMSolverPP, Euler               update in float32, result cast back to the model's dtype (diffusers
+                                   upcasts the sample: `sample.to(torch.float32)` in their step())
+add_noise casts alphas_cumprod to the latent's dtype first, as diffusers' add_noise does.
 """
 import numpy as np
 import torch
@@ -46,15 +62,13 @@ def add_noise(x0, noise, t):
     return acp ** 0.5 * x0 + (1 - acp) ** 0.5 * noise
 
 
-def v_target(x0, noise, t):
-    """v-prediction target (Salimans & Ho 2022): v = alpha_t * eps - sigma_t * x0 (SD-1.x trains on eps)."""
-    acp = _at(alphas_cumprod(), t, x0)
-    return acp ** 0.5 * noise - (1 - acp) ** 0.5 * x0
-
-
 def predict_x0(x, eps, t):
-    """The clean latent implied by an eps prediction: x0 = (x_t - sigma_t * eps) / alpha_t."""
-    acp = _at(alphas_cumprod(), t, x)
+    """The clean latent implied by an eps prediction: x0 = (x_t - sigma_t * eps) / alpha_t.
+
+    t: one timestep (the samplers; alpha_t, sigma_t stay float32 0-d tensors, see Precision above) or a [B]
+    tensor of timesteps (training; the values are cast to x's dtype and broadcast over [B, ...]).
+    """
+    acp = alphas_cumprod()[int(t)] if torch.as_tensor(t).dim() == 0 else _at(alphas_cumprod(), t, x)
     return (x - (1 - acp) ** 0.5 * eps) / acp ** 0.5
 
 
@@ -102,7 +116,7 @@ class DDPM(Sampler):
         acp_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)  # past the end: clean
         alpha = acp_t / acp_prev      # alpha of the whole jump t -> prev (a product of 1000/steps betas)
         beta = 1 - alpha
-        x0 = (x - (1 - acp_t) ** 0.5 * eps) / acp_t ** 0.5
+        x0 = predict_x0(x, eps, t)
         # Posterior mean (Ho et al. eq. 7): a blend of the predicted x0 and the current sample.
         mean = ((acp_prev ** 0.5 * beta / (1 - acp_t)) * x0
                 + (alpha ** 0.5 * (1 - acp_prev) / (1 - acp_t)) * x)
@@ -129,7 +143,7 @@ class DDIM(Sampler):
         acp_t = self.alphas_cumprod[t]
         # set_alpha_to_one=False: the step after t=1 lands on acp[0] (t=0's level), not on a clean 1.0.
         acp_prev = self.alphas_cumprod[prev] if prev >= 0 else self.alphas_cumprod[0]
-        x0 = (x - (1 - acp_t) ** 0.5 * eps) / acp_t ** 0.5
+        x0 = predict_x0(x, eps, t)
         # eta interpolates between DDIM (0) and DDPM's posterior noise (1), Song et al. eq. 16.
         std = self.eta * ((1 - acp_prev) / (1 - acp_t) * (1 - acp_t / acp_prev)) ** 0.5
         x_prev = acp_prev ** 0.5 * x0 + (1 - acp_prev - std ** 2) ** 0.5 * eps
@@ -158,10 +172,9 @@ class DDIMInverse(Sampler):
 
     def step(self, eps, i, x, generator=None):
         t = int(self.timesteps[i])
-        s = min(t - self.ratio, NUM_TRAIN_TIMESTEPS - 1)  # the level x is at now
-        acp_s = self.alphas_cumprod[s] if s >= 0 else self.alphas_cumprod[0]
+        s = max(min(t - self.ratio, NUM_TRAIN_TIMESTEPS - 1), 0)  # the level x is at now (acp[0] below 0)
         acp_t = self.alphas_cumprod[t]
-        x0 = (x - (1 - acp_s) ** 0.5 * eps) / acp_s ** 0.5
+        x0 = predict_x0(x, eps, s)
         return acp_t ** 0.5 * x0 + (1 - acp_t) ** 0.5 * eps
 
 
@@ -184,66 +197,98 @@ class _ExponentialIntegrator(Sampler):
         self.x0s = []  # [(step index, x0 prediction)] of this run, newest last
 
     def data_prediction(self, eps, i, x):
-        return (x - self.sigma[i] * eps) / self.alpha[i]
+        """x0 at step i (the solvers integrate in data-prediction form: x0, not eps, is their model)."""
+        return predict_x0(x, eps, self.timesteps[i])
 
 
 class UniPC(_ExponentialIntegrator):
-    """UniPC (bh2, order 2, data prediction, lower order at the start and at the final step), diffusers 0.17.
-
-    Per step i: x0_i from the model at the (uncorrected) sample; UniC corrects the sample of step i using
-    x0_i; UniP predicts step i+1 from the corrected sample. The last step targets t=0's level acp[0]
+    """UniPC (Zhao et al. 2023): bh2, order 2, data prediction, lower order at the start and at the final
+    step, as diffusers 0.17 ran it for Diff-Plugin. The last step targets t=0's level acp[0]
     (sigma_t ~ 0.0292), not zero noise.
+
+    Per step i, with the model's x0_i at the sample x_i the previous step predicted:
+      1. UniC (corrector, from step 1 on): redo step i-1 -> i from the same start, now also using x0_i at
+         its end point. x0_i itself is kept: the model is not run again at the corrected sample, which is
+         what makes the corrector free (one model call per step, as the predictor alone).
+      2. UniP (predictor): step i -> i+1 from the corrected sample, with the predictions x0_i, x0_{i-1}.
+
+    The update integrates the exact solution above, written with u = lambda - lambda_s in [0, h], as
+        x_t = sigma_t / sigma_s * x_s + alpha_t * integral_0^h e^-(h - u) x0(lambda_s + u) du,
+    with x0 a polynomial in u:
+      - x0 held at m0 = x0(lambda_s): the integral is (1 - e^-h) m0, the DDIM step (_first_order).
+      - a slope: x0 = m0 + (u / h) D + ..., D = h * dx0/dlambda, estimated from another prediction m at
+        lambda_s + r h (r < 0: an earlier level, r = 1: the end point t) as D ~ (m - m0) / r (_slope).
+        UniPC writes the higher-order part as  - alpha_t * B(h) * sum_m rho_m * D_m,  where each Taylor term
+        (u / h)^k of x0 has the exact weight integral_0^h e^-(h - u) (u / h)^k du = -B(h) * b_k, and
+        the rho solve sum_m rho_m r_m^(k-1) = b_k, k = 1 .. (number of slopes) (UniPC eq. 8).
+      - "bh2": B(h) = e^-h - 1 (negative; the DDIM weight above is -B(h)). Where rho is solved, B(h) cancels;
+        it matters where diffusers fixes rho = 1/2 (order-2 predictor, order-1 corrector): 1/2 is b_1's
+        limit for h -> 0, and with it UniP-2 is exactly DPM-Solver++(2M)'s update.
     """
 
     def __init__(self, steps):
         super().__init__(steps, alphas_cumprod()[0])
         self.last_x, self.last_order = None, None  # corrected sample the previous predictor started from
 
-    def _update(self, x, s0, t, order, x0_t=None):
-        """UniP (x0_t None) or UniC step from level index s0 (sample x) to t, B(h) = e^h - 1 ("bh2").
-
-        The newest stored prediction m0 = x0 at s0; order 2 adds m1 = x0 at the level before s0.
-        """
-        h = self.lam[t] - self.lam[s0]
-        hh = -h                     # data prediction integrates e^-h terms
-        h_phi_1 = torch.expm1(hh)   # e^-h - 1: weight of m0 in the first-order (DDIM) part
-        B_h = torch.expm1(hh)       # bh2 choice of the scaling B(h)
+    def _first_order(self, x, s, t):
+        """The DDIM step from level s (sample x, newest prediction m0) to t, and h, B(h) for the rest."""
+        h = self.lam[t] - self.lam[s]  # step length in log-SNR
+        B_h = torch.expm1(-h)  # e^-h - 1, exactly (expm1 keeps the digits a small h would lose)
         m0 = self.x0s[-1][1]
-        x_t = self.sigma[t] / self.sigma[s0] * x - self.alpha[t] * h_phi_1 * m0
-        if order == 2:
-            s1, m1 = self.x0s[-2]
-            r1 = (self.lam[s1] - self.lam[s0]) / h   # step ratio, negative: s1 lies behind s0
-            D1 = (m1 - m0) / r1                        # finite-difference slope of x0 in lambda, times h
-        if x0_t is None:  # predictor: order 2 uses rho = 1/2 (the value the bh2 linear system gives)
-            return x_t - self.alpha[t] * B_h * 0.5 * D1 if order == 2 else x_t
-        if order == 1:  # corrector with one slope, that of the new prediction x0_t: rho = 1/2
-            return x_t - self.alpha[t] * B_h * (0.5 * (x0_t - m0))
-        # Order-2 corrector: rhos solve [[1, 1], [r1, 1]] rho = b, b_k = k! * phi_{k+1}(hh) / B_h (UniPC
-        # eq. 8), phi from the recurrence phi_{k+1} = (phi_k - 1/k!) / hh. Float32 op order as diffusers.
-        phi_2 = h_phi_1 / hh - 1
+        return self.sigma[t] / self.sigma[s] * x - self.alpha[t] * B_h * m0, h, B_h
+
+    def _slope(self, s, h):
+        """D1 = (m1 - m0) / r1 from the two stored predictions (m1 at level s1 before s), and r1 < 0."""
+        (s1, m1), (_, m0) = self.x0s[-2:]
+        r1 = (self.lam[s1] - self.lam[s]) / h  # where s1 lies, in units of this step: negative
+        return (m1 - m0) / r1, r1
+
+    def _predict(self, x, s, order):
+        """UniP: sample at level s+1 from x at s. Order 2 adds the slope D1 with the fixed rho = 1/2."""
+        t = s + 1
+        x_t, h, B_h = self._first_order(x, s, t)
+        if order == 1:
+            return x_t
+        D1, _ = self._slope(s, h)
+        return x_t - self.alpha[t] * B_h * 0.5 * D1
+
+    def _correct(self, x, s, order, x0_t):
+        """UniC: the step s -> s+1 from x again, adding the slope to the new prediction x0_t at the end."""
+        t = s + 1
+        x_t, h, B_h = self._first_order(x, s, t)
+        Dt = x0_t - self.x0s[-1][1]  # slope to the end point (r = 1): x0_t - m0
+        if order == 1:  # one slope: diffusers' fixed rho = 1/2
+            return x_t - self.alpha[t] * B_h * (0.5 * Dt)
+        D1, r1 = self._slope(s, h)
+        # Weights b_1, b_2 of the Taylor terms u/h and (u/h)^2 (see the class docstring): with hh = -h,
+        # phi_1 = B(h) = e^hh - 1 and the recurrence phi_{k+1} = phi_k / hh - 1/k!, b_k = k! phi_{k+1} / B(h).
+        hh = -h
+        phi_2 = B_h / hh - 1
         b1 = phi_2 / B_h
         b2 = 2 * (phi_2 / hh - 0.5) / B_h
-        rho0 = (b1 - b2) / (1 - r1)  # 2x2 system solved in closed form
+        # Two slopes at r = (r1, 1): rho0 + rho1 = b1 and r1 rho0 + rho1 = b2, solved in closed form
+        # (diffusers calls torch.linalg.solve: the ~1e-6 relative difference the parity tests allow).
+        rho0 = (b1 - b2) / (1 - r1)
         rho1 = b1 - rho0
-        return x_t - self.alpha[t] * B_h * (rho0 * D1 + rho1 * (x0_t - m0))
+        return x_t - self.alpha[t] * B_h * (rho0 * D1 + rho1 * Dt)
 
     def step(self, eps, i, x, generator=None):
         x0 = self.data_prediction(eps, i, x)  # from the sample BEFORE correction (diffusers order)
-        if self.last_x is not None:  # UniC: redo step i-1 with the new x0 at its end point
-            x = self._update(self.last_x, self.x0s[-1][0], i, self.last_order, x0_t=x0)
+        if self.last_x is not None:  # 1. UniC: redo step i-1 -> i, now with x0 at its end point
+            x = self._correct(self.last_x, i - 1, self.last_order, x0)
         self.x0s = self.x0s[-1:] + [(i, x0)]
         # Warm-up: order 1 until two predictions exist; lower_order_final: order 1 for the last step.
         order = min(2, len(self.timesteps) - i, len(self.x0s))
         self.last_x, self.last_order = x, order
-        return self._update(x, i, i + 1, order)
+        return self._predict(x, i, order)  # 2. UniP: step i -> i+1
 
 
 class DPMSolverPP(_ExponentialIntegrator):
     """DPM-Solver++(2M), "midpoint" form, ending at zero noise (diffusers' defaults).
 
-    It equals UniPC's predictor alone (UniP-2 with B(h) = e^h - 1 is this update); no corrector. The first
-    step is order 1 (no history yet), and so is the last: its target sigma = 0 has lambda = inf, e^-h = 0,
-    so x = x0.
+    It equals UniPC's predictor alone (UniP-2 with B(h) = e^-h - 1 and rho = 1/2 is this update); no
+    corrector. The first step is order 1 (no history yet), and so is the last: its target sigma = 0 has
+    lambda = inf, e^-h = 0, so x = x0.
     """
 
     def __init__(self, steps):
