@@ -6,12 +6,12 @@ none of the reference libraries the tests compare with (tests/test_import.py che
 """
 # Stable Diffusion 1.x and CLIP: loaders, networks, tokenizer, preprocessing
 from minidiff.clip import CLIPTextModel, CLIPVisionModel, clip_preprocess
-from minidiff.loading import StableDiffusion, load_clip_vision, load_stable_diffusion
+from minidiff.loading import load_clip_vision, load_stable_diffusion
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 # samplers and the plain SD pipelines
-from minidiff.pipeline import img2img, txt2img
+from minidiff.pipeline import StableDiffusion, img2img, txt2img
 from minidiff.schedulers import DDIMInverse, add_noise, make_sampler
 # Diff-Plugin: the Task-Plugins, their files, the Plugin-Selector, photos in
 from minidiff.imageio import load_image
@@ -22,9 +22,9 @@ from minidiff.selector import PluginSelector, select
 from minidiff.metrics import frechet_distance, kernel_distance, load_feature_extractor
 
 __all__ = [
-    "CLIPTextModel", "CLIPVisionModel", "clip_preprocess", "StableDiffusion", "load_clip_vision",
-    "load_stable_diffusion", "CLIPTokenizer", "UNet", "UNetConfig", "LATENT_SCALE", "AutoencoderKL", "VAEConfig",
-    "img2img", "txt2img", "DDIMInverse", "add_noise", "make_sampler",
+    "CLIPTextModel", "CLIPVisionModel", "clip_preprocess", "load_clip_vision", "load_stable_diffusion",
+    "CLIPTokenizer", "UNet", "UNetConfig", "LATENT_SCALE", "AutoencoderKL", "VAEConfig",
+    "StableDiffusion", "img2img", "txt2img", "DDIMInverse", "add_noise", "make_sampler",
     "load_image", "TASKS", "TaskPlugin", "restore", "load_plugin", "load_selector", "save_plugin", "save_selector",
     "PluginSelector", "select",
     "frechet_distance", "kernel_distance", "load_feature_extractor",

@@ -45,3 +45,10 @@ def timestep_embedding(t, dim, max_period=10000):
     freqs = torch.exp(-math.log(max_period) * k / half)  # [half]
     args = t[:, None].float() * freqs[None]  # [B, half]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
+
+
+def embed_timesteps(timesteps, x, dim):
+    """The UNet's and the SCB's time input: timesteps (int, 0-d or [B]) broadcast to the batch of x
+    [B, ...], embedded (timestep_embedding) and cast to x's dtype -> [B, dim]."""
+    t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])  # [B]
+    return timestep_embedding(t, dim).to(x.dtype)

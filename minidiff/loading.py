@@ -11,12 +11,13 @@ import math
 import os
 import re
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from safetensors import safe_open
 
 from minidiff.clip import CLIP_TEXT_L14, CLIP_VISION_L14, CLIPTextModel, CLIPVisionModel
+from minidiff.pipeline import StableDiffusion
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.unet import UNet, UNetConfig
 from minidiff.vae import AutoencoderKL, VAEConfig
@@ -91,23 +92,23 @@ def build_clip_text(state_dict, dtype=None, device="cpu"):
                        ignore=CLIP_IGNORED)
 
 
-def _clip_vision_config(sd, hf, what):
+def _clip_vision_config(state_dict, hf, what):
     """CLIPVisionConfig from HF-named tensor shapes; heads/act/eps from config.json `hf` if there is one."""
     try:
-        width = sd["vision_model.embeddings.class_embedding"].shape[0]
-        patch = sd["vision_model.embeddings.patch_embedding.weight"].shape[-1]
-        positions = sd["vision_model.embeddings.position_embedding.weight"].shape[0]
-        mlp = sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+        width = state_dict["vision_model.embeddings.class_embedding"].shape[0]
+        patch = state_dict["vision_model.embeddings.patch_embedding.weight"].shape[-1]
+        positions = state_dict["vision_model.embeddings.position_embedding.weight"].shape[0]
+        mlp = state_dict["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
     except KeyError as e:
         raise CheckpointError(f"{what}: no tensor {e}; not a CLIP vision model "
-                              f"({len(sd)} tensors, first {list(sd)[:3]})") from None
+                              f"({len(state_dict)} tensors, first {list(state_dict)[:3]})") from None
     grid = math.isqrt(positions - 1)  # positions = grid * grid patches + 1 class token
     hf = {**_HF_VISION_DEFAULTS, **hf} if hf is not None else {"num_attention_heads": max(1, width // 64)}
     if hf.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
         raise CheckpointError(f"{what}: activation {hf['hidden_act']!r}; minidiff has quick_gelu and gelu")
-    proj = sd.get("visual_projection.weight")
+    proj = state_dict.get("visual_projection.weight")
     return replace(CLIP_VISION_L14, image_size=grid * patch, patch_size=patch, width=width, mlp=mlp,
-                   layers=_clip_layers(sd, "vision_model."), heads=hf["num_attention_heads"],
+                   layers=_clip_layers(state_dict, "vision_model."), heads=hf["num_attention_heads"],
                    act=hf.get("hidden_act", "quick_gelu"), eps=hf.get("layer_norm_eps", 1e-5),
                    projection=None if proj is None else proj.shape[0])
 
@@ -150,60 +151,60 @@ def load_clip_vision(path, dtype=torch.float32, device="cpu"):
         raise CheckpointError(f"{path}: a TorchScript archive (as OpenAI's released ViT-B-32.pt); minidiff "
                               "reads state dicts only. Convert once, where you trust the file: torch.save("
                               "torch.jit.load(PATH, map_location='cpu').state_dict(), 'ViT-B-32.state.pt')")
-    sd = _read_prefixed(path, ["vision_model.", "visual_projection."])
-    if not sd:
-        sd = clip_vision_from_openai(read_state_dict(path, "visual."))
-    if not sd:
+    state_dict = _read_prefixed(path, ["vision_model.", "visual_projection."])
+    if not state_dict:
+        state_dict = clip_vision_from_openai(read_state_dict(path, "visual."))
+    if not state_dict:
         raise CheckpointError(f"{path}: no vision_model.* (Hugging Face) or visual.* (OpenAI) tensors: "
                               "not a CLIP vision checkpoint")
-    cfg = _clip_vision_config(sd, hf, what)
+    cfg = _clip_vision_config(state_dict, hf, what)
     with torch.device("meta"):
         model = CLIPVisionModel(cfg)
-    return load_strict(model, sd, what, dtype=dtype, device=device, ignore=CLIP_IGNORED)
+    return load_strict(model, state_dict, what, dtype=dtype, device=device, ignore=CLIP_IGNORED)
 
 
 # ------------------------------------------------------------------------------------- Stable Diffusion 1.x
 # Family checks with one-line errors, the UNet config read from tensor shapes, and load_stable_diffusion
 # for the original single file or a diffusers folder.
 
-def _check_sd1_unet(sd, what):
+def _check_sd1_unet(state_dict, what):
     """One-line CheckpointError when a CompVis-named UNet state dict is not an SD 1.x text-to-image UNet."""
-    if any(k.startswith(("label_emb.", "add_embedding.")) for k in sd):
+    if any(k.startswith(("label_emb.", "add_embedding.")) for k in state_dict):
         raise CheckpointError(f"{what}: UNet has label_emb/add_embedding (size and pooled-text "
                               "conditioning): this looks like SDXL; minidiff loads SD 1.x")
-    if "input_blocks.0.0.weight" not in sd:
+    if "input_blocks.0.0.weight" not in state_dict:
         raise CheckpointError(f"{what}: no input_blocks.0.0 / conv_in tensor: not a Stable Diffusion UNet "
-                              f"({len(sd)} tensors, first {list(sd)[:3]})")
-    in_ch = sd["input_blocks.0.0.weight"].shape[1]
+                              f"({len(state_dict)} tensors, first {list(state_dict)[:3]})")
+    in_ch = state_dict["input_blocks.0.0.weight"].shape[1]
     if in_ch != 4:
         kind = {9: "an SD inpainting UNet", 8: "an InstructPix2Pix UNet"}.get(in_ch, "not an SD 1.x UNet")
         raise CheckpointError(f"{what}: in_channels {in_ch}: this looks like {kind}; minidiff loads the "
                               "4-channel text-to-image SD 1.x UNet")
-    ctx = next((v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    ctx = next((v.shape[1] for k, v in state_dict.items() if k.endswith("attn2.to_k.weight")), None)
     if ctx in (1024, 2048, 1280):
         family = "SD 2.x" if ctx == 1024 else "SDXL"
         raise CheckpointError(f"{what}: context width {ctx}: this looks like {family}; minidiff loads SD 1.x")
-    if any(k.endswith("proj_in.weight") and v.ndim == 2 for k, v in sd.items()):
+    if any(k.endswith("proj_in.weight") and v.ndim == 2 for k, v in state_dict.items()):
         raise CheckpointError(f"{what}: linear proj_in (use_linear_projection): this looks like SD 2.x; "
                               "minidiff loads SD 1.x")
-    if any(".transformer_blocks.1." in k for k in sd):
+    if any(".transformer_blocks.1." in k for k in state_dict):
         raise CheckpointError(f"{what}: several transformer blocks per SpatialTransformer: "
                               "this looks like SDXL; minidiff loads SD 1.x")
 
 
-def unet_config_from_state_dict(sd):
+def unet_config_from_state_dict(state_dict):
     """UNetConfig read from the shapes of a CompVis-named UNet state dict (so tiny test checkpoints load).
     Heads (8) and GroupNorm groups (32) are not visible in shapes and keep the SD 1.x values."""
-    mc, in_ch = sd["input_blocks.0.0.weight"].shape[:2]
-    n_in = 1 + max(int(m[1]) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k)))
-    ops = sorted(int(m[1]) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    mc, in_ch = state_dict["input_blocks.0.0.weight"].shape[:2]
+    n_in = 1 + max(int(m[1]) for k in state_dict if (m := re.match(r"input_blocks\.(\d+)\.", k)))
+    ops = sorted(int(m[1]) for k in state_dict if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
     L = ops[0] - 1 if ops else n_in - 1  # first Downsample follows the L ResBlocks of level 0
     levels = len(ops) + 1
     first = [1 + lv * (L + 1) for lv in range(levels)]  # first ResBlock of each level
-    mult = tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in first)
-    attn = tuple(lv for lv, i in enumerate(first) if f"input_blocks.{i}.1.norm.weight" in sd)
-    ctx = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    return UNetConfig(in_channels=in_ch, out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
+    mult = tuple(state_dict[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in first)
+    attn = tuple(lv for lv, i in enumerate(first) if f"input_blocks.{i}.1.norm.weight" in state_dict)
+    ctx = state_dict["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    return UNetConfig(in_channels=in_ch, out_channels=state_dict["out.2.weight"].shape[0], model_channels=mc,
                       channel_mult=mult, num_res_blocks=L, attention_levels=attn, context_dim=ctx)
 
 
@@ -220,16 +221,6 @@ def build_unet(state_dict, dtype=None, device="cpu", what="UNet"):
     with torch.device("meta"):
         model = UNet(cfg)  # no memory: load_strict assigns the checkpoint tensors
     return load_strict(model, state_dict, what, dtype=dtype, device=device)
-
-
-@dataclass
-class StableDiffusion:
-    """The four parts of an SD 1.x checkpoint: ids = tokenizer(texts); hidden, pooled = text_encoder(ids);
-    eps = unet(latents, t, hidden); vae.encode / vae.decode."""
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    vae: torch.nn.Module
 
 
 SD_SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
@@ -257,8 +248,8 @@ def _sd_part(path, part):
         if not found:
             raise CheckpointError(f"{path}: diffusers folder has no {names[0]} (or .bin): a part is missing")
         return read_state_dict(found[0])
-    sd = read_state_dict(path, SD_SINGLE_FILE_PREFIXES[part])
-    if part == "unet" and not sd:
+    state_dict = read_state_dict(path, SD_SINGLE_FILE_PREFIXES[part])
+    if part == "unet" and not state_dict:
         keys = _file_keys(path)
         if any(k.startswith("conditioner.") for k in keys):
             raise CheckpointError(f"{path}: conditioner.* text encoders: this looks like SDXL; "
@@ -267,8 +258,9 @@ def _sd_part(path, part):
                               f"file ({len(keys)} tensors, first {keys[:3]})")
     if part == "text":
         # some early files store the CLIPTextModel without its text_model. level
-        sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
-    return sd
+        state_dict = {(k if k.startswith("text_model.") else "text_model." + k): v
+                      for k, v in state_dict.items()}
+    return state_dict
 
 
 def load_stable_diffusion(path, dtype=torch.float32, device="cpu"):

@@ -24,6 +24,7 @@ from scipy import linalg
 from tqdm import tqdm
 
 from minidiff.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from minidiff.files import atomic_write
 
 FEATURE_TYPES = ("clip_vit_b_32", "inception")
 FEATURE_DIMS = {"clip_vit_b_32": 512, "inception": 2048}
@@ -205,17 +206,14 @@ def kernel_distance(feats1, feats2, num_subsets=KID_SUBSETS, max_subset_size=KID
 
 # ---------------------------------------------------------------- saved statistics
 def save_stats(path, feats, feature_type, weights_sha256=""):
-    """Write mu, sigma, feats (for KID), feature_type and count to an .npz atomically (temp + rename)."""
+    """Write mu, sigma, feats (for KID), feature_type and count to an .npz, atomically (files.atomic_write)."""
     mu, sigma = statistics(feats)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:  # a file object keeps np.savez from appending ".npz" to the temp name
             np.savez(f, mu=mu, sigma=sigma, feats=np.asarray(feats, np.float32), count=np.array(len(feats)),
                      feature_type=np.array(feature_type), weights_sha256=np.array(weights_sha256))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 
 def load_stats(path, feature_type=None):

@@ -11,13 +11,26 @@ pipeline_stable_diffusion_img2img.py (StableDiffusionImg2ImgPipeline) and src/di
 the pipelines' order (img2img: the VAE posterior sample, then the noise; DDPM: then one draw per step). So
 the same seed and weights give diffusers' image (tests/test_pipeline.py: within 2/255, random tiny weights).
 """
+from dataclasses import dataclass
+
 import numpy as np
 import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .schedulers import make_sampler
+from .imageio import pil_to_tensor
+from .schedulers import make_sampler, randn_tensor
 from .vae import LATENT_SCALE
+
+
+@dataclass
+class StableDiffusion:
+    """The four parts of an SD 1.x checkpoint: ids = tokenizer(texts); hidden, pooled = text_encoder(ids);
+    eps = unet(latents, t, hidden); vae.encode / vae.decode. loading.load_stable_diffusion builds one."""
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
 
 
 def vae_scale_factor(vae):
@@ -47,8 +60,7 @@ def preprocess(image, multiple=8):
         raise ValueError(f"image {image.size[0]}x{image.size[1]} is smaller than {multiple} pixels")
     if (w, h) != image.size:
         image = image.resize((w, h), resample=PIL.Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # [H, W, 3] in [0, 1]
-    return (x.permute(2, 0, 1)[None] * 2.0 - 1.0).contiguous()  # [1, 3, H, W]
+    return pil_to_tensor(image)  # [1, 3, H, W]
 
 
 def postprocess(images):
@@ -84,11 +96,6 @@ def _unet_dtype_device(sd):
     return p.dtype, p.device
 
 
-def _randn(shape, generator, dtype, device):
-    """diffusers' randn_tensor with a CPU generator: draw on the CPU in `dtype`, then move."""
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
-
-
 @torch.no_grad()
 def decode(sd, latents):
     """SD latents -> PIL image (first of the batch): undo the latent scale, VAE-decode, postprocess."""
@@ -108,7 +115,7 @@ def txt2img(sd, prompt, *, negative_prompt="", steps=50, guidance=7.5, scheduler
     context = encode_prompt(sd, prompt, negative_prompt).to(dtype)
     # The start latent: unit noise scaled to the sampler's first noise level (1 except for Euler).
     shape = (1, sd.unet.cfg.in_channels, height // f, width // f)
-    latents = _randn(shape, generator, dtype, device) * sampler.init_noise_sigma
+    latents = randn_tensor(shape, generator, dtype, device) * sampler.init_noise_sigma
     latents = denoise(sd, sampler, latents, context, guidance, generator, 0, progress)
     return decode(sd, latents)
 
@@ -135,9 +142,9 @@ def img2img(sd, image, prompt, *, strength=0.8, negative_prompt="", steps=50, gu
     context = encode_prompt(sd, prompt, negative_prompt).to(dtype)
     x = preprocess(image, vae_scale_factor(sd.vae)).to(device=device, dtype=dtype)
     mean, logvar = sd.vae.encode(x)  # posterior of the photo, each [1, 4, h, w]
-    z = mean + torch.exp(0.5 * logvar) * _randn(mean.shape, generator, dtype, device)  # a posterior sample
+    z = mean + torch.exp(0.5 * logvar) * randn_tensor(mean.shape, generator, dtype, device)  # a sample
     x0 = LATENT_SCALE * z
-    noise = _randn(x0.shape, generator, dtype, device)
+    noise = randn_tensor(x0.shape, generator, dtype, device)
     latents = sampler.add_noise_at(x0, noise, start)  # x_t at t = timesteps[start]
     latents = denoise(sd, sampler, latents, context, guidance, generator, start, progress)
     return decode(sd, latents)

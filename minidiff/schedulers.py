@@ -72,10 +72,11 @@ def predict_x0(x, eps, t):
     return (x - (1 - acp) ** 0.5 * eps) / acp ** 0.5
 
 
-def _randn(like, generator):
-    """N(0, I) noise shaped like `like`, drawn on the generator's device (diffusers' randn_tensor)."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+def randn_tensor(shape, generator, dtype, device):
+    """N(0, I) noise as diffusers' randn_tensor draws it: on the generator's device (the pipelines seed a CPU
+    generator, so a seed gives the same noise on every device), in `dtype`, then moved to `device`."""
+    draw_on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
 
 
 def _leading(steps, offset=1):
@@ -124,7 +125,8 @@ class DDPM(Sampler):
             return mean
         # "fixed_small" variance beta_tilde = (1 - acp_prev) / (1 - acp_t) * beta, clamped as diffusers does.
         var = torch.clamp((1 - acp_prev) / (1 - acp_t) * beta, min=1e-20)
-        return mean + var ** 0.5 * _randn(eps, generator)  # one fresh draw per step
+        noise = randn_tensor(eps.shape, generator, eps.dtype, eps.device)  # one fresh draw per step
+        return mean + var ** 0.5 * noise
 
 
 class DDIM(Sampler):
@@ -148,7 +150,7 @@ class DDIM(Sampler):
         std = self.eta * ((1 - acp_prev) / (1 - acp_t) * (1 - acp_t / acp_prev)) ** 0.5
         x_prev = acp_prev ** 0.5 * x0 + (1 - acp_prev - std ** 2) ** 0.5 * eps
         if self.eta > 0:
-            x_prev = x_prev + std * _randn(eps, generator)
+            x_prev = x_prev + std * randn_tensor(eps.shape, generator, eps.dtype, eps.device)
         return x_prev
 
 

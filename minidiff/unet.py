@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import attention, timestep_embedding
+from .layers import attention, embed_timesteps
 
 
 @dataclass(frozen=True)
@@ -234,8 +234,7 @@ class UNet(nn.Module):
         skip_residuals[i] (broadcastable to skip i) is added to skip connection i before the decoder uses it:
         i = 0 is conv_in's output, i = 11 the last encoder ResBlock (ControlNet / Diff-Plugin SCB semantics).
         """
-        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])  # [B]
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # [B, 4*mc]
+        emb = self.time_embed(embed_timesteps(timesteps, x, self.cfg.model_channels))  # [B, 4*mc]
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context)

@@ -50,7 +50,7 @@ def test_tiny_pipelines_run_seeded():
     from minidiff.tokenizer import CLIPTokenizer
     from minidiff.unet import TINY_UNET, UNet
     from minidiff.vae import TINY_VAE, AutoencoderKL
-    from minidiff.loading import StableDiffusion
+    from minidiff.pipeline import StableDiffusion
     torch.manual_seed(0)
     unet = UNet(replace(TINY_UNET, context_dim=TINY_CLIP_TEXT.width)).eval()
     text, vae = CLIPTextModel(TINY_CLIP_TEXT).eval(), AutoencoderKL(TINY_VAE).eval()
