@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Evaluate a Plugin-Selector with the paper's Table 5 metrics on held-out instructions paired with photos.
+
+    python tools/eval_selector.py --selector runs/selector/selector.safetensors \\
+        --plugins checkpoints/diff-plugin --images val_images/ --json runs/selector/eval.json
+    python tools/eval_selector.py --selector checkpoints/diff-plugin/plugin_selector/PromptTunner.pt \\
+        --images val_images/                                  # the official selector, same test
+    python tools/eval_selector.py --selector /tmp/sel/selector.safetensors --fake-weights   # CPU-sized
+
+Three settings (Table 5): single-task (every held-out single-task sentence), multi-task (the held-out
+multi-task sentences + --combinations random combinations of held-out single-task ones), single+non (each
+held-out single-task sentence joined with a held-out task-irrelevant one; only its task is a target). Each
+request is scored with a photo of one of its tasks from --images (one sub-folder per task), over the plugins
+of those tasks. Metrics: ZTA (eq. 7), mAP, CP, CR, CF1, OP, OR, OF1 (minidiff/selector_eval.py).
+--fake-weights: the random tiny networks of tools/train_selector.py --fake-weights (same tasks: same
+networks); without --images, 4 random photos per corpus task, other than the training ones.
+Exit status: 0 done; 1 unreadable weights or I/O; 2 bad command line or data.
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+FAKE_PHOTOS = 4  # random photos per task for --fake-weights without --images
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--selector", required=True, help="selector file: minidiff .safetensors or official PromptTunner.pt")
+    a("--images", help="folder with one sub-folder of photos per task (held-out photos)")
+    a("--plugins", help="folder of plugins (default: checkpoints/ layout of tools/download.py)")
+    a("--instructions", help="instruction corpus JSON (default: minidiff/data/instructions.json); its "
+                             "test part is used")
+    a("--cache", help="folder for the frozen CLIP/TPB/text features (shared with train_selector.py)")
+    a("--threshold", type=float, default=0.0, help="a task is selected when its score is above this "
+                                                   "(paper and official demo: 0)")
+    a("--combinations", type=int, default=200,
+      help="random multi-task combinations in the multi-task setting")
+    a("--seed", type=int, default=0,
+      help="seed of the combinations and of the photo paired with each request")
+    a("--json", help="also write the results to this JSON file")
+    a("--sd", help="SD 1.x weights, for its CLIP text encoder (default: checkpoints/ layout)")
+    a("--clip", help="CLIP ViT-L/14 vision weights (default: checkpoints/ layout)")
+    a("--fake-weights", action="store_true",
+      help="random tiny networks instead of checkpoints (trials, tests)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    return p.parse_args(argv)
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or the input data: one line, exit status 2."""
+
+
+def check_args(args):
+    if args.combinations < 0:
+        raise UsageError(f"--combinations must be 0 or more, got {args.combinations}")
+    paths = [("--selector", args.selector)]
+    if not args.fake_weights:
+        from minidiff.download import default_checkpoint_paths
+        defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
+        args.sd, args.clip = args.sd or defaults["sd"], args.clip or defaults["clip"]
+        args.plugins = args.plugins or defaults["plugins"]
+        paths += [("--sd", args.sd), ("--clip", args.clip), ("--plugins", args.plugins)]
+    for flag, path in paths:
+        if not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: not found")
+
+
+def evaluate_selector(args):
+    import torch
+    from minidiff import instructions, selector_eval, selector_training as st
+    from minidiff.plugin_files import load_selector
+    from minidiff.trainer import derive_seed
+    check_args(args)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    try:
+        corpus = instructions.load_corpus(args.instructions or instructions.CORPUS)
+        tasks = st.resolve_tasks(corpus, args.images, args.plugins, args.fake_weights)
+        photos = (st.task_photos(args.images, tasks) if args.images else
+                  st.fake_photos(tasks, FAKE_PHOTOS, derive_seed(args.seed, "fake-eval-photos")))
+        sets = instructions.evaluation_sets(corpus.part("test").restrict(tasks), args.seed, args.combinations)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    selector = load_selector(args.selector, device=device).eval()
+    fake = "  *** FAKE WEIGHTS: random tiny networks, the numbers only show the tools work ***"
+    print(f"eval selector {args.selector}: {len(tasks)} tasks ({', '.join(tasks)}), "
+          f"{sum(map(len, photos.values()))} photos, threshold {args.threshold:g}"
+          + (fake if args.fake_weights else ""), flush=True)
+    models, cache_names, _ = st.load_frozen(tasks, args.fake_weights, args.sd, args.clip, args.plugins,
+                                            device)
+    texts = [t for requests in sets.values() for t, _ in requests]
+    photo_feats, per_task, text_feats = st.frozen_features(models, photos, texts, args.cache, cache_names)
+    if photo_feats.shape[-1] != selector.proj_v.in_features:
+        raise UsageError(f"--selector {args.selector}: width {selector.proj_v.in_features}, but the plugins "
+                         f"give {photo_feats.shape[-1]} (a selector for other networks?)")
+    results = selector_eval.evaluate(selector, sets, text_feats, photo_feats, per_task, tasks,
+                                     args.threshold, args.seed)
+    print(selector_eval.format_table(results))
+    if args.json:
+        from minidiff.files import save_json_atomic
+        record = {"selector": os.path.abspath(args.selector), "tasks": tasks, "threshold": args.threshold,
+                  "seed": args.seed, "photos": {t: len(v) for t, v in photos.items()},
+                  "fake_weights": args.fake_weights,  # NaN (an undefined metric) -> null
+                  "settings": {name: {k: None if v != v else v for k, v in r.items()}
+                               for name, r in results.items()}}
+        save_json_atomic(record, args.json)
+        print(f"wrote {args.json}")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from minidiff.imageio import ImageError
+    from minidiff.weights import CheckpointError
+    try:
+        evaluate_selector(args)
+        return 0
+    except (UsageError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

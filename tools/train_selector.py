@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Train the Diff-Plugin Plugin-Selector (paper eq. 6) on photos of each task and the instruction corpus.
+
+    python tools/train_selector.py --plugins checkpoints/diff-plugin --images selector_images/ \\
+        --output runs/selector --cache cache/selector --export-official
+    python tools/train_selector.py --plugins checkpoints/diff-plugin --images selector_images/ \\
+        --output runs/selector --resume                    # after a stop or crash: continues bit-identically
+    python tools/train_selector.py --fake-weights --steps 50 --output /tmp/sel   # CPU-sized, no weights
+
+--images holds one sub-folder of photos per task (derain/, face/, a new task's name, ...); each task needs a
+plugin in --plugins and sentences in the corpus (--instructions; default: the one shipped in
+minidiff/data/instructions.json; a new task = a new key there). Only the corpus' train part is used.
+RUN_DIR (--output) gets selector.safetensors (for tools/sample.py --selector), PromptTunner.pt with
+--export-official (the official demo.py loads it), checkpoints/step-NNNNNN/, log.csv, loss.png, config.json.
+--fake-weights: random tiny networks; without --images, 8 random photos per corpus task.
+Exit status: 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data (one line); 3 the loss
+became NaN/inf. Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/selector_training.py.
+"""
+import argparse
+import hashlib
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# settings that define the run: --resume refuses to change them (--steps and the rest may change)
+FIXED = ("tasks", "images_sha256", "instructions_sha256", "batch_size", "negatives", "lr", "seed", "init",
+         "fake_weights")
+LOG_FIELDS = ["step", "loss", "logit_scale", "positive_cos", "negative_cos"]
+FAKE_PHOTOS = 8  # random photos per task for --fake-weights without --images
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--output", required=True, help="RUN_DIR: selector file, checkpoints, log.csv, loss.png, config.json")
+    a("--images", help="folder with one sub-folder of photos per task (the visual pseudo-labels)")
+    a("--plugins", help="folder of plugins (official <task>/ folders or <task>.safetensors; default: "
+                        "checkpoints/ layout of tools/download.py)")
+    a("--instructions", help="instruction corpus JSON (default: minidiff/data/instructions.json)")
+    a("--cache", help="folder for the frozen CLIP/TPB/text features (computed once, reused by later runs)")
+    a("--steps", type=int, default=5000, help="optimizer updates (paper: not given; 5000 x 8 = one pass "
+                                              "over its 8 x 5,000 photos)")
+    a("--batch-size", type=int, default=8, help="photos per update, one positive instruction each (paper: 8)")
+    a("--negatives", type=int, default=7, help="negative instructions per photo, N of eq. 6 (paper: 7)")
+    a("--lr", type=float, default=1e-5, help="constant AdamW learning rate (paper: 1e-5)")
+    a("--seed", type=int, default=0, help="seed of the initial weights, the text combinations, the batches")
+    a("--init", help="start from this selector (official PromptTunner.pt or minidiff .safetensors)")
+    a("--checkpoint-every", type=int, default=500, help="write a checkpoint every K steps (and at the end)")
+    a("--keep-checkpoints", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
+    a("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    a("--export-official", action="store_true",
+      help="also write RUN_DIR/PromptTunner.pt, the official format")
+    a("--sd", help="SD 1.x weights, for its CLIP text encoder (default: checkpoints/ layout)")
+    a("--clip", help="CLIP ViT-L/14 vision weights (default: checkpoints/ layout)")
+    a("--fake-weights", action="store_true",
+      help="random tiny networks instead of checkpoints (trials, tests)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Command-line mistakes as UsageError, before anything is read; fills the default weight paths."""
+    from minidiff.trainer import UsageError
+    for name in ("steps", "batch_size", "negatives", "checkpoint_every"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.keep_checkpoints < 0:
+        raise UsageError(f"--keep-checkpoints must be 0 or more, got {args.keep_checkpoints}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.fake_weights:
+        return
+    from minidiff.download import default_checkpoint_paths
+    defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
+    args.sd, args.clip = args.sd or defaults["sd"], args.clip or defaults["clip"]
+    args.plugins = args.plugins or defaults["plugins"]
+    for flag, path in (("--sd", args.sd), ("--clip", args.clip), ("--plugins", args.plugins)):
+        if not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: not found (tools/download.py fetches it, or --fake-weights)")
+
+
+def prepare(args, run_check):
+    """Corpus, tasks, photos, frozen features: everything before the first update."""
+    from minidiff import instructions, selector_training as st
+    from minidiff.trainer import UsageError, derive_seed
+    try:
+        corpus = instructions.load_corpus(args.instructions or instructions.CORPUS)
+        tasks = st.resolve_tasks(corpus, args.images, args.plugins, args.fake_weights)
+        photos = (st.task_photos(args.images, tasks) if args.images else
+                  st.fake_photos(tasks, FAKE_PHOTOS, derive_seed(args.seed, "fake-photos")))
+        texts = st.training_texts(corpus.part("train").restrict(tasks), args.seed)
+        st.check_texts(texts, args.negatives)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    with open(args.instructions or instructions.CORPUS, "rb") as f:
+        corpus_hash = hashlib.sha256(f.read()).hexdigest()
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    settings.update(tasks=tasks, images_sha256=st.listing_hash(photos), instructions_sha256=corpus_hash)
+    run_check(settings)
+    n_photos = sum(map(len, photos.values()))
+    print(f"train selector: {len(tasks)} tasks ({', '.join(tasks)}), {n_photos} photos, "
+          f"{len(texts.texts)} training texts; {args.steps} steps of {args.batch_size} photos x "
+          f"(1 + {args.negatives}) texts, lr {args.lr:g} -> {args.output}"
+          + ("  *** FAKE WEIGHTS: random tiny networks ***" if args.fake_weights else ""), flush=True)
+    return tasks, photos, texts, settings
+
+
+def train(args):
+    import torch
+    from minidiff import selector_training as st, trainer
+    from minidiff.plugin_files import export_official_selector, load_selector, save_selector
+    from minidiff.selector import PluginSelector
+    check_args(args)
+    dist = trainer.setup_distributed(args.device)
+    if dist.world_size > 1:
+        raise trainer.UsageError("train_selector runs in one process (the selector is small), "
+                                 "not under torchrun")
+    run = trainer.RunDir(args.output, "selector", None, args.resume, dist)
+    tasks, photos, texts, settings = prepare(args, lambda s: run.check(s, FIXED))
+    models, cache_names, files = st.load_frozen(tasks, args.fake_weights, args.sd, args.clip, args.plugins,
+                                                dist.device)
+    photo_feats, per_task, text_feats = st.frozen_features(models, photos, [t for t, _ in texts.texts],
+                                                           args.cache, cache_names)
+    del models  # the frozen networks are no longer needed: everything below runs on the features
+    photo_feats = photo_feats.to(dist.device)
+    text_table = torch.stack([text_feats[t] for t, _ in texts.texts]).to(dist.device)  # [n_texts, D]
+    if args.init:
+        selector = load_selector(args.init, device=dist.device)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(trainer.derive_seed(args.seed, "selector-init"))
+            selector = PluginSelector(text_table.shape[-1])
+    if selector.proj_v.in_features != text_table.shape[-1]:
+        raise trainer.UsageError(f"--init {args.init}: width {selector.proj_v.in_features}, features "
+                                 f"{text_table.shape[-1]}")
+    selector.to(dist.device).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(selector.parameters(), lr=args.lr)  # the paper: AdamW defaults
+    ckpt = run.load_checkpoint(run.latest_checkpoint()) if args.resume else None
+    start = 0 if ckpt is None else ckpt.step
+    if ckpt is not None:
+        selector.load_state_dict(ckpt.tensors)
+        optimizer.load_state_dict(ckpt.optimizer)
+        print(f"resuming from {ckpt.path}: step {start}", flush=True)
+    run.start(settings, weights={"fake": True} if args.fake_weights else
+              {k: os.path.abspath(v) for k, v in files.items()}, texts=len(texts.texts))
+    log = trainer.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
+    meta = {"tasks": ",".join(tasks), "fake_weights": args.fake_weights}
+
+    def write_outputs(step):
+        save_selector(selector, run.path / "selector.safetensors", {**meta, "steps_trained": step})
+        if args.export_official:
+            export_official_selector(selector, run.path / "PromptTunner.pt")
+        trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
+
+    positive = torch.zeros(args.batch_size, dtype=torch.long, device=dist.device)  # text 0 of each row
+    bar = trainer.progress(args.steps, min(start, args.steps), dist)
+    for step in range(start + 1, args.steps + 1):
+        batch = st.draw_batch(args.seed, step, per_task, texts, args.batch_size, args.negatives)
+        visual = photo_feats[batch.photos, batch.tasks]  # [B, D]: each photo through its own task's plugin
+        scale = selector.logit_scale.detach().exp()  # 1 / tau of this step
+        scores = st.pair_scores(selector, visual, text_table[batch.texts])  # [B, 1 + N]
+        loss = st.contrastive_loss(scores, positive, batch.indicator.to(dist.device))  # eq. 6
+        trainer.check_finite(loss.detach(), step, run)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        st.clamp_logit_scale(selector)
+        cos = scores.detach() / scale  # [B, 1 + N]
+        log.write({"step": step, "loss": loss.item(), "logit_scale": selector.logit_scale.item(),
+                   "positive_cos": cos[:, 0].mean().item(), "negative_cos": cos[:, 1:].mean().item()})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            run.save_checkpoint(step, selector.state_dict(), optimizer.state_dict(), step * args.batch_size,
+                                keep=args.keep_checkpoints)
+            write_outputs(step)
+    bar.close()
+    log.close()
+    if start >= args.steps:  # nothing left to train: rewrite the outputs of the last step
+        write_outputs(start)
+    print(f"wrote {run.path / 'selector.safetensors'} (step {max(start, args.steps)})")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from minidiff.imageio import ImageError
+    from minidiff.trainer import NonFiniteLoss, UsageError
+    from minidiff.weights import CheckpointError
+    try:
+        return train(args)
+    except (UsageError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
