@@ -105,7 +105,7 @@ def load_models(args, dist, dtype):
     from minidiff.trainer import derive_seed
     from minidiff.training import init_scb_from_unet
     if args.fake_weights:
-        from minidiff.runner import fake_models  # the same tiny networks as tools/sample.py --fake-weights
+        from minidiff.fake import fake_models  # the same tiny networks as tools/sample.py --fake-weights
         models = fake_models([args.task], with_selector=False, device=dist.device, dtype=dtype)
         sd, clip, heads = models.sd, models.clip_vision, models.plugins[args.task].scb.cfg.heads
     else:
