@@ -47,7 +47,8 @@ def list_pairs(data, data_root=None, degrade=None):
         b = {os.path.basename(p): p for p in list_images(gt)}
         if a.keys() != b.keys():
             odd = sorted(a.keys() ^ b.keys())
-            raise UsageError(f"--data {data}: input/ and gt/ names differ ({len(odd)} unmatched, e.g. {odd[0]})")
+            raise UsageError(f"--data {data}: input/ and gt/ names differ "
+                             f"({len(odd)} unmatched, e.g. {odd[0]})")
         pairs = [(a[n], b[n]) for n in sorted(a)]
     elif degrade:
         pairs = [(p, p) for p in list_images(data)]

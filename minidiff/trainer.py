@@ -33,7 +33,7 @@ A training tool uses it like this (every rank runs the same code; rank 0 alone w
 Sample bookkeeping: the global batch of update `step` holds the global sample numbers
 n = (step - 1) * B ... step * B - 1; `sample_item(seed, n_items, n)` maps n to (dataset item, epoch) through a
 seeded permutation per epoch; `rank_micro_batches` gives each rank its slice, split for gradient accumulation;
-`generator_for(seed, ...)` seeds a torch.Generator from any tuple of ints.
+`generator_for(seed, ...)` seeds a torch.Generator from any tuple of ints; `StepBatches` feeds a DataLoader.
 """
 import csv
 import functools
@@ -102,6 +102,22 @@ def rank_micro_batches(step, global_batch, grad_accum, dist):
     micro = per_rank // grad_accum
     first = (step - 1) * global_batch + dist.rank * per_rank
     return [list(range(first + k * micro, first + (k + 1) * micro)) for k in range(grad_accum)]
+
+
+class StepBatches:
+    """A DataLoader batch_sampler: this rank's micro-batches of global sample numbers, update after update,
+    for updates start+1 .. steps (rank_micro_batches of each)."""
+
+    def __init__(self, start, steps, global_batch, grad_accum, dist):
+        self.start, self.steps, self.global_batch, self.grad_accum, self.dist = \
+            start, steps, global_batch, grad_accum, dist
+
+    def __iter__(self):
+        for step in range(self.start + 1, self.steps + 1):
+            yield from rank_micro_batches(step, self.global_batch, self.grad_accum, self.dist)
+
+    def __len__(self):
+        return (self.steps - self.start) * self.grad_accum
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,7 +339,8 @@ class RunDir:
         final = self.ckpt_dir / f"step-{step:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=self.ckpt_dir))
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors")
+            tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            save_file(tensors, tmp / "model.safetensors")
             torch.save({"optimizer": optimizer, "rng_torch": torch.get_rng_state()}, tmp / "trainer.pt")
             np_state = np.random.get_state()
             state = {"step": step, "data_position": data_position, "info": info or {},
@@ -366,7 +383,8 @@ def check_finite(loss, step, run):
     value = float(loss)
     if not np.isfinite(value):
         latest = run.latest_checkpoint()
-        keep = f"the latest checkpoint, {latest.name}, is the last good one" if latest else "no checkpoint yet"
+        keep = f"the latest checkpoint, {latest.name}, is the last good one" if latest else \
+            "no checkpoint yet"
         raise NonFiniteLoss(f"loss is {value} at step {step}: training stopped; {keep}")
 
 
@@ -429,10 +447,10 @@ def plot_loss(log_path, png_path, smooth=0.95, size=(800, 400)):
     if points:
         steps = [s for s, _ in points]
         values = [v for _, v in points]
-        avg, ema = [], values[0]
-        for v in values:
+        avg, ema = [], 0.0
+        for k, v in enumerate(values, start=1):
             ema = smooth * ema + (1 - smooth) * v
-            avg.append(ema)
+            avg.append(ema / (1 - smooth ** k))  # bias-corrected, as Adam's moments: no pull towards 0
         lo, hi = min(values), max(values)
         hi = lo + 1e-12 if hi <= lo else hi
         s0, s1 = steps[0], max(steps[-1], steps[0] + 1)

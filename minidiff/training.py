@@ -15,6 +15,7 @@ One step, for a degraded photo y and its clean version x (both [B, 3, H, W] in [
 The CLIP input differs from inference (clip_preprocess: bicubic short side + centre crop): that mismatch is
 in the official code and kept. Unlike the official code, CLIP runs without gradients (it is not trained).
 """
+import contextlib
 import functools
 
 import torch
@@ -108,6 +109,26 @@ class PluginObjective(nn.Module):
         sd, clip_vision = self.frozen
         return plugin_loss(sd, clip_vision, self.plugin, degraded, clean, noise=noise, timesteps=timesteps,
                            latent_noise=latent_noise)
+
+
+def accumulate_gradients(model, micro_batches, seed, step, latent_shape, dist, scaler=None):
+    """Forward + backward of update `step` over this rank's micro-batches [(degraded, clean, sample numbers)]
+    -> the loss of the whole global batch (mean over ranks; the same tensor on every rank).
+
+    model: PluginObjective, DDP-wrapped under torchrun (gradients averaged over ranks on the last
+    micro-batch only: no_sync before). Each micro-batch loss is divided by their count, so the gradient is
+    that of the global-batch mean whatever the split. Draws come from sample_draws(seed, step, numbers).
+    """
+    from minidiff.trainer import all_reduce_mean
+    total = torch.zeros((), device=dist.device)
+    for k, (degraded, clean, numbers) in enumerate(micro_batches):
+        draws = sample_draws(seed, step, numbers.tolist(), latent_shape)
+        last = k == len(micro_batches) - 1
+        with model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext():
+            loss = model(degraded, clean, *draws) / len(micro_batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    return all_reduce_mean(total, dist)
 
 
 def make_optimizer(plugin, lr):

@@ -5,7 +5,7 @@
     python tools/train.py --task derain --data train.csv --data-root /data --output runs/derain
     python tools/train.py --task deblur --data photos/ --degrade deblur --output runs/deblur-synth
     python tools/train.py --task deblur --data pairs/ --output runs/deblur --resume  # after a stop or crash
-    torchrun --nproc_per_node 4 tools/train.py --task deblur --data pairs/ --output runs/deblur --batch-size 64
+    torchrun --nproc_per_node 4 tools/train.py --task deblur --data pairs/ --output runs/x --batch-size 64
     python tools/train.py --task deblur --data photos/ --degrade deblur --output /tmp/try --fake-weights \\
         --steps 20 --resolution 64 --batch-size 2        # CPU-sized: random tiny networks, no weights needed
 
@@ -17,7 +17,6 @@ Paper: Liu et al., Diff-Plugin (CVPR 2024); recipe of yuhaoliu7456/Diff-Plugin @
 minidiff/training.py (the step), minidiff/trainer.py (run folder, resume, DDP), minidiff/datasets.py (data).
 """
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -62,7 +61,7 @@ def parse_args(argv=None):
       help="SCB start: official default init, or ControlNet-style copy of the UNet's first level")
     a("--sd", default=None, help="SD 1.x weights (default: checkpoints/ layout of tools/download.py)")
     a("--clip", default=None, help="CLIP ViT-L/14 vision weights (default: checkpoints/ layout)")
-    a("--fake-weights", action="store_true", help="random tiny networks instead of checkpoints (trials, tests)")
+    a("--fake-weights", action="store_true", help="random tiny networks instead of checkpoints (for trials)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     a("--num-workers", type=int, default=2, help="data loading processes per training process")
     return p.parse_args(argv)
@@ -94,7 +93,7 @@ def check_args(args):
         args.sd, args.clip = args.sd or defaults["sd"], args.clip or defaults["clip"]
         for flag, path in (("--sd", args.sd), ("--clip", args.clip)):
             if not os.path.exists(path):
-                raise UsageError(f"{flag} {path}: not found (tools/download.py fetches it, or --fake-weights)")
+                raise UsageError(f"{flag} {path}: not found (tools/download.py fetches it; or --fake-weights)")
 
 
 def load_models(args, dist, dtype):
@@ -127,19 +126,21 @@ def load_models(args, dist, dtype):
     return sd, clip, plugin
 
 
-class StepBatches:
-    """Batch sampler: for updates start+1..steps, this rank's micro-batches of global sample numbers."""
-
-    def __init__(self, start, steps, args, dist):
-        self.start, self.steps, self.args, self.dist = start, steps, args, dist
-
-    def __iter__(self):
-        from minidiff.trainer import rank_micro_batches
-        for step in range(self.start + 1, self.steps + 1):
-            yield from rank_micro_batches(step, self.args.batch_size, self.args.grad_accum, self.dist)
-
-    def __len__(self):
-        return (self.steps - self.start) * self.args.grad_accum
+def prepare(args):
+    """Every check that needs no weights (UsageError), in order: arguments, data listing, run folder, then
+    (rank 0, after joining the process group) every image decoded once. Returns what train() needs."""
+    from minidiff import datasets, trainer
+    check_args(args)
+    dist = trainer.setup_distributed(args.device, args.batch_size, args.grad_accum, join=False)
+    pairs = datasets.list_pairs(args.data, args.data_root, args.degrade)
+    train_pairs, val_pairs = datasets.split_validation(pairs, args.val_pairs, args.seed)
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    settings.update(data_sha256=datasets.listing_hash(pairs), data_pairs=len(pairs))
+    run = trainer.RunDir(args.output, "plugin", args.task, args.resume, dist)
+    run.check(settings, FIXED)
+    trainer.join_process_group(dist)
+    trainer.check_on_main(dist, lambda: datasets.check_images(pairs, args.augment, max(1, args.num_workers)))
+    return dist, run, settings, train_pairs, val_pairs
 
 
 def train(args):
@@ -148,24 +149,14 @@ def train(args):
     from minidiff.files import sha256_path
     from minidiff.imageio import save_png_atomic
     from minidiff.plugin_files import save_plugin
-    check_args(args)
-    dist = trainer.setup_distributed(args.device, args.batch_size, args.grad_accum, join=False)
-    pairs = datasets.list_pairs(args.data, args.data_root, args.degrade)
-    train_pairs, val_pairs = datasets.split_validation(pairs, args.val_pairs, args.seed)
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume",)}
-    settings.update(data_sha256=datasets.listing_hash(pairs), data_pairs=len(pairs))
-    run = trainer.RunDir(args.output, "plugin", args.task, args.resume, dist)
-    run.check(settings, FIXED)
-    trainer.join_process_group(dist)
-    trainer.check_on_main(dist, lambda: datasets.check_images(pairs, args.augment, max(1, args.num_workers)))
+    dist, run, settings, train_pairs, val_pairs = prepare(args)
     lr = args.lr * args.batch_size if args.scale_lr else args.lr  # official: lr x accum x batch x processes
+    fake = "  *** FAKE WEIGHTS: random tiny networks ***" if args.fake_weights else ""
     print(f"train {args.task}: {len(train_pairs)} pairs (+{len(val_pairs)} held out), {args.steps} steps, "
           f"global batch {args.batch_size} = {dist.world_size} process(es) x {args.grad_accum} x "
           f"{args.batch_size // dist.world_size // args.grad_accum}, lr {lr:g}, {args.precision} on "
-          f"{dist.device} -> {args.output}" + ("  *** FAKE WEIGHTS: random tiny networks ***"
-                                               if args.fake_weights else ""), flush=True)
-    dtype = getattr(torch, PRECISIONS[args.precision])
-    sd, clip, plugin = load_models(args, dist, dtype)
+          f"{dist.device} -> {args.output}{fake}", flush=True)
+    sd, clip, plugin = load_models(args, dist, getattr(torch, PRECISIONS[args.precision]))
     if args.grad_checkpointing:
         training.enable_grad_checkpointing(sd.unet)
     optimizer = training.make_optimizer(plugin, lr)
@@ -175,64 +166,58 @@ def train(args):
     if ckpt is not None:
         plugin.load_state_dict(ckpt.tensors)
         optimizer.load_state_dict(ckpt.optimizer["adamw"])
-        if scaler is not None and "scaler" in ckpt.optimizer:
+        if scaler is not None and "scaler" in ckpt.optimizer:  # --precision may change on resume
             scaler.load_state_dict(ckpt.optimizer["scaler"])
     if args.resume and dist.is_main:
         print(f"resuming from {ckpt.path}: step {start}" if ckpt else
               f"--resume: no checkpoint in {args.output} yet; starting from step 0", flush=True)
-    weights = {"fake": True} if args.fake_weights else {"sd": sha256_path(args.sd) if dist.is_main else None,
-                                                        "clip": sha256_path(args.clip) if dist.is_main else None}
-    run.start(settings, effective_lr=lr, weights=weights)
+    hashes = {} if args.fake_weights or not dist.is_main else \
+        {"sd": sha256_path(args.sd), "clip": sha256_path(args.clip)}
+    run.start(settings, effective_lr=lr, weights=hashes)
     log = trainer.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
     data = datasets.PairDataset(train_pairs, args.resolution, args.seed, args.augment, args.degrade)
     val_data = datasets.PairDataset(val_pairs, args.resolution, args.seed, False, args.degrade)
-    loader = iter(torch.utils.data.DataLoader(data, batch_sampler=StepBatches(start, args.steps, args, dist),
-                                              num_workers=args.num_workers))
+    batches = trainer.StepBatches(start, args.steps, args.batch_size, args.grad_accum, dist)
+    loader = iter(torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.num_workers))
     model = trainer.wrap_ddp(training.PluginObjective(sd, clip, plugin), dist)
     latent_shape = (sd.vae.cfg.z_channels, args.resolution // 8, args.resolution // 8)
-    meta = {"base_model": "fake-weights" if args.fake_weights else os.path.basename(os.path.normpath(args.sd)),
-            "task": args.task}
+    base = "fake-weights" if args.fake_weights else os.path.basename(os.path.normpath(args.sd))
+    plugin_path = run.path / f"{args.task}.safetensors"
 
-    def save(step):
-        extra = {"adamw": optimizer.state_dict(), **({"scaler": scaler.state_dict()} if scaler else {})}
-        run.save_checkpoint(step, plugin.state_dict(), extra, step * args.batch_size, keep=args.keep_checkpoints)
-        if dist.is_main:
-            save_plugin(plugin, run.path / f"{args.task}.safetensors", {**meta, "steps_trained": step})
-            trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
+    def save_outputs(step):  # rank 0: the plugin file and the loss plot
+        save_plugin(plugin, plugin_path, {"base_model": base, "task": args.task, "steps_trained": step})
+        trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
 
     bar = trainer.progress(args.steps, start, dist)
     for step in range(start + 1, args.steps + 1):
-        t0, total = time.perf_counter(), torch.zeros((), device=dist.device)
-        for k in range(args.grad_accum):
-            degraded, clean, n = next(loader)
-            draws = training.sample_draws(args.seed, step, n.tolist(), latent_shape)
-            last = k == args.grad_accum - 1
-            with model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext():
-                loss = model(degraded, clean, *draws) / args.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-            total += loss.detach()
-        total = trainer.all_reduce_mean(total, dist)
-        trainer.check_finite(total, step, run)
+        t0 = time.perf_counter()
+        micro = [next(loader) for _ in range(args.grad_accum)]
+        loss = training.accumulate_gradients(model, micro, args.seed, step, latent_shape, dist, scaler)
+        trainer.check_finite(loss, step, run)  # before the update: the weights stay those of step - 1
         norm_scb, norm_tpb = training.clip_and_step(plugin, optimizer, scaler)
-        row = {"step": step, "loss": total.item(), "lr": lr, "grad_norm_scb": norm_scb, "grad_norm_tpb": norm_tpb,
-               "images_per_s": args.batch_size / (time.perf_counter() - t0),
+        row = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm_scb": norm_scb,
+               "grad_norm_tpb": norm_tpb, "images_per_s": args.batch_size / (time.perf_counter() - t0),
                "epoch": (step * args.batch_size - 1) // len(train_pairs)}
         if val_pairs and args.validate_every and step % args.validate_every == 0 and dist.is_main:
             shown = [val_data.load(i, 0) for i in range(len(val_pairs))]
-            sheet, row["val_psnr"] = training.validation_sheet(sd, clip, plugin, shown, args.val_steps, args.seed)
+            sheet, row["val_psnr"] = training.validation_sheet(sd, clip, plugin, shown, args.val_steps,
+                                                                args.seed)
             save_png_atomic(sheet, run.path / "val" / f"step-{step:06d}.png")
         log.write(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.2f}")
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save(step)
+            state = {"adamw": optimizer.state_dict(), **({"scaler": scaler.state_dict()} if scaler else {})}
+            run.save_checkpoint(step, plugin.state_dict(), state, step * args.batch_size,
+                                keep=args.keep_checkpoints)
+            if dist.is_main:
+                save_outputs(step)
     bar.close()
     log.close()
-    if start >= args.steps and dist.is_main:  # nothing left to train: rewrite the outputs of the last step
-        save_plugin(plugin, run.path / f"{args.task}.safetensors", {**meta, "steps_trained": start})
-        trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
     if dist.is_main:
-        print(f"wrote {run.path / (args.task + '.safetensors')} (step {max(start, args.steps)})")
+        if start >= args.steps:  # nothing left to train: rewrite the outputs of the last step
+            save_outputs(start)
+        print(f"wrote {plugin_path} (step {max(start, args.steps)})")
     trainer.cleanup_distributed(dist)
     return 0
 
