@@ -473,5 +473,5 @@ def plot_loss(log_path, png_path, smooth=0.95, size=(800, 400)):
 def progress(total, initial, dist, desc="train"):
     """tqdm bar over update steps on rank 0 (disabled elsewhere); set its postfix to loss and images/s."""
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not dist.is_main,
-                dynamic_ncols=True)
+    quiet = {} if dist.is_main else {"disable": True}  # rank 0 leaves it to tqdm (TQDM_DISABLE=1 works)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, **quiet)

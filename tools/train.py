@@ -101,7 +101,7 @@ def load_models(args, dist, dtype):
     import torch
     from dataclasses import replace
     from minidiff.plugin import SCB, TPB, PluginConfig, TaskPlugin, check_fits
-    from minidiff.trainer import derive_seed
+    from minidiff.trainer import UsageError, derive_seed
     from minidiff.training import init_scb_from_unet
     if args.fake_weights:
         from minidiff.fake import fake_models  # the same tiny networks as tools/sample.py --fake-weights
@@ -120,7 +120,10 @@ def load_models(args, dist, dtype):
         torch.manual_seed(derive_seed(args.seed, "init"))  # the same initial plugin on every rank
         plugin = TaskPlugin(args.task, TPB(cfg), SCB(cfg))
     if args.scb_init == "unet":
-        init_scb_from_unet(plugin.scb, sd.unet)
+        try:
+            init_scb_from_unet(plugin.scb, sd.unet)
+        except ValueError as e:  # e.g. the --fake-weights UNet, which has no attention in its first level
+            raise UsageError(str(e)) from None
     plugin.to(dist.device).train().requires_grad_(True)
     check_fits(sd, clip, plugin)
     return sd, clip, plugin
