@@ -149,7 +149,7 @@ def test_ddp_two_processes_match_one(photos, tmp_path):
     one, two, mixed = (str(tmp_path / n) for n in ("one", "two", "mixed"))
     args = dict(steps=4, checkpoint_every=2, validate_every=0, resolution=128, batch_size=4)
     assert run(*opts(photos, one, **args)).returncode == 0
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     r = run(*opts(photos, two, **args), launcher=torchrun)
     assert r.returncode == 0, r.stderr[-2000:]
     shutil.copytree(two, mixed)  # the 2-process run as if stopped at step 2, resumed by 1 process
