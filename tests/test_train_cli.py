@@ -106,6 +106,13 @@ def test_run_folder_and_the_trained_plugin(reference, photos, tmp_path):
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     assert os.path.isfile(tmp_path / "restored" / "p0.png")
+    # sample.py --fake-weights runs its own random plugins, so also run the trained file on the same fakes
+    from minidiff.fake import fake_models
+    from minidiff.plugin import restore
+    models = fake_models([], with_selector=False)
+    out = restore(models.sd, models.clip_vision, [plugin], Image.open(os.path.join(photos, "p0.png")),
+                  steps=2, progress=False)
+    assert out.size == (96, 96)
 
 
 def test_resume_after_sigkill_is_bit_identical(reference, photos, tmp_path):
