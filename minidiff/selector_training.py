@@ -27,8 +27,8 @@ update, as CLIP does: the decoupled loss keeps rewarding a larger scale once pos
 
     texts = training_texts(load_corpus().part("train").restrict(tasks), seed=0)
     batch = draw_batch(seed, step, photos_per_task, texts, batch=8, negatives=7)
-    scores = pair_scores(selector, visual[batch.photos, batch.tasks], text_feats[batch.texts])  # [B, 1 + N]
-    loss = contrastive_loss(scores, torch.zeros(len(scores), dtype=torch.long), batch.indicator)
+    loss, cos = batch_loss(selector, visual[batch.photos, batch.tasks], text_feats[batch.texts], batch.indicator)
+    update(selector, optimizer, loss)
 """
 import hashlib
 import math
@@ -80,7 +80,20 @@ def contrastive_loss(scores, positive, keep):
     return (neg - pos).mean()
 
 
-def clamp_logit_scale(selector):
+def batch_loss(selector, visual, text, keep):
+    """Eq. 6 on one batch: visual [B, D] pseudo-labels, text [B, 1 + N, D] pooled text embeddings (the
+    positive first), keep [B, 1 + N] the indicator -> (loss, cosines [B, 1 + N] for the log)."""
+    scale = selector.logit_scale.detach().exp()  # 1 / tau
+    scores = pair_scores(selector, visual, text)  # [B, 1 + N]
+    positive = torch.zeros(len(scores), dtype=torch.long, device=scores.device)  # text 0 of each row
+    return contrastive_loss(scores, positive, keep.to(scores.device)), scores.detach() / scale
+
+
+def update(selector, optimizer, loss):
+    """One AdamW step on `loss`, then logit_scale clamped to [0, ln 100] (CLIP's bound on 1/tau)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
     with torch.no_grad():
         selector.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 

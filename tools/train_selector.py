@@ -154,20 +154,13 @@ def train(args):
             export_official_selector(selector, run.path / "PromptTunner.pt")
         trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
 
-    positive = torch.zeros(args.batch_size, dtype=torch.long, device=dist.device)  # text 0 of each row
     bar = trainer.progress(args.steps, min(start, args.steps), dist)
     for step in range(start + 1, args.steps + 1):
         batch = st.draw_batch(args.seed, step, per_task, texts, args.batch_size, args.negatives)
         visual = photo_feats[batch.photos, batch.tasks]  # [B, D]: each photo through its own task's plugin
-        scale = selector.logit_scale.detach().exp()  # 1 / tau of this step
-        scores = st.pair_scores(selector, visual, text_table[batch.texts])  # [B, 1 + N]
-        loss = st.contrastive_loss(scores, positive, batch.indicator.to(dist.device))  # eq. 6
+        loss, cos = st.batch_loss(selector, visual, text_table[batch.texts], batch.indicator)  # eq. 6
         trainer.check_finite(loss.detach(), step, run)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        st.clamp_logit_scale(selector)
-        cos = scores.detach() / scale  # [B, 1 + N]
+        st.update(selector, optimizer, loss)
         log.write({"step": step, "loss": loss.item(), "logit_scale": selector.logit_scale.item(),
                    "positive_cos": cos[:, 0].mean().item(), "negative_cos": cos[:, 1:].mean().item()})
         bar.update(1)
