@@ -27,7 +27,9 @@ from pathlib import Path, PurePath
 from tqdm import tqdm
 
 from minidiff.files import sha256_file
+from minidiff.loading import SD_DIFFUSERS_FILES
 from minidiff.plugin import TASKS
+from minidiff.plugin_files import OFFICIAL_BASE_MODEL, find_plugins
 
 HF = "https://huggingface.co"
 # Official Diff-Plugin weights live in the code repository itself (pre-trained/<task>/...); pinned to the
@@ -114,18 +116,55 @@ CHECKPOINTS = {
 # names `--only` also takes, standing for several keys
 GROUPS = {
     "plugins": [f"plugin-{t}" for t in TASKS] + ["selector"],
-    "default": ["sd15", "clip-l14"] + [f"plugin-{t}" for t in TASKS] + ["selector"],  # the main job
+    # the main job, tools/sample.py: the official plugins on the base they were trained on, SD-1.4
+    "default": ["sd14", "clip-l14"] + [f"plugin-{t}" for t in TASKS] + ["selector"],
     "metrics": ["clip-b32", "inception"],
     "all": list(CHECKPOINTS),
 }
+# Hugging Face ids of the registry's Stable Diffusion checkpoints (what plugin metadata `base_model` says)
+BASE_MODELS = {"sd14": OFFICIAL_BASE_MODEL, "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
 
 def default_checkpoint_paths(root="checkpoints"):
-    """The default path of each kind of weights under the checkpoints folder `root` (as strings)."""
-    paths = dict(sd="sd15", clip="clip-l14", selector="selector", clip_b32="clip-b32", inception="inception")
+    """The default path of each kind of weights under the checkpoints folder `root` (as strings): sd is
+    SD-1.5 (plain generation), sd14 the base the official plugins were trained on (restoration)."""
+    paths = dict(sd="sd15", sd14="sd14", clip="clip-l14", selector="selector", clip_b32="clip-b32",
+                 inception="inception")
     out = {name: os.path.join(root, CHECKPOINTS[key].path) for name, key in paths.items()}
     out["plugins"] = os.path.join(root, "diff-plugin")
     return out
+
+
+def base_model_id(name, sha256=None):
+    """The Hugging Face id of a Stable Diffusion checkpoint given as a path or an id, when it is one of the
+    registry's (by published sha256, by file or folder name, or by id); otherwise `name` as given."""
+    for key, model_id in BASE_MODELS.items():
+        files = CHECKPOINTS[key].files
+        if sha256 is not None and len(files) == 1 and files[0].sha256 == sha256:
+            return model_id
+        if name in (model_id, model_id.split("/")[-1], PurePath(CHECKPOINTS[key].path).name):
+            return model_id
+    parts = PurePath(os.path.normpath(name)).parts
+    return base_model_id(parts[-1]) if len(parts) > 1 else name
+
+
+def loader_files_missing(kind, path):
+    """Files a loader needs that are missing at `path` (so that a folder an interrupted download left
+    behind does not count): kind sd (single file or diffusers folder), clip (file or Hugging Face folder),
+    selector (file), plugins (a folder with at least one plugin; tasks are checked by find_plugins)."""
+    path = str(path)
+    if kind in ("selector",) or os.path.isfile(path) or not os.path.isdir(path):
+        return [] if os.path.isfile(path) else [path]
+    if kind == "sd":  # a diffusers folder: one weights file per part
+        return [os.path.join(path, names[0]) for names in SD_DIFFUSERS_FILES.values()
+                if not any(os.path.isfile(os.path.join(path, n)) for n in names)]
+    if kind == "clip":
+        names = ("model.safetensors", "pytorch_model.bin")
+        found = any(os.path.isfile(os.path.join(path, n)) for n in names)
+        return [] if found else [os.path.join(path, names[0])]
+    if kind == "plugins":
+        return [] if find_plugins(path) else [path]
+    raise ValueError(f"unknown kind of weights {kind!r}")
 
 
 def expand_keys(names):
@@ -213,7 +252,6 @@ def download_file(url, dest, size=None, sha256=None, progress=True, timeout=60, 
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
     if size is not None and have > size:  # longer than the file can be: start over
         part.unlink()
@@ -244,6 +282,7 @@ def download_file(url, dest, size=None, sha256=None, progress=True, timeout=60, 
         except (urllib.error.URLError, OSError) as e:
             raise DownloadError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
         if resp is not None:
+            dest.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed connection leaves no folder
             with resp:
                 if have and resp.status != 206:  # the server ignored the Range header: start over
                     have, h = 0, hashlib.sha256()
@@ -251,14 +290,23 @@ def download_file(url, dest, size=None, sha256=None, progress=True, timeout=60, 
                 total = have + int(length) if length is not None else None
                 if size is not None and total is not None and total != size:
                     raise DownloadError(f"{url}: the server offers {total} bytes, expected {size}")
+                try:
+                    first = resp.read(chunk)
+                except (OSError, http.client.HTTPException) as e:
+                    raise DownloadError(f"{url}: connection lost ({e!r}); run again to resume") from None
+                if not have and looks_like_html(first):
+                    raise DownloadError(f"{url}: the server sent a web page, not the file (a login or error "
+                                        "page? check the URL, --base-url or HF_TOKEN)")
                 with open(part, "ab" if have else "wb") as out, \
                         tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name,
                              disable=not progress, leave=False) as bar:
                     try:
-                        while block := resp.read(chunk):
+                        block = first
+                        while block:
                             out.write(block)
                             h.update(block)
                             bar.update(len(block))
+                            block = resp.read(chunk)
                     except (OSError, http.client.HTTPException) as e:
                         raise DownloadError(f"{url}: connection lost ({e!r}); run again to resume") from None
                 if total is not None and part.stat().st_size != total:
@@ -273,36 +321,59 @@ def download_file(url, dest, size=None, sha256=None, progress=True, timeout=60, 
     os.replace(part, dest)
 
 
-def download(keys, root="checkpoints", base_url=None, progress=True, verify=False, log=print):
-    """Fetch every file of the registry `keys` under `root`; return the one-line errors (empty: all is well).
+def looks_like_html(data):
+    """True when bytes start like an HTML page: what a mirror or a login wall sends instead of a weight file
+    (no weight or config file of the registry starts with '<')."""
+    head = data[:512].lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"))
 
-    Files already present with the right size are kept (and re-hashed when `verify`).
+
+def download(keys, root="checkpoints", base_url=None, progress=True, verify=False, log=print):
+    """Fetch every file of the registry `keys` under `root`; return (errors, checks): one-line errors (empty:
+    all is well) and {relative path: "sha256" or "size only"} saying how each present file was checked.
+
+    Files already present with the right size are kept (and re-hashed when `verify`). Folders are made only
+    when a file arrives. After a host refuses a connection, its other files are not tried (one error each).
     """
     files = [f for key in keys for f in CHECKPOINTS[key].files]
     todo = [f for f in files if not _complete(Path(root) / f.path, f, verify)]
     need = sum(max(0, (f.size or 0) - _part_size(Path(root) / f.path)) for f in todo)
-    Path(root).mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
+    existing = Path(os.path.abspath(root))
+    while not existing.exists():  # the checkpoints folder is made by the first file that arrives
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if need > free:
-        return [f"{root}: {human_size(need)} to download but only {human_size(free)} free"]
-    errors = []
+        return [f"{root}: {human_size(need)} to download but only {human_size(free)} free"], {}
+    errors, checks, unreachable = [], {}, {}
     for f in files:
         dest = Path(root) / f.path
+        how = "sha256" if f.sha256 else "size only"  # unpublished size: the one the server reported
         if f not in todo:
-            log(f"ok        {dest}")
+            log(f"ok        {dest}  ({how})")
+            checks[f.path] = how
             continue
         url = _remote_url(f, base_url)
+        host = urllib.parse.urlsplit(url).hostname
+        if host in unreachable:
+            errors.append(f"{url}: not tried ({host} could not be reached)")
+            continue
         log(f"download  {dest}  ({human_size(f.size)}) from {url}")
         try:
             download_file(url, dest, f.size, f.sha256, progress=progress)
+            checks[f.path] = how
         except DownloadError as e:
             errors.append(str(e))
-    return errors
+            if "cannot connect" in str(e):
+                unreachable[host] = str(e)
+    return errors, checks
 
 
 def _complete(dest, f, verify):
     if not dest.is_file() or (f.size is not None and dest.stat().st_size != f.size):
         return False
+    if verify and f.sha256 is None:  # no published hash: at least not a web page saved under its name
+        with open(dest, "rb") as fh:
+            return not looks_like_html(fh.read(512))
     return not (verify and f.sha256 is not None and sha256_file(dest) != f.sha256)
 
 

@@ -8,9 +8,12 @@ and the tools all import this module, and it imports nothing of minidiff.
 import hashlib
 import json
 import os
+import re
 import tempfile
 
 TMP_SUFFIX = ".tmp"  # hidden temporaries are named `.<name>.<random>.tmp` (see atomic_write)
+# `.<name>.<8 random characters of mkstemp>.tmp`, the names atomic_write gives its temporaries
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")
 
 
 def atomic_write(path, write):
@@ -30,6 +33,18 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temps(folder, targets):
+    """Delete atomic_write temporaries for the files `targets` (names in `folder`) that a killed run left
+    behind (SIGKILL gives no chance to clean up); returns the names removed. Call it before writing there."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        m = _TMP_NAME.match(name)
+        if m and m.group("target") in targets and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
 
 
 def save_json_atomic(obj, path):

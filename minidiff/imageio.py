@@ -13,10 +13,15 @@ RGB) and adds what that one-liner gets wrong or leaves to a traceback:
 - CMYK, YCbCr, LAB, 1-bit and palette images go through PIL's conversion to RGB.
 Each such step is recorded in an optional `notes` list so the tools can write down what was done.
 
-Size: the official resolution rule (infer.py l.96-107: short side raised to 512 when smaller, then
-multiples of 8) runs photos of any size at full size, and a 2834x2091 photo runs out of GPU memory.
-`fit_size` applies that rule (official_resize) unless the result's long side would exceed
-`max_side`; then it downscales the photo once (LANCZOS) so the long side fits, multiples of 8, and says so.
+Size: the official code has two rules, both followed by a LANCZOS rescale to multiples of 8
+(VaeImageProcessor.preprocess):
+- "demo" (demo.py l.166-173, the prompt-driven entry point): the short side ALWAYS becomes `image_resolution`
+  (512 by default, a 512-1024 slider in steps of 64), downscaling included; PIL bicubic, int() sizes;
+- "infer" (infer.py l.96-107, the per-task script): the short side is raised to 512 only when a side is below
+  512; bigger photos run at full size (a 2834x2091 photo runs out of GPU memory).
+`resize_photo` applies either rule unless the result's long side would exceed `max_side`; then it rescales
+the photo once so the long side fits (multiples of 8), and says so. Sides under MIN_SIDE are refused by the
+callers (`check_min_side`).
 """
 import os
 import warnings
@@ -33,7 +38,13 @@ from minidiff.files import atomic_write
 # 8.1 GiB at 1536x1024, 23.7 GiB at 2048x1536, 75.6 GiB at 2832x2088 (the photo the official code runs
 # out of memory on). 1536 keeps a run within a 12 GB consumer GPU; --max-side 0 removes the cap.
 DEFAULT_MAX_SIDE = 1536
-OFFICIAL_SHORT_SIDE = 512  # infer.py l.96-107
+OFFICIAL_SHORT_SIDE = 512  # infer.py l.96-107; demo.py's `image_resolution` default
+# demo.py's "Image Resolution" slider (l.333): minimum 512, maximum 1024, step 64
+SHORT_SIDES = tuple(range(512, 1024 + 1, 64))
+RESIZE_RULES = ("demo", "infer")  # demo.py l.166-173 (short side always N) / infer.py l.96-107 (raise to 512)
+# The smallest side processed: 8 latent cells, so that the UNet's three downsamplings keep at least one
+# cell (smaller sizes break GroupNorm in small models and carry almost no picture anyway).
+MIN_SIDE = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
 
 
@@ -89,6 +100,9 @@ def load_image(path, notes=None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()  # decode now: a truncated file fails here, not later
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:  # an animated GIF/PNG/WebP or a multi-page TIFF: PIL gives the first frame
+                    notes.append(f"animated or multi-frame image: the first of its {frames} frames is used")
                 orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation tag
                 upright = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
                 if orientation not in (1, None):
@@ -119,24 +133,39 @@ def upscaled_size(width, height):
     """infer.py l.96-107: when a side is below 512, the size that raises the short side to 512 (int()
     truncation, ties to the else branch); otherwise the size unchanged."""
     if width < OFFICIAL_SHORT_SIDE or height < OFFICIAL_SHORT_SIDE:
-        if width < height:
-            return OFFICIAL_SHORT_SIDE, int(OFFICIAL_SHORT_SIDE / width * height)
-        return int(OFFICIAL_SHORT_SIDE / height * width), OFFICIAL_SHORT_SIDE
+        return demo_size(width, height, OFFICIAL_SHORT_SIDE)
     return width, height
 
 
-def official_size(width, height):
-    """Size the official rule gives (upscaled_size, then multiples of 8), by arithmetic only: decides on
-    the cap without building a huge image."""
-    width, height = upscaled_size(width, height)
+def demo_size(width, height, short_side=OFFICIAL_SHORT_SIDE):
+    """demo.py l.166-172: the short side set to `short_side`, up or down; the long side int()-truncated
+    (a square goes to the else branch)."""
+    if width < height:
+        return short_side, int((short_side / width) * height)
+    return int((short_side / height) * width), short_side
+
+
+def rule_size(width, height, rule="infer", short_side=OFFICIAL_SHORT_SIDE):
+    """Size after the first step of the official rule `rule` ("demo" or "infer"), before multiples of 8."""
+    if rule == "demo":
+        return demo_size(width, height, short_side)
+    if rule == "infer":
+        return upscaled_size(width, height)
+    raise ValueError(f"unknown resize rule {rule!r}; known: {', '.join(RESIZE_RULES)}")
+
+
+def official_size(width, height, rule="infer", short_side=OFFICIAL_SHORT_SIDE):
+    """Size the official rule gives (rule_size, then multiples of 8), by arithmetic only: decides on the cap
+    without building a huge image."""
+    width, height = rule_size(width, height, rule, short_side)
     return width - width % 8, height - height % 8
 
 
-def official_resize(image):
-    """The official resolution rule: short side raised to 512 when a side is below 512 (PIL bicubic,
-    infer.py l.96-107), then the LANCZOS rescale to multiples of 8 of diffusers' VaeImageProcessor.preprocess.
-    Photos with both sides >= 512 are not downscaled."""
-    size = upscaled_size(*image.size)
+def official_resize(image, rule="infer", short_side=OFFICIAL_SHORT_SIDE):
+    """The official resolution rule: `rule_size` with PIL bicubic (demo.py l.173 and infer.py l.104 call
+    `image.resize(size)`, whose default filter for RGB is BICUBIC; the same size is a copy), then the LANCZOS
+    rescale to multiples of 8 of diffusers' VaeImageProcessor.preprocess."""
+    size = rule_size(*image.size, rule, short_side)
     image = image if size == image.size else image.resize(size, Image.BICUBIC)
     return to_multiple_of_8(image)
 
@@ -161,11 +190,15 @@ def tensor_to_pil(x):
     return Image.fromarray((x * 255).round().astype(np.uint8))
 
 
+def _rescaled_size(width, height, scale):
+    """Sides times `scale`, rounded then floored to multiples of 8 (at least 8)."""
+    return tuple(max(8, round(v * scale) // 8 * 8) for v in (width, height))
+
+
 def _rescale(image, scale):
-    """Resize by `scale`, sides rounded then floored to multiples of 8 (at least 8); LANCZOS down,
-    BICUBIC up."""
-    tw, th = (max(8, round(v * scale) // 8 * 8) for v in image.size)
-    return image.resize((tw, th), Image.LANCZOS if scale < 1 else Image.BICUBIC)
+    """Resize by `scale` to _rescaled_size; LANCZOS down, BICUBIC up."""
+    size = _rescaled_size(*image.size, scale)
+    return image.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC)
 
 
 def cap_size(image, max_side=DEFAULT_MAX_SIDE):
@@ -178,23 +211,53 @@ def cap_size(image, max_side=DEFAULT_MAX_SIDE):
     return out, f"{w}x{h} -> {out.size[0]}x{out.size[1]}: downscaled to --max-side {max_side} (LANCZOS)"
 
 
-def fit_size(image, max_side=DEFAULT_MAX_SIDE):
-    """The image at the size the plugins run at, and a one-line note saying how it got there.
+def resized_size(width, height, rule="infer", short_side=OFFICIAL_SHORT_SIDE, max_side=DEFAULT_MAX_SIDE):
+    """The size `resize_photo` gives, then multiples of 8 (the size the plugins run at), by arithmetic."""
+    ow, oh = official_size(width, height, rule, short_side)
+    if not max_side or max(ow, oh) <= max_side:
+        return ow, oh
+    return _rescaled_size(width, height, max_side / max(width, height))
 
-    The official rule (official_resize) unless its long side would exceed `max_side`; then
-    one rescale so the long side is exactly max_side (multiples of 8): a downscale of a big photo, or, for a
-    small elongated one that the 512 rule would stretch past the cap, a smaller upscale. The short side may
-    then end below 512. max_side None or 0 turns the cap off, as in the official code.
+
+def resize_photo(image, rule="infer", short_side=OFFICIAL_SHORT_SIDE, max_side=DEFAULT_MAX_SIDE):
+    """The photo at the size the plugins run at, before the multiples of 8, and a one-line note saying how.
+
+    The official rule `rule` ("demo": short side always `short_side`; "infer": raised to 512 when below)
+    with PIL bicubic, exactly as the official scripts resize, unless the result's long side (after
+    multiples of 8) would exceed `max_side`; then one rescale so the long side is exactly max_side (multiples
+    of 8): a downscale of a big photo, or, for a small elongated one that the rule would stretch past the
+    cap, a smaller upscale, and the short side may end below the rule's. max_side None or 0 turns the cap
+    off, as in the official code. The plugins then rescale to multiples of 8 (`to_multiple_of_8`).
     """
     w, h = image.size
-    ow, oh = official_size(w, h)
+    ow, oh = official_size(w, h, rule, short_side)
+    name = f"official rule of {rule}.py" + (f" (short side {short_side})" if rule == "demo" else
+                                            " (short side raised to 512 when below)")
     if not max_side or max(ow, oh) <= max_side:
-        out = official_resize(image)
-        how = "unchanged" if out.size == (w, h) else "official rule (short side >= 512, multiples of 8)"
-        return out, f"{w}x{h} -> {out.size[0]}x{out.size[1]}: {how}"
+        rw, rh = rule_size(w, h, rule, short_side)
+        out = image if (rw, rh) == image.size else image.resize((rw, rh), Image.BICUBIC)
+        if (ow, oh) == (w, h):
+            return out, f"{w}x{h} -> {w}x{h}: unchanged"
+        then = f", then {ow}x{oh} (multiples of 8)" if (rw, rh) != (ow, oh) else ""
+        return out, f"{w}x{h} -> {rw}x{rh}: {name}{then}"
     out = _rescale(image, max_side / max(w, h))
-    return out, (f"{w}x{h} -> {out.size[0]}x{out.size[1]}: capped (the official rule gives {ow}x{oh}, "
-                 f"long side over --max-side {max_side}; rescaled so the long side is {max_side})")
+    return out, (f"{w}x{h} -> {out.size[0]}x{out.size[1]}: capped ({name} gives {ow}x{oh}, long side "
+                 f"over --max-side {max_side}; rescaled so the long side is {max_side})")
+
+
+def fit_size(image, max_side=DEFAULT_MAX_SIDE):
+    """infer.py's rule with the cap, to multiples of 8: resize_photo(image, "infer", max_side=...)."""
+    out, note = resize_photo(image, "infer", max_side=max_side)
+    return to_multiple_of_8(out), note
+
+
+def check_min_side(size, what="the processed photo"):
+    """ImageError (one line) when a side of `size` is under MIN_SIDE: an aspect ratio too extreme for the
+    size rule (and the cap) to keep both sides usable."""
+    w, h = size
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"{what} would be {w}x{h}: a side under {MIN_SIDE} px (aspect ratio "
+                         f"{max(w, h) / max(1, min(w, h)):.0f}:1 is too extreme); crop the photo first")
 
 
 def side_by_side(a, b):

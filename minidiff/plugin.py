@@ -38,6 +38,14 @@ PURE_NOISE_TASKS = ("lowlight", "highlight")
 RENOISE_FROM = 960  # infer.py `time_threshold`: at every step with t >= this, x = add_noise(cond, noise, t)
 
 
+class NonFiniteError(FloatingPointError):
+    """A sampling run whose latent became NaN or infinite (one line naming the plugin and the step)."""
+
+
+class PluginMismatchError(ValueError):
+    """A plugin whose widths do not fit the loaded UNet / CLIP vision model (one line)."""
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     """Task-Plugin sizes; defaults are the official ones (TPB.py, scb/config.json)."""
@@ -128,15 +136,16 @@ class TaskPlugin(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 
 def check_fits(sd, clip_vision, plugin):
-    """Raise ValueError (one line) when a plugin's widths do not fit the loaded UNet / CLIP vision model."""
+    """Raise PluginMismatchError (one line) when a plugin's widths do not fit the loaded UNet / CLIP vision
+    model."""
     unet, clip = getattr(sd.unet, "cfg", None), getattr(clip_vision, "cfg", None)
     pairs = [("TPB input vs CLIP width", plugin.tpb.cfg.clip_dim, clip and clip.width),
              ("TPB output vs UNet context", plugin.tpb.cfg.context_dim, unet and unet.context_dim),
              ("SCB width vs UNet level 0", plugin.scb.cfg.channels, unet and unet.model_channels)]
     for what, mine, theirs in pairs:
         if theirs is not None and mine != theirs:
-            raise ValueError(f"plugin {plugin.task!r} does not fit these models: {what} {mine} != {theirs} "
-                             "(Diff-Plugin needs SD 1.x and CLIP ViT-L/14)")
+            raise PluginMismatchError(f"plugin {plugin.task!r} does not fit these models: {what} {mine} != "
+                                      f"{theirs} (Diff-Plugin needs SD 1.x and CLIP ViT-L/14)")
 
 
 @torch.no_grad()
@@ -167,6 +176,9 @@ def run_plugin(sd, plugin, feats, image, steps, seed, bar=None):
         residuals = plugin.scb(cond, t, context)  # 3 x [1, 320, H/8, W/8]
         eps = sd.unet(x, t, context, skip_residuals=dict(enumerate(residuals)))
         x = sampler.step(eps, i, x)
+        if not torch.isfinite(x).all():  # e.g. fp16 overflow or a broken weight: stop before decoding
+            raise NonFiniteError(f"plugin {plugin.task!r}: the latent is not finite after step {i + 1} of "
+                                 f"{len(sampler.timesteps)} (t={int(t)})")
         if bar is not None:
             bar.update(1)
     return tensor_to_pil(sd.vae.decode(x / LATENT_SCALE))

@@ -29,6 +29,7 @@ from minidiff.weights import (CheckpointError, load_strict, read_state_dict, scb
 PLUGIN_FORMAT = "minidiff-plugin"  # safetensors metadata "format" of minidiff's one-file plugins
 SELECTOR_FORMAT = "minidiff-selector"  # ... and of minidiff's selector files
 OFFICIAL_BASE_MODEL = "CompVis/stable-diffusion-v1-4"  # the official plugins' base model (infer.py l.22)
+SCB_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # in <task>/scb/
 
 
 def read_format(path):
@@ -110,14 +111,14 @@ def load_plugin(path, task=None, dtype=torch.float32, device="cpu"):
     if os.path.isdir(path):
         heads = read_scb_config(path)
         scb_dir = os.path.join(path, "scb")
-        names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
-        files = [os.path.join(scb_dir, n) for n in names if os.path.isfile(os.path.join(scb_dir, n))]
+        files = [os.path.join(scb_dir, n) for n in SCB_WEIGHTS if os.path.isfile(os.path.join(scb_dir, n))]
         if not files:
             raise CheckpointError(f"{scb_dir}: no diffusion_pytorch_model.bin or .safetensors")
         scb_state = scb_from_diffusers(strip_module_prefix(read_state_dict(files[0])))
         tpb_state = strip_module_prefix(read_state_dict(os.path.join(path, "tpb.pt")))
         task = task or os.path.basename(os.path.normpath(path))
-        return build_plugin(task, tpb_state, scb_state, heads, {"source": "official"}, dtype, device)
+        meta = {"source": "official", "base_model": OFFICIAL_BASE_MODEL}  # trained on SD-1.4 (facts 7)
+        return build_plugin(task, tpb_state, scb_state, heads, meta, dtype, device)
     if not path.endswith(".safetensors"):
         raise CheckpointError(f"{path}: not a plugin folder (scb/ + tpb.pt) nor a .safetensors file")
     if read_format(path) != PLUGIN_FORMAT:
@@ -131,8 +132,12 @@ def load_plugin(path, task=None, dtype=torch.float32, device="cpu"):
 
 
 def save_plugin(plugin, path, metadata=None):
-    """Write `plugin` as one minidiff .safetensors (atomically). metadata: e.g. base_model, steps_trained."""
+    """Write `plugin` as one minidiff .safetensors (atomically). metadata: e.g. steps_trained, and
+    `base_model`, the Stable Diffusion the plugin was trained with (a plugin only fits the UNet it was
+    trained beside; tools/sample.py warns when it runs on another). The file always says a base_model:
+    the given one, else the plugin's own metadata's, else "unknown"."""
     meta = {k: str(v) for k, v in {**plugin.metadata, **(metadata or {})}.items()}
+    meta.setdefault("base_model", "unknown")
     meta.update(format=PLUGIN_FORMAT, task=plugin.task, heads=str(plugin.scb.cfg.heads))
     tensors = _cpu_contiguous(plugin.state_dict())
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -145,17 +150,24 @@ def _is_plugin_file(path):
         return False
 
 
+def _is_official_plugin(folder):
+    """An official plugin folder with every file its loader reads (an interrupted download is not one)."""
+    scb = os.path.join(folder, "scb")
+    return all(os.path.isfile(os.path.join(folder, n)) for n in ("scb/config.json", "tpb.pt")) \
+        and any(os.path.isfile(os.path.join(scb, n)) for n in SCB_WEIGHTS)
+
+
 def find_plugins(folder):
     """Plugins in `folder` -> {task: path}, official tasks first in TASKS order, then others by name.
 
-    Recognises `<task>/scb/config.json` + `<task>/tpb.pt` (official) and `<task>.safetensors` with minidiff
-    plugin metadata (preferred when both exist). Other files (a selector.safetensors, notes) are ignored.
+    Recognises `<task>/scb/config.json` + `scb/diffusion_pytorch_model.{bin,safetensors}` + `<task>/tpb.pt`
+    (official) and `<task>.safetensors` with minidiff plugin metadata (preferred when both exist). Other
+    files (a selector.safetensors, notes, an incomplete download) are ignored.
     """
     found = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         full = os.path.join(folder, name)
-        if os.path.isdir(full) and os.path.isfile(os.path.join(full, "scb", "config.json")) \
-                and os.path.isfile(os.path.join(full, "tpb.pt")):
+        if os.path.isdir(full) and _is_official_plugin(full):
             found.setdefault(name, full)
         elif name.endswith(".safetensors") and os.path.isfile(full) and _is_plugin_file(full):
             found[name[:-len(".safetensors")]] = full

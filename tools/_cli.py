@@ -1,0 +1,155 @@
+"""What minidiff's tools share: one-line errors, the exit codes, argument types, the up-front output check.
+
+Exit codes of tools/sample.py, generate.py, evaluate.py, convert.py, download.py and make_examples.py:
+    0    done
+    1    stopped with one line "error: ..." on stderr: a request the tool refuses (conflicting flags, a
+         combination out of range), a missing or unreadable input, missing weights, a failed download, an
+         output that cannot be written, a non-finite result, out of memory
+    2    the command line does not parse: an unknown flag, a value of the wrong type or outside its range
+         (a non-finite number, a seed outside 0..2^63-1, a size under the smallest): one line too
+    130  interrupted by Ctrl-C; 143 stopped by SIGTERM. Either way nothing half-written is left behind.
+This module is a helper of the scripts beside it (not a script); it imports neither torch nor minidiff at the
+top, so --help stays quick.
+"""
+import argparse
+import errno
+import math
+import os
+import signal
+import sys
+import tempfile
+
+# Seeds: what torch.Generator.manual_seed takes as a non-negative 64-bit signed integer on every torch
+# version (the official code seeds a CPU torch.Generator; negative seeds would alias large ones).
+SEED_MAX = 2**63 - 1
+
+
+class UsageError(ValueError):
+    """A request the tool refuses (arguments, input files, output folder): one line, exit status 1."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally` blocks and atomic writes clean up."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default once, and none for flags whose default is "not given" (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one line on stderr for a command line that does not parse (exit status 2)."""
+
+    def __init__(self, doc="", **kw):
+        kw.setdefault("description", doc.splitlines()[0] if doc else None)  # the script's docstring line
+        super().__init__(formatter_class=kw.pop("formatter_class", HelpFormatter), **kw)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text):
+    """argparse type: a finite float (nan and inf cannot be stored in the JSON records, nor mean anything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_range(lo, hi=None, step=None):
+    """argparse type: an int in [lo, hi] (hi None: no upper bound), on the grid lo + k * step if given."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value > hi) or (step and (value - lo) % step):
+            grid = f" in steps of {step}" if step else ""
+            bound = f"{lo}..{hi}" if hi is not None else f"at least {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{grid}, got {value}")
+        return value
+    return parse
+
+
+seed = int_range(0, SEED_MAX)
+
+
+def nonblank(text):
+    """argparse type: text with something other than white space."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty or blank: say what to do, e.g. \"remove the rain\"")
+    return text
+
+
+def _reason(e):
+    """An OSError in words: 'permission denied', 'read-only file system', ..."""
+    words = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+             errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device"}
+    return words.get(e.errno, (e.strerror or str(e)).lower())
+
+
+def check_writable(path, flag="--output"):
+    """Refuse (UsageError) an output that cannot be written, before any work is done: a probe file is created
+    and removed in `path` if it is a folder, else in the nearest existing folder above it (nothing else is
+    created). `path` itself may be a file to be written or a folder."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write to {flag} {path}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".minidiff-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to {flag} {path}: {_reason(e)}") from None
+
+
+def one_line(e):
+    """The message of a user-facing error on one line; OSErrors in words, naming the file."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {_reason(e)}" if e.filename else _reason(e)
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def is_user_error(e):
+    """Errors the user can act on (arguments, files, weights, memory, a non-finite result): one line on
+    stderr instead of a traceback. Anything else is a bug and keeps its traceback."""
+    if isinstance(e, (UsageError, OSError, MemoryError)):
+        return True
+    memory = ("out of memory", "not enough memory")
+    if isinstance(e, RuntimeError) and any(w in str(e).lower() for w in memory):
+        return True  # the CPU allocator's error for a size that does not fit
+    names = {"ImageError", "CheckpointError", "MetricsError", "NonFiniteError", "PluginMismatchError",
+             "OutOfMemoryError", "DownloadError"}
+    return type(e).__name__ in names  # by name: checking needs no import of torch or minidiff
+
+
+def run(main, argv=None):
+    """Call main(argv) and turn its outcome into the exit codes above; returns the exit status."""
+    def on_sigterm(signum, frame):
+        raise Terminated()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt:
+        print("interrupted: no partial output was left behind", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated: no partial output was left behind", file=sys.stderr)
+        return 143
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        memory = "memory" in type(e).__name__.lower() or "memory" in str(e).lower()
+        hint = " (try a smaller size or --max-side, or --dtype fp16 on a GPU)" if memory else ""
+        print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+        return 1

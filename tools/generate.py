@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Plain Stable Diffusion 1.x: text-to-image, or img2img from a photo, with classifier-free guidance.
+
+    python tools/generate.py txt2img --prompt "a red car" --scheduler ddim --steps 30 --output car.png
+    python tools/generate.py img2img --input photo.jpg --prompt "an oil painting" --strength 0.6
+    python tools/generate.py txt2img --prompt "a red car" --fake-weights --steps 2 --size 64   # CPU-sized
+
+Writes the PNG and, beside it, <name>.json (prompt, sampler, seed, size, timings, checkpoint hash). Same seed
+and weights give diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline image (one CPU generator
+for every draw, in the pipelines' order; minidiff/pipeline.py). The base defaults to SD-1.5
+(checkpoints/v1-5-pruned-emaonly.safetensors, tools/download.py --only sd15). Diff-Plugin restoration:
+tools/sample.py. Exit codes: tools/_cli.py (0 done, 1 error, 2 bad arguments).
+"""
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from _cli import (OneLineParser, UsageError, check_writable, finite_float, int_range, nonblank,  # noqa: E402
+                  run, seed)
+from minidiff.imageio import DEFAULT_MAX_SIDE, MIN_SIDE  # noqa: E402
+from minidiff.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SCHEDULERS = ["ddpm", "ddim", "unipc", "dpmpp2m", "euler"]
+
+
+def parse_args(argv=None):
+    p = OneLineParser(__doc__, prog="generate.py")
+    common = OneLineParser(add_help=False)  # the flags both modes take
+    a = common.add_argument
+    a("--prompt", type=nonblank, required=True, help="the text prompt")
+    a("--negative-prompt", default="", help="what to steer away from")
+    a("--output", help="the .png to write (default: out/<mode>.png); its record goes beside it as .json")
+    a("--overwrite", action="store_true", help="replace an existing output PNG")
+    a("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler")
+    a("--steps", type=int_range(1, NUM_TRAIN_TIMESTEPS), default=50, help="sampling steps")
+    a("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
+    a("--seed", type=seed, default=0, help="seed of the one CPU generator every draw comes from")
+    a("--max-side", type=int_range(0), default=DEFAULT_MAX_SIDE,
+      help="largest side: txt2img refuses bigger sizes, img2img scales the photo down to it (0: no limit)")
+    a("--sd", help="Stable Diffusion 1.x, single file or diffusers folder (default: checkpoints/v1-5-...)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    a("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations precision")
+    a("--compile", action="store_true", help="torch.compile the UNet (GPU only; the first call compiles)")
+    a("--fake-weights", action="store_true", help="random tiny models instead of a checkpoint (for tests)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="{txt2img,img2img}")
+    side = int_range(MIN_SIDE, None, 8)
+    t = modes.add_parser("txt2img", parents=[common], help="an image from a prompt")
+    t.add_argument("--size", type=side, default=512, help="width and height (multiple of 8)")
+    t.add_argument("--width", type=side, help="width (multiple of 8; overrides --size)")
+    t.add_argument("--height", type=side, help="height (multiple of 8; overrides --size)")
+    i = modes.add_parser("img2img", parents=[common], help="re-draw a photo after a prompt")
+    i.add_argument("--input", required=True, help="the photo")
+    i.add_argument("--strength", type=finite_float, default=0.8, help="share of the photo re-noised, (0, 1]")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Refuse what would fail late, silently, or with a traceback, before any file is loaded."""
+    import torch
+    out = args.output or os.path.join("out", f"{args.mode}.png")
+    if not out.lower().endswith(".png") or os.path.isdir(out):
+        raise UsageError(f"--output {out}: give a .png file name")
+    if os.path.exists(out) and not args.overwrite:
+        raise UsageError(f"--output {out} exists: pass --overwrite to replace it")
+    check_writable(out)
+    args.output = out
+    if args.mode == "txt2img":
+        args.width, args.height = args.width or args.size, args.height or args.size
+        if args.max_side and max(args.width, args.height) > args.max_side:
+            raise UsageError(f"{args.width}x{args.height} is over --max-side {args.max_side} (SD 1.x draws "
+                             "512 px; raise --max-side for more, memory permitting)")
+    else:
+        if not 0.0 < args.strength <= 1.0:
+            raise UsageError("--strength must be in (0, 1]")
+        if int(args.steps * args.strength) < 1:
+            raise UsageError(f"--strength {args.strength} x --steps {args.steps} leaves no step to run")
+        if os.path.exists(out) and os.path.samefile(out, args.input):
+            raise UsageError(f"--output {out} is the input photo: inputs are never overwritten")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    if args.device == "cpu" and args.dtype == "fp16":
+        raise UsageError("--dtype fp16 needs --device cuda; use fp32 or bf16 on the CPU")
+    if args.compile and args.device == "cpu":
+        raise UsageError("--compile is for GPUs: on a CPU compiling costs far more than it saves; drop it")
+    args.torch_dtype = getattr(torch, DTYPES[args.dtype])
+
+
+class FiniteUNet:
+    """The UNet, checking every output: a NaN or infinite eps stops the run naming the step (nothing is
+    written) instead of decoding a black or garbage image."""
+
+    def __init__(self, unet):
+        self.unet, self.calls = unet, 0
+
+    def __getattr__(self, name):  # cfg, parameters(), ... of the wrapped UNet
+        return getattr(self.unet, name)
+
+    def __call__(self, *a, **kw):
+        import torch
+        from minidiff.plugin import NonFiniteError
+        eps = self.unet(*a, **kw)
+        self.calls += 1
+        if not torch.isfinite(eps).all():
+            raise NonFiniteError(f"the UNet output is not finite at sampling step {self.calls}")
+        return eps
+
+
+def main(argv=None):
+    from importlib.metadata import PackageNotFoundError, version
+    args = parse_args(argv)
+    check_args(args)
+    from minidiff.download import default_checkpoint_paths, loader_files_missing, missing_weights_message
+    from minidiff.fake import FAKE_WARNING, fake_models
+    from minidiff.files import save_json_atomic, sha256_path
+    from minidiff.imageio import cap_size, load_image, save_png_atomic
+    from minidiff.loading import load_stable_diffusion
+    from minidiff.pipeline import img2img, txt2img
+    record, notes = {}, []
+    if args.mode == "img2img":
+        image, resize = cap_size(load_image(args.input, notes), args.max_side)
+        record = {"input": os.path.abspath(args.input), "input_notes": notes, "resize": resize,
+                  "strength": args.strength}
+    args.sd = args.sd or default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))["sd"]
+    missing = [] if args.fake_weights else loader_files_missing("sd", args.sd)
+    if missing:
+        print(missing_weights_message(missing) + "\n(or try it on random weights: --fake-weights)",
+              file=sys.stderr)
+        return 1
+    print(f"{args.mode}: {args.scheduler} {args.steps} steps, guidance {args.guidance}, seed {args.seed}, "
+          f"{args.device} {args.dtype} -> {args.output}" + ("  *** FAKE WEIGHTS ***" * args.fake_weights))
+    t0 = time.perf_counter()
+    kw = dict(dtype=args.torch_dtype, device=args.device)
+    sd = fake_models([], False, **kw).sd if args.fake_weights else load_stable_diffusion(args.sd, **kw)
+    if args.compile:
+        import torch
+        sd.unet = torch.compile(sd.unet)
+    sd.unet = FiniteUNet(sd.unet)
+    t1 = time.perf_counter()
+    kw = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+              scheduler=args.scheduler, seed=args.seed, progress=not args.no_progress)
+    if args.mode == "txt2img":
+        result = txt2img(sd, args.prompt, height=args.height, width=args.width, **kw)
+    else:
+        result = img2img(sd, image, args.prompt, strength=args.strength, **kw)
+    t2 = time.perf_counter()
+    try:
+        ver = version("minidiff")
+    except PackageNotFoundError:
+        ver = "unknown"
+    sd_hash = None if args.fake_weights else \
+        {"path": os.path.abspath(args.sd), "sha256": sha256_path(args.sd)}
+    record.update(minidiff_version=ver, fake_weights=args.fake_weights, mode=args.mode, prompt=args.prompt,
+                  negative_prompt=args.negative_prompt, scheduler=args.scheduler, steps=args.steps,
+                  guidance=args.guidance, seed=args.seed, size=list(result.size), device=args.device,
+                  dtype=args.dtype, timings_s={"load": round(t1 - t0, 3), "sample": round(t2 - t1, 3)},
+                  checkpoints={"sd": sd_hash}, **({"warning": FAKE_WARNING} if args.fake_weights else {}))
+    save_png_atomic(result, args.output)
+    save_json_atomic(record, args.output[:-4] + ".json")
+    print(f"wrote {args.output}" + ("  *** FAKE WEIGHTS ***" * args.fake_weights))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
