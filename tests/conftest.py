@@ -1,13 +1,28 @@
-"""pytest markers and the CI rule for parity tests.
+"""pytest markers, the CI rule for parity tests, and one thread per test.
 
-Markers: `parity` (needs a reference library, a test-only extra), `slow` (skipped unless --runslow),
-`gpu` (skipped without CUDA). When the environment variable CI is set, a skipped parity test fails:
-CI must run every comparison against the reference libraries.
+Markers: `parity` (needs a reference library, a test-only extra), `slow` (longer than ~20 s on 2 cores, or a
+full-size network: skipped unless --runslow; .ci/run passes it), `gpu` (skipped without CUDA). When the
+environment variable CI is set, a skipped parity test fails: CI must run every comparison against the
+reference libraries, the slow ones included.
+
+Threads: every test runs torch on ONE thread, and subprocesses the tests start inherit OMP_NUM_THREADS=1.
+The networks here are tiny, and on a shared 2-core machine two oversubscribed threads run them several times
+slower. MINIDIFF_TEST_THREADS=N gives each test N threads instead; 0 leaves torch's default (all cores).
 """
 import os
 
 import pytest
 import torch
+
+THREADS_ENV = "MINIDIFF_TEST_THREADS"
+
+
+def threads_per_test():
+    """Torch threads per test: $MINIDIFF_TEST_THREADS, default 1; 0 = torch's default."""
+    value = os.environ.get(THREADS_ENV, "1")
+    if not value.isdigit():
+        raise pytest.UsageError(f"{THREADS_ENV}={value!r}: give a number of threads (0 = torch's default)")
+    return int(value)
 
 
 def pytest_addoption(parser):
@@ -16,8 +31,12 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "parity: compares minidiff with a reference library (test extras)")
-    config.addinivalue_line("markers", "slow: long-running; skipped unless --runslow")
+    config.addinivalue_line("markers", "slow: over ~20 s or a full-size network; skipped unless --runslow")
     config.addinivalue_line("markers", "gpu: needs CUDA")
+    if threads_per_test():
+        torch.set_num_threads(threads_per_test())  # module- and session-scoped fixtures too
+        # tools and oracle scripts run in subprocesses: the same limit for them
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_test()))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,11 +57,12 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"parity test skipped under CI: {report.longrepr}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Torch on one thread for a test module of tiny models: on a shared 2-core machine two oversubscribed
-    threads run them several times slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Every test: torch on threads_per_test() threads (1 unless MINIDIFF_TEST_THREADS says otherwise), even
+    when an earlier test or the code under test changed the number."""
+    n, wanted = torch.get_num_threads(), threads_per_test()
+    if wanted:
+        torch.set_num_threads(wanted)
     yield
     torch.set_num_threads(n)

@@ -5,7 +5,8 @@ end-of-text), the config read from shapes, the SD 2.x refusal, a checkpoint's po
 Parity (@pytest.mark.parity, needs transformers 4.x): random weights at the FULL ViT-L/14 text size (SD 1.x's
 text encoder) written by transformers' save_pretrained (Hugging Face `text_model.*` names, the names inside
 the SD single file), loaded by minidiff and by transformers; hidden states and pooled output compared (fp32).
-Run: cd /work/main && python -m pytest tests/test_clip_text.py -q -s     (about 15 s on 2 CPU cores)
+Run: cd /work/main && python -m pytest tests/test_clip_text.py -q -s     (seconds; the FULL-size parity
+test is marked slow: add --runslow, about 10 s more on 2 CPU cores)
 """
 import functools
 
@@ -113,6 +114,7 @@ def test_build_refuses_sd2_and_foreign_state_dicts():
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # a full-size network: --runslow (CI runs it)
 @pytest.mark.parity
 def test_full_size_text_encoder_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")

@@ -10,7 +10,8 @@ Parity (@pytest.mark.parity, needs transformers 4.x), fp32, random weights:
     model.safetensors): every hidden state (index 24 reported), pooled and projected embeddings.
   - FULL ViT-B/32 (clean-fid's CLIP-FID encoder) written in the OpenAI layout by this file's own HF->OpenAI
     writer, conv/linear/proj in float16 as in ViT-B-32.pt, text tower keys beside it; and in the HF layout.
-Run: cd /work/main && python -m pytest tests/test_clip_vision.py -q -s     (about 40 s on 2 CPU cores)
+Run: cd /work/main && python -m pytest tests/test_clip_vision.py -q -s     (seconds; the two FULL-size
+parity tests are marked slow: add --runslow, about 20 s more on 2 CPU cores)
 """
 import re
 from dataclasses import replace
@@ -163,6 +164,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # a full-size network: --runslow (CI runs it)
 @pytest.mark.parity
 def test_full_size_l14_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
@@ -173,6 +175,7 @@ def test_full_size_l14_matches_transformers(tmp_path):
     compare(model, ref, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)), "L/14")
 
 
+@pytest.mark.slow  # a full-size network: --runslow (CI runs it)
 @pytest.mark.parity
 def test_full_size_b32_openai_and_hf_layouts_match_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")

@@ -6,6 +6,7 @@ Parity (oracle environment; MINIDIFF_ORACLE_PYTHON): CLIP features of the real d
 CLIP path (img_preprocess_clip + CLIP_fx) with the same random weights in ViT-B-32.pt's layout, and the
 tool's FID/KID equal those computed from clean-fid's features.
 Run: MINIDIFF_ORACLE_PYTHON=/work/venvs/oracle/bin/python python -m pytest tests/test_evaluate.py -q -s
+--runslow (the parity test runs the full-size ViT-B/32 and is marked slow)
 """
 import hashlib
 import json
@@ -121,6 +122,7 @@ def cleanfid_clip(tmp_path_factory):
     return tmp / "ViT-B-32.pt", np.load(tmp / "ref.npy")
 
 
+@pytest.mark.slow  # a full-size network: --runslow (CI runs it)
 @pytest.mark.parity
 def test_clip_features_and_tool_equal_cleanfid(cleanfid_clip, tmp_path, capsys):
     weights, ref = cleanfid_clip

@@ -1,9 +1,8 @@
-"""minidiff.imageio: loading awkward image files, the size rule and cap, side-by-side, atomic writes, hashes.
+"""minidiff.imageio: loading awkward image files, the official size rule and the cap, side-by-side.
 
 Every file is made in tmp_path by the test itself (no downloads). Runs in about a second:
     python -m pytest tests/test_imageio.py -q
 """
-import hashlib
 import os
 import struct
 import zlib
@@ -12,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidiff.files import save_json_atomic, sha256_file
-from minidiff.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_size,
-                              save_png_atomic, side_by_side)
+from minidiff.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_resize,
+                              official_size, side_by_side)
 
 
 def _png16_rgb(path, arr):
@@ -127,6 +125,22 @@ def test_list_images_skips_other_files(tmp_path):
     assert [os.path.basename(p) for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
 
 
+def test_official_resize_rule():
+    def ref(w, h):  # infer.py l.96-107 then VaeImageProcessor's floor to multiples of 8
+        im = Image.new("RGB", (w, h), (10, 20, 30))
+        if w < 512 or h < 512:
+            im = im.resize((512, int(512 / w * h)) if w < h else (int(512 / h * w), 512))
+        return (im.width - im.width % 8, im.height - im.height % 8)
+    sizes = [(1, 1), (300, 200), (200, 300), (333, 333), (640, 480), (2834, 2091), (511, 700), (97, 999)]
+    for w, h in sizes:
+        assert official_resize(Image.new("RGB", (w, h))).size == ref(w, h), (w, h)
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    up = im.resize((512, int(512 / 90 * 120)), Image.BICUBIC)
+    expect = up.resize((up.width - up.width % 8, up.height - up.height % 8), Image.LANCZOS)
+    assert np.array_equal(np.asarray(official_resize(im)), np.asarray(expect))
+
+
 @pytest.mark.parametrize("size", [(1, 1), (300, 200), (200, 300), (511, 511), (512, 512), (700, 530),
                                   (900, 301), (2834, 2091)])
 def test_official_size_matches_official_resize(size):
@@ -155,20 +169,3 @@ def test_side_by_side():
     out = np.asarray(side_by_side(a, b))
     assert out.shape == (32, 32, 3)
     assert (out[:, :16] == (255, 0, 0)).all() and (out[:, 16:] == (0, 255, 0)).all()
-
-
-def test_atomic_writes_and_hash(tmp_path):
-    save_png_atomic(Image.new("RGB", (3, 2), (1, 2, 3)), tmp_path / "x.png")
-    save_json_atomic({"tasks": [], "score": -0.5}, tmp_path / "x.json")
-    assert sorted(os.listdir(tmp_path)) == ["x.json", "x.png"]
-    assert (np.asarray(Image.open(tmp_path / "x.png")) == (1, 2, 3)).all()
-
-    class Broken:
-        def save(self, *a, **k):
-            raise OSError("disk full")
-    with pytest.raises(OSError):
-        save_png_atomic(Broken(), tmp_path / "y.png")
-    with pytest.raises(ValueError):
-        save_json_atomic({"nan": float("nan")}, tmp_path / "y.json")
-    assert sorted(os.listdir(tmp_path)) == ["x.json", "x.png"]  # nothing half-written, no temp files left
-    assert sha256_file(tmp_path / "x.png") == hashlib.sha256((tmp_path / "x.png").read_bytes()).hexdigest()

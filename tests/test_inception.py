@@ -4,6 +4,7 @@ Fast: output shape, strict loading of a pt_inception-style state dict (fc and nu
 the padding-free average pool. Parity (oracle environment with pytorch-fid; MINIDIFF_ORACLE_PYTHON): features
 of the real demo photos equal pytorch-fid's InceptionV3([3]) with the same random weights, resize included.
 Run: MINIDIFF_ORACLE_PYTHON=/work/venvs/oracle/bin/python python -m pytest tests/test_inception.py -q -s
+--runslow (the parity test runs the full-size network and is marked slow)
 """
 import os
 from pathlib import Path
@@ -59,6 +60,7 @@ def test_inception_pixels_range():
     assert x.shape == (3, 299, 299) and 0 <= x.min() and x.max() <= 1
 
 
+@pytest.mark.slow  # a full-size network: --runslow (CI runs it)
 @pytest.mark.parity
 def test_features_equal_pytorch_fid(tmp_path):
     weights = tmp_path / "pt_inception.pth"

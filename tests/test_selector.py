@@ -1,10 +1,9 @@
-"""Tests of minidiff.selector: the selection rule (threshold, null entry, official order, composite table),
-the selector files (official PromptTunner.pt with `module.` prefixes, minidiff .safetensors), and parity of
-the scores with the official formula on transformers' CLIPTextModel / CLIPVisionModel (official_oracle.py).
+"""Tests of minidiff.selector: the selection rule (threshold, null entry, official order, composite table)
+and parity of the scores with the official formula on transformers' CLIPTextModel / CLIPVisionModel
+(official_oracle.py). The selector files are tested in test_plugin_files.py.
 
     python -m pytest tests/test_selector.py -q -s          (about 15 s)
 """
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,11 +13,7 @@ from PIL import Image
 
 from helpers import assert_close
 from minidiff import selector as sel
-from minidiff.plugin_files import load_plugin, load_selector, save_selector
-from minidiff.weights import CheckpointError
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
+from minidiff.plugin_files import load_plugin, load_selector
 
 
 def fake_scores(monkeypatch, values):
@@ -49,22 +44,6 @@ def test_composite_table(monkeypatch):
     assert sel.composite_tasks("brainstorming session", ["derain", "dehaze"])[0] == []
     for pattern, tasks, why in sel.COMPOSITE:
         assert tasks and why and all(t in sel.TASKS for t in tasks), pattern
-
-
-def test_selector_files(tmp_path):
-    torch.manual_seed(0)
-    model = sel.PluginSelector(16)
-    sd = {"module." + k: v for k, v in model.state_dict().items()}
-    torch.save({"model": sd}, tmp_path / "PromptTunner.pt")
-    back = load_selector(tmp_path / "PromptTunner.pt")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
-    assert math.isclose(back.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
-    save_selector(back, str(tmp_path / "selector.safetensors"))
-    again = load_selector(tmp_path / "selector.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError):
-        load_selector(tmp_path / "bad.pt")
 
 
 def test_scores_formula():

@@ -6,7 +6,8 @@ Parity (@pytest.mark.parity, needs diffusers 0.35.2): random diffusers UNet2DCon
 the ORIGINAL single-file layout by tests/sd_layout.py, which is proved by a round trip through diffusers' own
 single-file converter; then eps vs diffusers at full SD-1.5 size (1x4x16x16) and tiny size (incl. 17x13), and
 Diff-Plugin's SCB residual path (12-entry list + zero mid residual, official-facts 1.9).
-Run: cd /work/main && nice -n 5 python -m pytest tests/test_unet.py -q -s     (about 60 s on 2 CPU cores)
+Run: cd /work/main && python -m pytest tests/test_unet.py -q -s     (seconds; the full-size parity test is
+marked slow: add --runslow, about 25 s more on 2 CPU cores)
 """
 import gc
 
@@ -148,6 +149,7 @@ def test_skip_residuals_parity_tiny():
     assert_close(eps, ref, TOL, "UNet eps tiny + SCB residuals")
 
 
+@pytest.mark.slow  # a full-size network: --runslow (CI runs it)
 @pytest.mark.parity
 def test_eps_parity_sd15_full_size():
     """Full SD-1.5 size (860M parameters, 3.4 GB fp32): one copy of the weights at a time. The reference runs

@@ -6,7 +6,8 @@ Parity (@pytest.mark.parity, needs diffusers): random weights written in the ORI
 (`first_stage_model.*`) by tests/sd_layout.py's vae_to_original, proved here by a round trip through
 diffusers' own single-file conversion; then posterior mean, logvar and decode against diffusers'
 AutoencoderKL at full SD-1.5 size on a 64x64 image, and on a tiny config at an odd size.
-Run: cd /work/main && python -m pytest tests/test_vae.py -q -s     (about 8 s on a quiet 2-core machine)
+Run: cd /work/main && python -m pytest tests/test_vae.py -q -s --runslow     (about 8 s on a quiet 2-core
+machine; the full-size parity test is marked slow and needs --runslow)
 """
 import re
 
@@ -19,8 +20,6 @@ from sd_layout import vae_to_original
 from minidiff.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL, VAEConfig
 from minidiff.loading import build_vae
 from minidiff.weights import CheckpointError, read_state_dict, vae_from_diffusers
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # diffusers attention names: current -> legacy (the names of older diffusers files such as SD-1.4's vae/)
@@ -121,6 +120,7 @@ def compare(ref, vae, x, tol):
         assert_close(vae.decode(z), ref.decode(z).sample, tol, "vae decode")
 
 
+@pytest.mark.slow  # a full-size network: --runslow (CI runs it)
 @pytest.mark.parity
 def test_parity_full_size(tmp_path):
     """SD-1.5-size VAE (83M parameters) loaded from the original layout vs diffusers, 64x64 image."""
