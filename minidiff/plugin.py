@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from minidiff.clip import clip_preprocess
 from minidiff.imageio import pil_to_tensor, tensor_to_pil, to_multiple_of_8
-from minidiff.layers import timestep_embedding
+from minidiff.layers import embed_timesteps
 from minidiff.schedulers import add_noise, make_sampler
 from minidiff.unet import ResBlock, SpatialTransformer
 from minidiff.vae import LATENT_SCALE
@@ -109,8 +109,7 @@ class SCB(nn.Module):
     def forward(self, cond, t, context):
         """cond [B, 4, h, w] (LATENT_SCALE x posterior mean of the photo), t (int, 0-d or [B]), context
         [B, N, context_dim] (TPB tokens) -> list of 3 residuals [B, channels, h, w]."""
-        t = torch.as_tensor(t, device=cond.device).reshape(-1).expand(cond.shape[0])  # [B]
-        emb = self.time_embed(timestep_embedding(t, self.cfg.channels).to(cond.dtype))  # [B, 4 * channels]
+        emb = self.time_embed(embed_timesteps(t, cond, self.cfg.channels))  # [B, 4 * channels]
         h = self.input_blocks[0][0](cond)  # [B, C, h, w]: the official model's `sample`
         outs = [self.zero_convs[0](h)]
         for i, (res, attn) in enumerate(self.input_blocks[1:], start=1):
