@@ -1,8 +1,8 @@
-"""Test-side rebuild of the official Diff-Plugin inference from the reference libraries (diffusers,
-transformers).
+"""Test-side rebuild of the official Diff-Plugin inference and training step from the reference libraries
+(diffusers, transformers).
 
-Mirrors yuhaoliu7456/Diff-Plugin @ 79e12bb (infer.py, demo.py, modules/TPB.py, modules/SCB.py) as described
-in shared/reference/official-facts.md sections 1-2, with tiny random models written in the OFFICIAL file
+Mirrors yuhaoliu7456/Diff-Plugin @ 79e12bb (infer.py, demo.py, train.py, modules/TPB.py, modules/SCB.py) as
+described in shared/reference/official-facts.md sections 1-3, with tiny random models written in the OFFICIAL file
 layouts: SD as a diffusers folder (unet/, vae/, text_encoder/), CLIP as a transformers folder, each plugin as
 `<task>/scb/{config.json, diffusion_pytorch_model.bin}` + `<task>/tpb.pt` ({'model': sd}), the selector as
 PromptTunner.pt. No minidiff import here: tests load these files through minidiff's loaders and compare.
@@ -11,7 +11,8 @@ Deviations from the official environment, each numerically neutral for the compa
 0.17 (UniPC with final_sigmas_type="sigma_min" = 0.17's last step; the SCB residuals passed as the 12-entry
 list plus a zero mid residual, the only way current diffusers keeps 0.17's zip-add skip semantics, facts
 1.9-1.10); transformers 4.57 CLIPImageProcessor (the 4.x PIL path). The tiny CLIP vision model has 24 layers,
-so hidden_states[24] is taken exactly as the official TPB does.
+so hidden_states[24] is taken exactly as the official TPB does. Training (make_full_models,
+official_training_loss) runs at full SD-1.5 / ViT-L/14 size, where [24] is also [-1].
 """
 import json
 import os
@@ -203,3 +204,78 @@ def official_scores(selector, text_model, tokenizer, clip, tpbs, original, promp
 
     rows = [tpb(hidden)[0] for tpb in tpbs] + [pooled(" ")[0].expand(256, -1)]
     return selector(torch.stack(rows), pooled(prompt))[:, 0]  # [N + 1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training (train.py l.140-189, 313-367; facts section 3), at full size: SD-1.5 UNet + VAE, CLIP ViT-L/14.
+
+def make_full_models(root, seed=0):
+    """Random full-size SD-1.5 UNet and VAE as a diffusers folder `root/sd` and CLIP ViT-L/14 vision as a
+    transformers folder `root/clip` (the layouts train.py loads) -> (unet, vae, clip), eval mode. The
+    folder's text_encoder/ is tiny: training never runs it, a loader only needs one."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # the defaults are SD 1.x's
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=1, eos_token_id=2, hidden_act="quick_gelu"))
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                            num_attention_heads=16, image_size=224, patch_size=14,
+                                            hidden_act="quick_gelu"))
+    for m, sub in ((unet, "sd/unet"), (vae, "sd/vae"), (text, "sd/text_encoder"), (clip, "clip")):
+        m.eval().save_pretrained(os.path.join(root, sub))
+    return unet, vae, clip
+
+
+def official_training_loss(vae, unet, image_encoder, tpb_net, scb_net, pixel_values,
+                           conditioning_pixel_values, noise, timesteps, latent_generator=None):
+    """train.py l.313-367, one batch: pixel_values = clean photos (the CSV's `image` column),
+    conditioning_pixel_values = degraded ones, [B, 3, H, W] in [-1, 1]. The official code draws the noise
+    (randn_like), the timesteps (randint) and the posterior sample (latent_dist.sample()); here they come
+    in: `noise`, `timesteps` and the generator the posterior sample is drawn with. weight_dtype is the
+    frozen networks' dtype; the plugin keeps its own (fp32 master weights; the official code would cast
+    it too under mixed precision, facts 7), so its outputs are cast to weight_dtype at the UNet's door."""
+    from diffusers import DDPMScheduler
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    noise_scheduler = DDPMScheduler.from_config(SD14_SCHEDULER)  # from SD's scheduler/ (l.142)
+    weight_dtype = unet.dtype
+    latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample(generator=latent_generator)
+    latents = latents * vae.config.scaling_factor
+    noisy_latents = noise_scheduler.add_noise(latents, noise.to(weight_dtype), timesteps)
+    image_mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1).to(dtype=weight_dtype)
+    image_std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1).to(dtype=weight_dtype)
+    normalized_pixel_values = (conditioning_pixel_values.to(dtype=weight_dtype) + 1.0) / 2.0
+    normalized_pixel_values = F.interpolate(normalized_pixel_values, size=(224, 224), mode="bilinear",
+                                            align_corners=False)
+    normalized_pixel_values = (normalized_pixel_values - image_mean) / image_std
+    clip_visual_input = image_encoder(normalized_pixel_values, output_attentions=True,
+                                      output_hidden_states=True)
+    plugin_dtype = next(tpb_net.parameters()).dtype
+    visual_prompt_guidance = tpb_net([h.to(plugin_dtype) for h in clip_visual_input.hidden_states])
+    content_image = conditioning_pixel_values.to(dtype=weight_dtype)
+    moments = vae.quant_conv(vae.encoder(content_image))  # [B, 8, h, w]: mean and logvar
+    scb_cond = vae.config.scaling_factor * torch.chunk(moments, 2, dim=1)[0]  # posterior MEAN (l.342)
+    down_block_res_samples = scb_net(noisy_latents.to(plugin_dtype), timesteps,
+                                     encoder_hidden_states=visual_prompt_guidance,
+                                     cond_img=scb_cond.to(plugin_dtype))
+    # diffusers >= 0.22 keeps 0.17's zip-add of the 12 residuals only with a mid residual (facts 1.9)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=visual_prompt_guidance.to(weight_dtype),
+                      down_block_additional_residuals=[r.to(weight_dtype) for r in down_block_res_samples],
+                      mid_block_additional_residual=torch.zeros(1, dtype=weight_dtype)).sample
+    return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")  # epsilon prediction
+
+
+def official_optimizer(scb_net, tpb_net, lr=1e-5):
+    """train.py l.178-189: AdamW over SCB then TPB (one group each), betas (0.9, 0.999), wd 1e-2, eps 1e-8."""
+    groups = [{"params": scb_net.parameters(), "lr": lr}, {"params": tpb_net.parameters(), "lr": lr}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+
+def official_update(scb_net, tpb_net, optimizer, max_grad_norm=1.0):
+    """train.py l.354-361 after accelerator.backward(loss): clip SCB and TPB separately, step, zero."""
+    torch.nn.utils.clip_grad_norm_(scb_net.parameters(), max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(tpb_net.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
