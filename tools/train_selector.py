@@ -143,6 +143,8 @@ def train(args):
         selector.load_state_dict(ckpt.tensors)
         optimizer.load_state_dict(ckpt.optimizer)
         print(f"resuming from {ckpt.path}: step {start}", flush=True)
+    elif args.resume:
+        print(f"--resume: no checkpoint in {args.output} yet; starting from step 0", flush=True)
     run.start(settings, weights={"fake": True} if args.fake_weights else
               {k: os.path.abspath(v) for k, v in files.items()}, texts=len(texts.texts))
     log = trainer.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
