@@ -185,8 +185,11 @@ def pil_to_tensor(image):
 
 
 def tensor_to_pil(x):
-    """[1, 3, H, W] about [-1, 1] -> PIL RGB: (x/2 + 0.5) clamped, x 255, rounded half-to-even."""
-    x = (x[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
+    """[1, 3, H, W] decoder output, about [-1, 1] -> PIL RGB, as diffusers' VaeImageProcessor.postprocess
+    (the official code's and the SD pipelines'): (x/2 + 0.5).clamp(0, 1) in x's dtype, then float32, x 255,
+    rounded half-to-even. A half-precision decode thus rounds where diffusers' does."""
+    x = (x[0] / 2 + 0.5).clamp(0, 1)  # [3, H, W] in x's dtype
+    x = x.permute(1, 2, 0).float().cpu().numpy()  # [H, W, 3]
     return Image.fromarray((x * 255).round().astype(np.uint8))
 
 

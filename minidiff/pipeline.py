@@ -13,12 +13,11 @@ the same seed and weights give diffusers' image (tests/test_pipeline.py: within 
 """
 from dataclasses import dataclass
 
-import numpy as np
 import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .imageio import pil_to_tensor
+from .imageio import pil_to_tensor, tensor_to_pil
 from .schedulers import make_sampler, randn_tensor
 from .vae import LATENT_SCALE
 
@@ -63,13 +62,6 @@ def preprocess(image, multiple=8):
     return pil_to_tensor(image)  # [1, 3, H, W]
 
 
-def postprocess(images):
-    """[B, 3, H, W] decoder output (about [-1, 1]) -> PIL images: (x / 2 + 0.5).clamp(0, 1), x255, round."""
-    x = (images / 2 + 0.5).clamp(0, 1)
-    arr = x.cpu().permute(0, 2, 3, 1).float().numpy()  # [B, H, W, 3]
-    return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
-
-
 @torch.no_grad()
 def denoise(sd, sampler, latents, context, guidance, generator=None, start=0, progress=True):
     """Run `sampler` from timestep index `start` to the end with classifier-free guidance.
@@ -98,8 +90,8 @@ def _unet_dtype_device(sd):
 
 @torch.no_grad()
 def decode(sd, latents):
-    """SD latents -> PIL image (first of the batch): undo the latent scale, VAE-decode, postprocess."""
-    return postprocess(sd.vae.decode(latents / LATENT_SCALE))[0]
+    """SD latents -> PIL image (first of the batch): undo the latent scale, VAE-decode, to 8-bit RGB."""
+    return tensor_to_pil(sd.vae.decode(latents / LATENT_SCALE))
 
 
 @torch.no_grad()

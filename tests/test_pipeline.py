@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import sd_layout
-from minidiff.pipeline import postprocess, preprocess
+from minidiff.imageio import tensor_to_pil
+from minidiff.pipeline import preprocess
 from test_schedulers import REFERENCE, SD15_SCHEDULER_CONFIG
 
 # Random weights in fp32 on both sides; the latents agree to ~1e-5 (VAE/UNet summation order, UniPC/DPM alpha
@@ -36,7 +37,7 @@ def test_preprocess_and_postprocess():
     assert x.shape == (1, 3, 16, 32) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
     small = PIL.Image.fromarray(np.zeros((16, 24, 3), np.uint8) + 200)
     assert torch.allclose(preprocess(small), torch.full((1, 3, 16, 24), 200 / 255 * 2 - 1))  # no resize
-    out = postprocess(torch.tensor([-2.0, -1.0, 0.0, 0.999, 3.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5))[0]
+    out = tensor_to_pil(torch.tensor([-2.0, -1.0, 0.0, 0.999, 3.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5))
     assert np.asarray(out)[0, :, 0].tolist() == [0, 0, 128, 255, 255]  # clamp, then round(255 * (x/2 + .5))
     with pytest.raises(ValueError, match="smaller"):
         preprocess(PIL.Image.new("RGB", (5, 40)))
