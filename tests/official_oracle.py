@@ -279,3 +279,145 @@ def official_update(scb_net, tpb_net, optimizer, max_grad_norm=1.0):
     torch.nn.utils.clip_grad_norm_(tpb_net.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The official entry points end to end: infer.py's and demo.py's resize rules, and demo.py's whole `process`
+# (selection, resize, the chained plugins), transcribed line by line.
+
+def infer_resize(image):
+    """infer.py l.96-107 verbatim -> (image, new_width, new_height)."""
+    width, height = image.size
+    if width < 512 or height < 512:
+        if width < height:
+            new_width = 512
+            new_height = int((512 / width) * height)
+        else:
+            new_height = 512
+            new_width = int((512 / height) * width)
+        image = image.resize((new_width, new_height))
+    else:
+        new_height = height
+        new_width = width
+    return image, new_width, new_height
+
+
+def demo_resize(image, image_resolution=512):
+    """demo.py l.166-173 verbatim -> (image, new_width, new_height)."""
+    width, height = image.size
+    if width < height:
+        new_width = image_resolution
+        new_height = int((image_resolution / width) * height)
+    else:
+        new_height = image_resolution
+        new_width = int((image_resolution / height) * width)
+    image = image.resize((new_width, new_height))
+    return image, new_width, new_height
+
+
+PIL_LANCZOS = 1  # PIL.Image.LANCZOS, diffusers' PIL_INTERPOLATION["lanczos"]
+
+
+def vae_preprocess_resize(image, height, width, vae_scale_factor=8):
+    """diffusers 0.17 VaeImageProcessor.resize (image_processor.py), what preprocess(image, height, width)
+    does to a PIL image before the tensor conversion: a LANCZOS rescale to multiples of 8."""
+    width, height = (x - x % vae_scale_factor for x in (width, height))
+    return image.resize((width, height), resample=PIL_LANCZOS)
+
+
+def _encode_prompt(prompt, tokenizer, text_encoder):
+    """utils.py _encode_prompt with use_global_text=True (demo.py l.98-100, 115-120): the pooled text
+    embedding [1, 1, D] (the tiny text encoder has no attention-mask setting: attention_mask None)."""
+    text_inputs = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")
+    prompt_embeds = text_encoder(text_inputs.input_ids, attention_mask=None)
+    return prompt_embeds[1].unsqueeze(1)  # [1,768]->[1,1,768]
+
+
+@torch.no_grad()
+def official_demo(unet, vae, text_encoder, tokenizer, CLIP_V, plugin_dict, scb_dict, PromptTunner, image,
+                  prompt, inference_step=20, image_resolution=512, seed=42):
+    """demo.py `process` l.103-253 line by line, for the textbox prompt (hidden_state None) -> ([pred],
+    selected keys). plugin_dict {task: RefTPB} and scb_dict {task: RefSCB} stand for pre-trained/<task>/tpb.pt
+    and SCBNet.from_pretrained(pre-trained/<task>/scb); PromptTunner is a RefSelector (its forward takes the
+    plugin embeddings first). Deviations, as official_restore: UniPC with final_sigmas_type="sigma_min", the
+    12 SCB residuals with a zero mid residual, add_noise given t as [1], all on the CPU."""
+    from diffusers import UniPCMultistepScheduler
+    from diffusers.image_processor import VaeImageProcessor
+    from transformers import CLIPImageProcessor
+    noise_scheduler = UniPCMultistepScheduler.from_config(SD14_SCHEDULER, final_sigmas_type="sigma_min")
+    clip_image_processor = CLIPImageProcessor()
+    vae_image_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+                                            do_convert_rgb=True, do_normalize=True)
+    null_text_embeds = _encode_prompt(" ", tokenizer, text_encoder)
+    # step-1: extract clip-t feats; step-2: extract clip-v feats (l.113-124)
+    clip_t_feats = _encode_prompt(prompt, tokenizer, text_encoder)
+    clip_input = clip_image_processor(images=image, return_tensors="pt").pixel_values
+    clip_v_feats = CLIP_V(clip_input, output_attentions=True, output_hidden_states=True)
+    # step-3: get the plugin embeds (l.126-139)
+    plugin_gt_feats = {}
+    plug_in_embeddings = torch.zeros(len(plugin_dict) + 1, 256, CTX)  # demo: 768, the context width
+    for idx, key in enumerate(plugin_dict.keys()):
+        plugin_dict[key].eval()
+        plugin_gt_feats[key] = plugin_dict[key](clip_v_feats.hidden_states)  # TPBNet(clip_vision_outputs)
+        plug_in_embeddings[idx] = plugin_gt_feats[key]
+    plugin_gt_feats['null'] = null_text_embeds
+    plug_in_embeddings[-1] = null_text_embeds
+    # step-4: PromptTunner; step-5: the scores (l.141-148)
+    prompt_embeds = PromptTunner(plug_in_embeddings, clip_t_feats)
+    similarity_score = prompt_embeds[:, 0]
+    similarity_score[similarity_score < 0] = 0
+    if similarity_score.any() == 0:
+        similarity_score[-1] = 1
+    # get all plugin index larger than threshold (l.153-160)
+    threshold = 0
+    selected_index_list = torch.nonzero(similarity_score > threshold).squeeze().tolist()
+    if not isinstance(selected_index_list, list):
+        selected_index_list = [selected_index_list]
+    selected_plugin_key_list = [list(plugin_gt_feats.keys())[i] for i in selected_index_list]
+    selected_plugin_embeds_list = [plugin_gt_feats[i] for i in selected_plugin_key_list]
+    # l.166-173
+    width, height = image.size
+    if width < height:
+        new_width = image_resolution
+        new_height = int((image_resolution / width) * height)
+    else:
+        new_height = image_resolution
+        new_width = int((image_resolution / height) * width)
+    image = image.resize((new_width, new_height))
+    for index, plugin_key in enumerate(selected_plugin_key_list):  # l.177-251
+        inp_of_unet_is_random_noise = plugin_key in ['lowlight', 'highlight']
+        if plugin_key == 'null':
+            pred = image
+            continue
+        else:
+            prompt_embeds = selected_plugin_embeds_list[index]
+            scb_net = scb_dict[plugin_key]
+        image = vae_image_processor.preprocess(image, height=new_height, width=new_width)
+        scb_cond = vae.config.scaling_factor * torch.chunk(vae.quant_conv(vae.encoder(image)), 2, dim=1)[0]
+        b, c, h, w = scb_cond.size()
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        if inp_of_unet_is_random_noise:
+            latents = torch.randn((1, 4, h, w), generator=generator)
+        else:
+            noise = torch.randn((1, 4, h, w), generator=generator)
+        if index != 0:
+            inference_step = 3
+        noise_scheduler.set_timesteps(inference_step)
+        timesteps = noise_scheduler.timesteps
+        timesteps = timesteps.long()
+        for i, t in enumerate(timesteps):
+            if t >= 960 and not inp_of_unet_is_random_noise:
+                latents = noise_scheduler.add_noise(scb_cond, noise, t.reshape(1))
+            down_block_res_samples = scb_net(latents, t, encoder_hidden_states=prompt_embeds,
+                                             cond_img=scb_cond)
+            noise_pred = unet(latents, t, encoder_hidden_states=prompt_embeds,
+                              down_block_additional_residuals=down_block_res_samples,
+                              mid_block_additional_residual=torch.zeros(1)).sample
+            latents = noise_scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        pred = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        pred = vae_image_processor.postprocess(pred, output_type='pil')[0]
+        if index != len(selected_plugin_key_list) - 1:
+            image = pred.copy()  # this is used for the next plugin iteration
+    return [pred], selected_plugin_key_list
