@@ -27,7 +27,8 @@ update, as CLIP does: the decoupled loss keeps rewarding a larger scale once pos
 
     texts = training_texts(load_corpus().part("train").restrict(tasks), seed=0)
     batch = draw_batch(seed, step, photos_per_task, texts, batch=8, negatives=7)
-    loss, cos = batch_loss(selector, visual[batch.photos, batch.tasks], text_feats[batch.texts], batch.indicator)
+    loss, cos = batch_loss(selector, visual[batch.photos, batch.tasks], text_feats[batch.texts],
+                           batch.indicator)
     update(selector, optimizer, loss)
 """
 import hashlib
@@ -283,7 +284,7 @@ def photo_key(photo):
 
 def frozen_features(models, photos, texts, cache_dir, names, progress=True):
     """Everything the selector trains or is evaluated on, from the frozen networks of `models`
-    (runner.Models: sd, clip_vision, plugins in task order).
+    (restoration.Models: sd, clip_vision, plugins in task order).
 
     photos: {task: [path or PIL image]}; texts: [str]; names: (text cache name, photo cache name).
     Returns (photo_feats [n_photos, P, D] through every plugin, photos_per_task [[photo index]] in the
@@ -329,9 +330,10 @@ def resolve_tasks(corpus, images, plugins, fake):
 
 
 def load_frozen(tasks, fake, sd=None, clip=None, plugins=None, device="cpu"):
-    """Frozen networks for `tasks` -> (runner.Models, (text cache name, photo cache name), {name: file}).
-    fake: runner.fake_models(tasks) (its plugin k is the same for the same task list)."""
-    from minidiff.runner import fake_models, load_models
+    """Frozen networks for `tasks` -> (restoration.Models, (text cache name, photo cache name), {name: file}).
+    fake: fake.fake_models(tasks) (its plugin k is the same for the same task list)."""
+    from minidiff.fake import fake_models
+    from minidiff.restoration import load_models
     if fake:
         models = fake_models(tasks, with_selector=False, device=device)
         return models, (f"text-fake-{model_key('fake')}", f"photos-fake-{model_key('fake', *tasks)}"), {}

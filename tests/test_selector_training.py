@@ -26,11 +26,10 @@ from helpers import assert_close
 from minidiff import instructions as ins, selector_training as st
 from minidiff.plugin import TASKS
 from minidiff.plugin_files import export_official_selector
-from minidiff.runner import fake_models
+from minidiff.fake import fake_models
 from minidiff.selector import PluginSelector
 from minidiff.selector_eval import evaluate
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
