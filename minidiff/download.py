@@ -189,13 +189,18 @@ def human_size(size):
 
 
 def _locate(path, ckpt):
-    """Where checkpoint `ckpt` sits if `path` names it (in any folder) or a folder above it; else None."""
+    """Where checkpoint `ckpt` sits if `path` names it (in any folder), a folder above it or a file of it;
+    else None."""
     p, c = PurePath(path).parts, PurePath(ckpt.path).parts
     if p and p[-1] == c[-1]:  # the checkpoint itself, e.g. my-plugins/derain or /data/ViT-B-32.pt
         return Path(path)
     for n in range(len(c) - 1, 0, -1):  # a folder above it, e.g. checkpoints/diff-plugin
         if len(p) >= n and p[-n:] == c[:n]:
             return Path(path, *c[n:])
+    for f in ckpt.files:  # a file inside it, e.g. checkpoints/clip-vit-large-patch14/model.safetensors
+        fp = PurePath(f.path).parts
+        if len(fp) > len(c) and len(p) >= len(fp) and p[-len(fp):] == fp:
+            return Path(*p[:len(p) - len(fp)], *c)
     return None
 
 

@@ -17,6 +17,16 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, or not the model it should be (one-line message)."""
 
 
+def _gist(error, limit=160):
+    """The telling sentence of a torch.load error, whole words only: for weights_only refusals the
+    unpickler's own line ("Unsupported global: ..."), else the first sentence, cut at a word with "..."."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    line = next((l.split("error:", 1)[1].strip() for l in lines if l.startswith("WeightsUnpickler error:")),
+                lines[0])
+    text = line.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def read_state_dict(path, prefix=""):
     """Tensors of `path` whose key starts with `prefix`, prefix removed. .safetensors is read lazily."""
     if not os.path.isfile(path):
@@ -33,7 +43,7 @@ def read_state_dict(path, prefix=""):
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint that loads with weights_only=True "
-                              f"({type(e).__name__}: {str(e).strip()[:160]})") from None
+                              f"({type(e).__name__}: {_gist(e)})") from None
     # Lightning .ckpt nests weights under "state_dict"; Diff-Plugin's tpb.pt / PromptTunner.pt under "model".
     for nest in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(nest), dict):

@@ -97,6 +97,19 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "missing" in p.stderr
 
 
+def test_torch_errors_end_on_whole_words(tmp_path):
+    """torch.load's refusals used to be cut at 160 characters, mid-word: now the telling sentence, whole."""
+    import argparse
+    (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04" + b"garbage" * 20)
+    torch.save({"model": {"a": torch.zeros(1)}, "x": argparse.Namespace()}, tmp_path / "pickle.pt")
+    for name, end in (("zip.pt", "failed finding central directory)"),
+                      ("pickle.pt", "GLOBAL argparse.Namespace was not an allowed global by default)")):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert.py"), str(tmp_path / name),
+                            str(tmp_path / "o.safetensors")], capture_output=True, text=True, cwd=ROOT)
+        line = p.stderr.strip()
+        assert p.returncode == 1 and "\n" not in line and line.endswith(end), line
+
+
 @pytest.mark.parity
 def test_exported_files_load_into_official_modules(tmp_path):
     pytest.importorskip("diffusers")

@@ -153,6 +153,40 @@ def test_http_error_is_one_line(server, registry, tmp_path, capsys):
     assert len(err) == 1 and "HTTP 404" in err[0]
 
 
+def test_unhashed_files_say_size_only_and_web_pages_are_refused(server, registry, tmp_path, capsys):
+    server.files.update({"/fake/a.bin": DATA, "/fake/sub/b.json": b"<!DOCTYPE html><html>login</html>"})
+    assert _run(tmp_path, "--base-url", server.url, "--only", "fake") == 1  # a mirror's HTML page
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "web page, not the file" in err[0]
+    assert not (tmp_path / "ckpt/fake/sub/b.json").exists()
+    (tmp_path / "ckpt/fake/sub").mkdir(parents=True, exist_ok=True)  # such a page from an earlier run ...
+    (tmp_path / "ckpt/fake/sub/b.json").write_bytes(b"<html>old</html>")
+    server.files["/fake/sub/b.json"] = SMALL
+    assert _run(tmp_path, "--base-url", server.url, "--only", "fake", "--verify") == 0  # ... is fetched again
+    out = capsys.readouterr().out
+    assert (tmp_path / "ckpt/fake/sub/b.json").read_bytes() == SMALL
+    assert "all 2 files present: 1 checked against their published sha256, 1 by size only" in out
+    assert _run(tmp_path, "--base-url", server.url, "--only", "fake") == 0  # nothing to fetch: how checked
+    out = capsys.readouterr().out
+    assert "a.bin  (sha256)" in out and "b.json  (size only)" in out
+
+
+def test_no_network_is_one_line_and_makes_no_folder(tmp_path):
+    """The README's first command without network: one line that says what to do, no empty folders left
+    (sample.py used to take them for downloaded weights)."""
+    import socket
+    with socket.socket() as s:  # a port nobody listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "download.py"), "--no-progress",
+                           "--dir", str(tmp_path / "ckpt"), "--base-url", f"http://127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert all(w in lines[0] for w in ("could not reach 127.0.0.1", "--base-url", "--fake-weights"))
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_list(registry, tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt/bad.bin").write_bytes(b"x")

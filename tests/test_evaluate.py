@@ -1,7 +1,9 @@
 """Tests of tools/evaluate.py and of the CLIP ViT-B/32 features behind it.
 
 Fast: bad inputs (one line on stderr, exit 1, no output written), --save-stats round trip (cheap stand-in
-features; the Inception loader is covered by tests/test_inception.py).
+features; the Inception loader is covered by tests/test_inception.py); issue 10: a tools/sample.py output
+folder counts its results only, problems are found before any feature, Ctrl-C, an unwritable --json and NaN
+statistics end in one line with nothing written.
 Parity (oracle environment; MINIDIFF_ORACLE_PYTHON): CLIP features of the real demo photos equal clean-fid's
 CLIP path (img_preprocess_clip + CLIP_fx) with the same random weights in ViT-B-32.pt's layout, and the
 tool's FID/KID equal those computed from clean-fid's features.
@@ -112,6 +114,61 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "nope.pth: no such weights file" in proc.stderr and not (tmp_path / "out.json").exists()
+
+
+def sample_folder(path):
+    """A folder as tools/sample.py writes it: per photo the result, the side-by-side and the JSON record."""
+    make_folder(path, 3)
+    for i in range(3):
+        Image.open(path / f"{i}.png").save(path / f"{i}-compare.png")
+        rec = {"mode": "plugin", "outputs": {"result": f"{i}.png", "compare": f"{i}-compare.png"}}
+        (path / f"{i}.json").write_text(json.dumps(rec))
+    return path
+
+
+def test_sample_output_folder_counts_results_only(tmp_path, capsys, fake_features):
+    restored, ref = sample_folder(tmp_path / "out"), make_folder(tmp_path / "g", 4, seed=1)
+    (tmp_path / "w.pt").write_bytes(b"x")
+    rc, out = run(["--restored", restored, "--reference", ref, "--weights", tmp_path / "w.pt",
+                   "--json", tmp_path / "r.json", "--features", "inception",
+                   "--save-stats", tmp_path / "stats" / "g.npz"], capsys)  # a folder made on the way
+    assert rc == 0 and "restored: 3 images (a tools/sample.py folder: its results only" in out.out
+    assert json.loads((tmp_path / "r.json").read_text())["n_restored"] == 3  # not 6
+    assert (tmp_path / "stats" / "g.npz").is_file()
+
+
+def test_problems_found_before_any_feature(tmp_path, capsys, monkeypatch, fake_features):
+    calls = []
+    monkeypatch.setattr(metrics, "files_features", lambda files, *a, **k: calls.append(files) or 1 / 0)
+    make_folder(tmp_path / "r", 3), make_folder(tmp_path / "g", 3)
+    (tmp_path / "r" / "9.png").write_bytes(b"\x89PNG truncated")
+    (tmp_path / "w.pt").write_bytes(b"x")
+    args = ["--restored", tmp_path / "r", "--reference", tmp_path / "g", "--weights", tmp_path / "w.pt",
+            "--json", tmp_path / "o.json", "--features", "inception"]
+    rc, out = run(args, capsys)
+    assert rc == 1 and "9.png: cannot read image" in out.err and calls == []  # no reference features first
+    (tmp_path / "r" / "9.png").unlink()
+    monkeypatch.setattr(metrics, "files_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, out = run(args + ["--save-stats", tmp_path / "new" / "g.npz"], capsys)
+    assert rc == 130 and out.err.strip().splitlines() == ["interrupted: no partial file was left behind"]
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "new").exists()
+
+
+def test_cli_output_and_statistics_problems_are_one_line(tmp_path):
+    """As a user runs it: a --json that cannot be written, statistics with NaN (each used to end in a
+    traceback after the compute): one line, nothing written."""
+    r = make_folder(tmp_path / "r", 2)
+    (tmp_path / "file").write_text("x")
+    metrics.save_stats(str(tmp_path / "nan.npz"), np.full((4, 512), np.nan), "clip_vit_b_32")
+    cases = {("--reference", r, "--json", tmp_path / "file" / "o.json"): "cannot write to --json",
+             ("--reference", tmp_path / "nan.npz", "--json", tmp_path / "o.json"): "(mu) is not finite"}
+    for args, words in cases.items():
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--restored", r,
+                               "--weights", str(tmp_path / "nope.pt"), *map(str, args)],
+                              capture_output=True, text=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file", "nan.npz", "r"]
 
 
 @pytest.fixture(scope="module")

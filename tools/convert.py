@@ -16,16 +16,17 @@ Files written by the minidiff -> official direction load in the official infer.p
 Outputs are written under a temporary name and renamed; an existing output is never overwritten without
 --overwrite. Pickles are read with torch.load(weights_only=True) only.
 """
-import argparse
 import os
 import shutil
 import sys
 
-from minidiff.files import atomic_write
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _cli, also when loaded by path (tests)
+from _cli import OneLineParser  # noqa: E402
+from minidiff.files import atomic_write  # noqa: E402
 from minidiff.plugin_files import (OFFICIAL_BASE_MODEL, PLUGIN_FORMAT, export_official_plugin,
                                    export_official_selector, find_plugins, load_plugin, load_selector,
-                                   read_format, save_plugin, save_selector)
-from minidiff.weights import CheckpointError
+                                   read_format, save_plugin, save_selector)  # noqa: E402
+from minidiff.weights import CheckpointError  # noqa: E402
 
 
 def _to_file(write, out, overwrite):
@@ -69,7 +70,7 @@ def convert(src, out, args):
         return done
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: no such file or folder")
-    if src.endswith(".safetensors") and read_format(src) == PLUGIN_FORMAT:  # minidiff plugin -> official folder
+    if src.endswith(".safetensors") and read_format(src) == PLUGIN_FORMAT:  # minidiff plugin -> official
         plugin = load_plugin(src, task=args.task)
         _to_folder(plugin, out, args.overwrite)
         return [f"plugin {plugin.task}: {src} -> {out}/ (scb/config.json, scb/*.bin, tpb.pt)"]
@@ -86,14 +87,13 @@ def convert(src, out, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(__doc__, prog="convert.py")
     a = parser.add_argument
     a("input", help="official plugin folder, pre-trained/ folder, PromptTunner.pt, or a minidiff "
                     ".safetensors (plugin or selector)")
     a("output", help="minidiff .safetensors (from official), official folder or .pt (from minidiff), or a "
                      "folder (from pre-trained/)")
-    a("--task", default=None, help="task name (default: the folder name / the file's metadata)")
+    a("--task", help="task name (default: the folder name / the file's metadata)")
     a("--base-model", default=OFFICIAL_BASE_MODEL,
       help="metadata: the SD model the plugin was trained on (official -> minidiff)")
     a("--steps-trained", default="unknown", help="metadata: training steps (official -> minidiff)")

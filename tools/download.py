@@ -15,27 +15,20 @@ HF_TOKEN is sent to Hugging Face (needed for gated models) and HF_ENDPOINT redir
 mirror. The registry (URLs, sizes, hashes) is in minidiff/download.py; checkpoints/README.md describes the
 files and their licences.
 """
-import argparse
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _cli, also when loaded by path (tests)
 
+from _cli import OneLineParser  # noqa: E402
 from minidiff.download import CHECKPOINTS, GROUPS, expand_keys, human_size  # noqa: E402
 from minidiff.download import download  # noqa: E402
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a command-line mistake is one line on stderr (exit status 2), without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    p = OneLineParser(prog="download.py", description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(__doc__, prog="download.py")
     p.add_argument("--only", nargs="+", metavar="KEY", default=["default"],
                    help=f"registry keys or groups ({', '.join(GROUPS)}) to fetch")
     p.add_argument("--list", action="store_true", help="list the registry and what is present, fetch nothing")

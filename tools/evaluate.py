@@ -13,31 +13,34 @@ Features: clip_vit_b_32 = clean-fid's CLIP path (the official Diff-Plugin metric
 model_name="clip_vit_b_32")); inception = pytorch-fid's default FID. Weights: OpenAI ViT-B-32.pt (state dict)
 or a Hugging Face CLIP ViT-B/32 file/folder; pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
 Folders are read as clean-fid reads them: sorted recursive glob of image extensions (other files are
-ignored), RGB, no EXIF rotation. KID follows clean-fid: 100 subsets of m = min(n_restored, n_reference,
-1000) images (fewer than 1000 images: the subsets shrink to the smaller set, as in clean-fid; fewer than 2:
-refused), with a seeded RNG (--kid-seed) where clean-fid's is unseeded. The paper prints KID x 100
-(`kid_x100`).
+ignored), RGB, no EXIF rotation; a folder tools/sample.py wrote is read by its JSON records: only the results
+count, not the <stem>-compare.png side-by-sides. Every image is checked before any feature is computed.
+KID follows clean-fid: 100 subsets of m = min(n_restored, n_reference, 1000) images (fewer than 1000 images:
+the subsets shrink to the smaller set, as in clean-fid; fewer than 2: refused), with a seeded RNG
+(--kid-seed) where clean-fid's is unseeded. The paper prints KID x 100 (`kid_x100`). Exit codes as every
+minidiff tool (tools/_cli.py): 0 done, 1 error, 2 bad arguments, 130 interrupted; a failed run writes nothing.
 """
-import argparse
 import hashlib
 import json
 import os
 import sys
 
+import numpy as np
 import torch
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout too
     sys.path.insert(0, REPO)
 
+from _cli import OneLineParser, UsageError, check_writable, int_range, one_line, run  # noqa: E402
 from minidiff import metrics  # noqa: E402
 from minidiff.files import save_json_atomic, sha256_path  # noqa: E402
 from minidiff.weights import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(__doc__, prog="evaluate.py")
     p.add_argument("--restored", help="folder of restored images (omit to only --save-stats the reference)")
     p.add_argument("--reference", required=True, help="folder of reference images, or --save-stats' .npz")
     p.add_argument("--features", default="clip_vit_b_32", choices=metrics.FEATURE_TYPES,
@@ -45,10 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--weights", required=True, help="weights of the feature network (see the docstring)")
     p.add_argument("--json", help="write the results here (JSON)")
     p.add_argument("--save-stats", help="write the reference folder's statistics (mu, sigma, feats) here")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=int_range(1), default=32, help="images per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--kid-subsets", type=int, default=metrics.KID_SUBSETS, help="KID: number of subsets")
-    p.add_argument("--kid-subset-size", type=int, default=metrics.KID_MAX_SUBSET, help="KID: largest subset")
+    p.add_argument("--kid-subsets", type=int_range(1), default=metrics.KID_SUBSETS,
+                   help="KID: number of subsets")
+    p.add_argument("--kid-subset-size", type=int_range(2), default=metrics.KID_MAX_SUBSET,
+                   help="KID: largest subset")
     p.add_argument("--kid-seed", type=int, default=0, help="KID: seed of the subset draws")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -60,6 +65,57 @@ def weights_digest(path):
     return digest if isinstance(digest, str) else hashlib.sha256(json.dumps(digest).encode()).hexdigest()
 
 
+def sample_results(folder):
+    """The result images a tools/sample.py output folder holds, by its JSON records (the side-by-side
+    <stem>-compare.png files are not results); None for a folder without such records."""
+    results = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("mode") == "plugin" and isinstance(rec.get("outputs"), dict):
+            results.append(os.path.join(folder, rec["outputs"]["result"]))
+    return sorted(results) or None
+
+
+def restored_images(folder):
+    """Images of --restored that are results, and a note on what was left out."""
+    files = metrics.list_images(folder)
+    results = sample_results(folder) if os.path.isdir(folder) else None
+    if results is None:
+        return files, ""
+    missing = [r for r in results if r not in files]
+    if missing:
+        raise metrics.MetricsError(f"{missing[0]}: named by its sample.py record but missing")
+    skipped = len(files) - len(results)
+    return results, f" (a tools/sample.py folder: its results only, not its {skipped} -compare.png etc.)"
+
+
+def check_images(files):
+    """Open and verify every image before any feature is computed (a corrupt file fails in seconds)."""
+    for path in files:
+        if path.endswith(".npy"):
+            continue
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:
+            why = str(e).splitlines()[0][:160]
+            raise metrics.MetricsError(f"{path}: cannot read image ({why})") from None
+
+
+def finite(name, value):
+    """Refuse a non-finite statistic: it cannot be stored in the JSON, nor does it mean anything."""
+    if not np.all(np.isfinite(value)):
+        raise metrics.MetricsError(f"{name} is not finite (NaN or infinite features or statistics); "
+                                   "nothing was written")
+    return value
+
+
 def evaluate(args):
     """Run the evaluation; returns the result dict. Raises MetricsError / CheckpointError on bad input."""
     if args.restored is None and not args.save_stats:
@@ -69,15 +125,25 @@ def evaluate(args):
     ref_is_stats = os.path.isfile(args.reference) and args.reference.endswith(".npz")
     if args.save_stats and ref_is_stats:
         raise metrics.MetricsError("--save-stats needs a reference folder; this reference is statistics")
-    if args.batch_size < 1:
-        raise metrics.MetricsError("--batch-size must be at least 1")
+    for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
+        if path:
+            check_writable(path, flag)
     # check every input before the slow part
-    restored = metrics.list_images(args.restored) if args.restored else None
+    restored, note = restored_images(args.restored) if args.restored else (None, "")
     reference = metrics.load_stats(args.reference, args.features) if ref_is_stats else None
+    if reference is not None:
+        for key in ("mu", "sigma"):
+            finite(f"{args.reference}: the statistics ({key})", reference[key])
     ref_files = None if ref_is_stats else metrics.list_images(args.reference)
     for folder, files in ((args.restored, restored), (args.reference, ref_files)):
         if files is not None and len(files) < 2:  # a covariance, and KID's unbiased estimate, need 2
             raise metrics.MetricsError(f"{folder}: only {len(files)} image; FID and KID need at least 2")
+        if files is not None:
+            check_images(files)
+    if restored is not None:
+        print(f"restored: {len(restored)} images{note}")
+    if ref_files is not None:
+        print(f"reference: {len(ref_files)} images")
     if not os.path.exists(args.weights):
         raise CheckpointError(f"{args.weights}: no such weights file")
     extractor = metrics.load_feature_extractor(args.features, args.weights, args.device)
@@ -85,8 +151,10 @@ def evaluate(args):
     progress = not args.no_progress
 
     if ref_files is not None:
-        feats = metrics.files_features(ref_files, extractor, args.batch_size, progress, "reference")
+        feats = finite("the reference features",
+                       metrics.files_features(ref_files, extractor, args.batch_size, progress, "reference"))
         if args.save_stats:
+            os.makedirs(os.path.dirname(os.path.abspath(args.save_stats)), exist_ok=True)
             metrics.save_stats(args.save_stats, feats, args.features, digest)
             print(f"saved {args.features} statistics of {len(feats)} images to {args.save_stats}")
         mu, sigma = metrics.statistics(feats)
@@ -95,12 +163,13 @@ def evaluate(args):
         return None
 
     feats = metrics.files_features(restored, extractor, args.batch_size, progress, "restored")
-    fid = metrics.frechet_distance(*metrics.statistics(feats), reference["mu"], reference["sigma"])
+    stats = metrics.statistics(finite("the restored features", feats))
+    fid = finite("FID", metrics.frechet_distance(*stats, reference["mu"], reference["sigma"]))
     kid = m = None
     if reference["feats"] is not None:  # a clean-fid mu/sigma file has no features: FID only
         m = metrics.kid_subset_size(len(feats), len(reference["feats"]), args.kid_subset_size)
-        kid = metrics.kernel_distance(feats, reference["feats"], args.kid_subsets, args.kid_subset_size,
-                                      seed=args.kid_seed)
+        kid = finite("KID", metrics.kernel_distance(feats, reference["feats"], args.kid_subsets,
+                                                    args.kid_subset_size, seed=args.kid_seed))
     return {"fid": fid, "kid": kid, "kid_x100": None if kid is None else 100 * kid,
             "features": args.features, "n_restored": len(feats), "n_reference": reference["count"],
             "kid_subset_size": m, "kid_subsets": args.kid_subsets, "kid_seed": args.kid_seed,
@@ -113,19 +182,22 @@ def main(argv=None):
     print("evaluate:", ", ".join(f"{k}={v}" for k, v in vars(args).items()))
     try:
         result = evaluate(args)
-    except (metrics.MetricsError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if result is None:
+            return 0
+        kid = "n/a (reference has no features)" if result["kid"] is None else \
+            f"{result['kid']:.6f} (x100: {result['kid_x100']:.4f}, subsets of {result['kid_subset_size']})"
+        print(f"{result['features']}: FID {result['fid']:.5f}  KID {kid}  "
+              f"({result['n_restored']} restored vs {result['n_reference']} reference images)")
+        save_json_atomic(result, args.json)
+    except (metrics.MetricsError, CheckpointError, UsageError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-    if result is None:
-        return 0
-    kid = "n/a (reference has no features)" if result["kid"] is None else \
-        f"{result['kid']:.6f} (x100: {result['kid_x100']:.4f}, subsets of {result['kid_subset_size']})"
-    print(f"{result['features']}: FID {result['fid']:.5f}  KID {kid}  "
-          f"({result['n_restored']} restored vs {result['n_reference']} reference images)")
-    save_json_atomic(result, args.json)
+    except KeyboardInterrupt:
+        print("interrupted: no partial file was left behind", file=sys.stderr)
+        return 130
     print(f"wrote {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -10,7 +10,6 @@ numpy/scipy models written here, seeded, so the files can be remade bit for bit:
 
 No network access here: --source is a wheel file or an unpacked skimage/data folder.
 """
-import argparse
 import glob
 import hashlib
 import io
@@ -23,6 +22,7 @@ from PIL import Image
 from scipy import ndimage
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _cli import OneLineParser  # noqa: E402
 from minidiff.files import atomic_write, save_json_atomic  # noqa: E402
 from minidiff.imageio import ImageError, to_rgb  # noqa: E402
 
@@ -104,8 +104,7 @@ def read_source(source, name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(__doc__, prog="make_examples.py")
     parser.add_argument("--source", required=True, help="scikit-image wheel (.whl) or its skimage/data dir")
     parser.add_argument("--output", default="examples", help="folder to write the examples into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the degradations")

@@ -31,8 +31,11 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def max_side(text):
     """argparse type for --max-side: 0 (no cap) or at least MIN_SIDE."""
-    value = int_range(0)(text)
-    if 0 < value < MIN_SIDE:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0 or 0 < value < MIN_SIDE:
         raise ArgumentTypeError(f"must be 0 (no cap) or at least {MIN_SIDE}, got {value}")
     return value
 
@@ -167,7 +170,6 @@ def main(argv=None):
     settings = {"minidiff_version": ver, "mode": "plugin", "device": args.device, "dtype": args.dtype,
                 "base_model": base, **({"base_model_warning": warning} if warning else {}),
                 "checkpoints": hashes}
-    os.makedirs(out, exist_ok=True)
     kw = dict(tasks=args.task, resize=args.resize, short_side=args.short_side, max_side=args.max_side,
               steps=args.steps, chain_steps=args.chain_steps, seed=args.seed, threshold=args.threshold,
               composite=composite, dry_run=args.dry_run, progress=not args.no_progress, record=settings)
