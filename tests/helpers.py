@@ -50,6 +50,10 @@ def python_in_subprocess(code, timeout=600):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tools/ on sys.path: the official-code oracle, tools/official_oracle.py, is shared with tools/benchmark.py
+# (`import official_oracle` in a test needs helpers imported first)
+if os.path.join(REPO, "tools") not in sys.path:
+    sys.path.insert(0, os.path.join(REPO, "tools"))
 
 
 def photo_folder():

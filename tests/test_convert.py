@@ -1,6 +1,6 @@
 """Tests of tools/convert.py: official <-> minidiff plugin and selector files, bit-exact both ways, batch
 conversion of a pre-trained/ folder, one-line errors; and (parity) that exported files load strictly into the
-official module structure rebuilt from diffusers (tests/official_oracle.py).
+official module structure rebuilt from diffusers (tools/official_oracle.py).
 
     python -m pytest tests/test_convert.py -q -s           (a few seconds)
 """
@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+
+import helpers  # noqa: F401  (puts tools/ on sys.path: official_oracle)
 
 from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin
 from minidiff.plugin_files import (export_official_plugin, find_plugins, load_plugin, load_selector,

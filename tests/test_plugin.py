@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import helpers  # noqa: F401  (puts tools/ on sys.path: official_oracle)
 from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin, restore
 from minidiff.plugin_files import load_plugin
 

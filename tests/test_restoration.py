@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import photo_folder  # first: it puts tools/ (official_oracle) on sys.path
 import official_oracle as oracle
-from helpers import photo_folder
 from minidiff.imageio import (SHORT_SIDES, list_images, load_image, resize_photo, resized_size,
                               to_multiple_of_8)
 

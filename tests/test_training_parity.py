@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import helpers  # noqa: F401  (puts tools/ on sys.path: official_oracle)
+
 # Tolerances from measured float32 noise. The official step below was also run in float64 (its models cast
 # to double, the same draws) as the exact value; per gradient tensor, error = max|g - g_exact| / max|g_exact|:
 #   official float32 vs exact: worst 3.2e-6 (SCB condition conv; TPB worst 1.1e-6), loss 4.4e-8 (0.4 ulp)

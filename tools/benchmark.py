@@ -17,7 +17,7 @@ Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some
         of --rounds alternating processes per library.
   plugin  one Diff-Plugin restore (--plugin-steps UniPC steps) of a --plugin-size photo with full-size random
         networks, fp32: minidiff against the official loop rebuilt from diffusers + transformers
-        (tests/official_oracle.py, the parity tests' reference); wall time and peak RSS.
+        (tools/official_oracle.py, the parity tests' reference); wall time and peak RSS.
 Every measurement runs in a fresh Python process (one per library and repeat), so memory figures start
 clean and two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single file
 (original CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers
@@ -252,7 +252,7 @@ def worker_plugin(kw):
     """One Diff-Plugin restore (UniPC, kw steps) of a size x size photo with full-size random networks, fp32.
 
     minidiff: minidiff.plugin.restore. diffusers: the official loop rebuilt from diffusers + transformers in
-    tests/official_oracle.py (the parity tests' reference). Timing only: each side draws its own random
+    tools/official_oracle.py (the parity tests' reference). Timing only: each side draws its own random
     weights.
     """
     import numpy as np
@@ -272,8 +272,7 @@ def worker_plugin(kw):
         run = lambda: restore(sd, clip, [plugin], photo, steps=kw["steps"], clip_image=photo,  # noqa: E731
                               progress=False)
     else:
-        sys.path.insert(0, os.path.join(REPO, "tests"))
-        import official_oracle as oracle
+        import official_oracle as oracle  # tools/, beside this file
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPVisionConfig, CLIPVisionModel
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).eval()  # SD 1.x sizes
@@ -457,6 +456,217 @@ WORKERS["features"] = worker_features
 BENCHMARKS["features"] = bench_features
 
 
+# ------------------------------------------------------------- train: one Task-Plugin training step
+
+TRAIN_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# forward regions labelled in the profile (module attribute paths, the same for both libraries' objects)
+TRAIN_REGIONS = ("vae.encoder", "clip", "tpb", "scb", "unet")
+# op-name fragments -> category, first match wins (self CPU time of aten ops, forward and backward)
+OP_KINDS = (("attention", ("scaled_dot_product", "flash_attention", "softmax", "baddbmm", "bmm")),
+            ("convolution", ("conv",)), ("matmul", ("addmm", "aten::mm", "matmul", "linear")),
+            ("norm", ("group_norm", "layer_norm")))
+
+
+def _status_mb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
+def _reset_peak_mb():
+    """Hand freed memory back to the OS (glibc malloc_trim) and restart the kernel's peak-RSS mark (VmHWM)
+    at the current RSS, so the next peak is this step's own; returns that RSS (MiB)."""
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def _train_reference(seed):
+    """Full-size random diffusers UNet/VAE and transformers CLIP ViT-L/14 (frozen, fp32), as make_full_models
+    builds them for the parity test, without the files."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD 1.x sizes
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                            num_attention_heads=16, patch_size=14, hidden_act="quick_gelu"))
+    # train.py l.161-162 freezes VAE and UNet; CLIP too here: the official code computes CLIP's weight
+    # gradients and throws them away, which minidiff deliberately skips (issue 8): timed, it is not the
+    # same step, so both sides skip it
+    return {"unet": unet.eval().requires_grad_(False), "vae": vae.eval().requires_grad_(False),
+            "clip": clip.eval().requires_grad_(False)}
+
+
+def _train_pair(ref, seed):
+    """The two libraries' step functions on the SAME frozen weight tensors (minidiff's UNet/VAE/CLIP are
+    built from the reference's state dicts through weights.py's rename tables, which do not copy) and equal
+    but separate plugins (fp32 master weights, one AdamW each, lr 1e-5). -> {lib: (forward, update, objs)}"""
+    from dataclasses import replace
+    import torch
+    import official_oracle as oracle
+    from minidiff.clip import CLIP_VISION_L14, CLIPVisionModel
+    from minidiff.loading import StableDiffusion, build_unet, build_vae
+    from minidiff.plugin_files import build_plugin
+    from minidiff.training import clip_and_step, make_optimizer, plugin_loss
+    from minidiff.weights import CLIP_IGNORED, load_strict, scb_from_diffusers
+    with torch.device("meta"):
+        clip = CLIPVisionModel(replace(CLIP_VISION_L14, projection=None))  # CLIPVisionModel: no projection
+    clip = load_strict(clip, ref["clip"].state_dict(), "CLIP vision", ignore=CLIP_IGNORED)
+    sd = StableDiffusion(None, None, build_unet(ref["unet"].state_dict()), build_vae(ref["vae"].state_dict()))
+    torch.manual_seed(seed + 1)
+    tpb, scb = oracle.RefTPB(1024, 768), oracle.RefSCB(320, 8, 768)  # official sizes, default init
+    clone = lambda d: {k: v.clone() for k, v in d.items()}  # noqa: E731
+    plugin = build_plugin("derain", clone(tpb.state_dict()), clone(scb_from_diffusers(scb.state_dict())), 8)
+    plugin.train().requires_grad_(True)  # as tools/train.py prepares it; the official nets: train.py l.163
+    tpb.train()
+    scb.train()
+    opt_mini, opt_ref = make_optimizer(plugin, 1e-5), oracle.official_optimizer(scb, tpb, 1e-5)
+    return sd, clip, plugin, tpb, scb, {
+        "minidiff": (lambda b: plugin_loss(sd, clip, plugin, b["degraded"], b["clean"], noise=b["noise"],
+                                           timesteps=b["t"], latent_noise=b["latent_noise"]),
+                     lambda: clip_and_step(plugin, opt_mini)),
+        "diffusers": (lambda b: oracle.official_training_loss(
+                          ref["vae"], ref["unet"], ref["clip"], tpb, scb, b["clean"], b["degraded"],
+                          b["noise"], b["t"], torch.Generator().manual_seed(1)),  # draws latent_noise
+                      lambda: oracle.official_update(scb, tpb, opt_ref))}
+
+
+def _train_profile(step, modules):
+    """One profiled step: time per labelled region (forward parts, backward, optimizer) and self CPU time
+    per op category and for the top ops (ms)."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+    open_regions, hooks = {}, []
+    for name, m in modules.items():
+        def pre(mod, args, name=name):
+            open_regions[name] = record_function(name).__enter__()
+
+        def post(mod, args, out, name=name):
+            open_regions.pop(name).__exit__(None, None, None)
+        hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    for h in hooks:
+        h.remove()
+    events = prof.key_averages()
+    labels = set(modules) | {"forward", "backward", "optimizer"}
+    regions = {e.key: e.cpu_time_total / 1e3 for e in events if e.key in labels}
+    ops = sorted((e for e in events if e.key not in labels), key=lambda e: -e.self_cpu_time_total)
+    kinds = {}
+    for e in ops:
+        kind = next((k for k, frags in OP_KINDS if any(f in e.key for f in frags)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e3
+    return {"regions_ms": regions, "kinds_ms": kinds,
+            "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 for e in ops[:8]}}
+
+
+def _train_step(libs, batch, lib):
+    """One step of library `lib`: loss, backward, clip + AdamW (each labelled for the profiler) -> loss."""
+    from torch.autograd.profiler import record_function
+    forward, update = libs[lib]
+    with record_function("forward"):
+        loss = forward(batch)
+    with record_function("backward"):
+        loss.backward()
+    with record_function("optimizer"):
+        update()
+    return loss.item()
+
+
+def worker_train(kw):
+    """One training step (loss + backward + clip + AdamW) per library, alternating in this one process on
+    the same frozen weights: warm-up steps, then kw["steps"] timed each (the libraries take turns, the first
+    to go alternating), peak RSS above the pre-step RSS per step, then one profiled step each."""
+    import functools
+    import torch
+    import torch.nn.functional as F
+    ref, out = _train_reference(kw["seed"]), {}
+    size, lat = kw["size"], kw["size"] // 8
+    g = torch.Generator().manual_seed(kw["seed"])
+    photos = [F.interpolate(torch.rand(1, 3, size // 32, size // 32, generator=g) * 2 - 1, size=(size, size),
+                            mode="bicubic", align_corners=False).clamp(-1, 1) for _ in range(2)]
+    batch = {"degraded": photos[0], "clean": photos[1], "noise": torch.randn(1, 4, lat, lat, generator=g),
+             "t": torch.tensor([500]), "latent_noise": torch.randn(1, 4, lat, lat,
+                                                                 generator=torch.Generator().manual_seed(1))}
+    for name in sorted(kw["dtypes"], key=list(TRAIN_DTYPES).index):  # fp32 first: cast down, never up
+        dtype = getattr(torch, TRAIN_DTYPES[name])
+        for m in ref.values():
+            m.to(dtype)
+        sd, clip, plugin, tpb, scb, libs = _train_pair(ref, kw["seed"])
+        step = functools.partial(_train_step, libs, batch)
+        # warm-up in turns too: oneDNN builds its kernels on first use, bf16 ones for several seconds each
+        res = {lib: {"warmup_loss": [], "times_s": [], "cpu_s": [], "step_peak_mb": []} for lib in libs}
+        for _ in range(kw["warmup"]):
+            for lib in libs:
+                res[lib]["warmup_loss"].append(step(lib))
+        for i in range(kw["steps"]):
+            for lib in (list(libs) if i % 2 == 0 else list(libs)[::-1]):
+                base = _reset_peak_mb()
+                t, cpu = time.perf_counter(), time.process_time()
+                step(lib)
+                res[lib]["times_s"].append(time.perf_counter() - t)
+                res[lib]["cpu_s"].append(time.process_time() - cpu)  # all threads: steadier on a busy host
+                res[lib]["step_peak_mb"].append(_status_mb("VmHWM") - base)
+        mods = {"minidiff": {"vae.encoder": sd.vae.encoder, "clip": clip, "tpb": plugin.tpb,
+                             "scb": plugin.scb, "unet": sd.unet},
+                "diffusers": {"vae.encoder": ref["vae"].encoder, "clip": ref["clip"], "tpb": tpb, "scb": scb,
+                              "unet": ref["unet"]}}
+        for lib, r in res.items():
+            r["median_s"], r["median_cpu_s"] = (sorted(r[k])[len(r[k]) // 2] for k in ("times_s", "cpu_s"))
+            r["images_per_s"] = 1 / r["median_s"]  # batch 1
+            if kw["profile"]:
+                r["profile"] = _train_profile(functools.partial(step, lib), mods[lib])
+        frozen = [sd.unet, sd.vae, clip]
+        res["frozen_weights_mb"] = sum(p.numel() * p.element_size() for m in frozen
+                                       for p in m.parameters()) / 2**20
+        out[name] = res
+        del sd, clip, plugin, tpb, scb, libs, mods, frozen, step
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def bench_train(ctx):
+    """Images/s and peak memory of one Task-Plugin training step, minidiff vs the official step rebuilt
+    from diffusers + transformers, alternating in one process; a profile of where the time goes."""
+    a = ctx.args
+    if not ctx.have_diffusers:
+        raise RuntimeError("the train benchmark needs diffusers + transformers (the reference step)")
+    r = ctx.run("train", size=a.train_size, dtypes=a.train_dtypes.split(","), steps=a.train_steps,
+                warmup=a.train_warmup, profile=not a.no_train_profile, seed=a.seed)
+    rows, s = [], f"{a.train_size}x{a.train_size} b1"
+    for name in (d for d in TRAIN_DTYPES if d in r):
+        m, d = r[name]["minidiff"], r[name]["diffusers"]
+        print(f"train {name}: images/s minidiff {m['images_per_s']:.4f}, diffusers {d['images_per_s']:.4f} "
+              f"(steps {m['times_s']} / {d['times_s']} s); first loss {m['warmup_loss'][0]:.6f} / "
+              f"{d['warmup_loss'][0]:.6f} (same weights and inputs); frozen weights "
+              f"{r[name]['frozen_weights_mb']:.0f} MiB shared by both; {r['threads']} threads")
+        for lib, x in (("minidiff", m), ("diffusers", d)):
+            if "profile" in x:
+                p = x["profile"]
+                total = sum(p["regions_ms"].get(k, 0) for k in ("forward", "backward", "optimizer"))
+                parts = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in p["regions_ms"].items())
+                kinds = ", ".join(f"{k} {100 * v / total:.0f}%"
+                                  for k, v in sorted(p["kinds_ms"].items(), key=lambda kv: -kv[1]))
+                top = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in list(p["top_ops_ms"].items())[:5])
+                print(f"  profile {name} {lib} (s, regions include children): {parts}\n"
+                      f"    self time by kind: {kinds}\n    top ops (s): {top}")
+        rows += [("train", f"step {s} {name}, wall s/image (median)", m["median_s"], d["median_s"]),
+                 ("train", f"step {s} {name}, CPU s/image (median)", m["median_cpu_s"], d["median_cpu_s"]),
+                 ("train", f"step {s} {name}, peak RSS above pre-step (MiB)", max(m["step_peak_mb"]),
+                  max(d["step_peak_mb"]))]
+    return rows, r
+
+
+WORKERS["train"] = worker_train
+BENCHMARKS["train"] = bench_train
+
+
 # ------------------------------------------------------------- driver
 
 def print_table(rows):
@@ -486,12 +696,19 @@ def main(argv=None):
     p.add_argument("--plugin-steps", type=int, default=20, help="plugin: UniPC steps")
     p.add_argument("--feature-images", type=int, default=32, help="features: images in the timed folder")
     p.add_argument("--feature-batch", type=int, default=16, help="features: batch size (both libraries)")
+    p.add_argument("--train-size", type=int, default=512, help="train: photo height and width (batch 1)")
+    p.add_argument("--train-dtypes", default="fp32,bf16", help="train: frozen-network dtypes (plugin: fp32)")
+    p.add_argument("--train-steps", type=int, default=2, help="train: timed steps per library and dtype")
+    p.add_argument("--train-warmup", type=int, default=2, help="train: untimed steps first, per library")
+    p.add_argument("--no-train-profile", action="store_true", help="train: skip the profiled step")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     bad = [b for b in chosen if b not in BENCHMARKS]
     if bad or not chosen:
         sys.exit(f"benchmark: unknown benchmark {bad} (choose from {', '.join(BENCHMARKS)})")
+    if any(d not in TRAIN_DTYPES for d in args.train_dtypes.split(",")):
+        sys.exit(f"benchmark: --train-dtypes: choose from {', '.join(TRAIN_DTYPES)}")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         sys.exit(f"benchmark: {args.checkpoint}: no such file")
     if min(args.runs, args.rounds, args.load_repeats) < 1 or args.warmup < 0:

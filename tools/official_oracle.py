@@ -1,11 +1,13 @@
-"""Test-side rebuild of the official Diff-Plugin inference and training step from the reference libraries
-(diffusers, transformers).
+"""The official Diff-Plugin code (inference, the demo, one training step) rebuilt from the reference libraries
+(diffusers, transformers): the oracle the parity tests (tests/) and tools/benchmark.py compare minidiff with.
+Not a command-line tool; tests put tools/ on sys.path through tests/helpers.py.
 
 Mirrors yuhaoliu7456/Diff-Plugin @ 79e12bb (infer.py, demo.py, train.py, modules/TPB.py, modules/SCB.py) as
-described in shared/reference/official-facts.md sections 1-3, with tiny random models written in the OFFICIAL file
-layouts: SD as a diffusers folder (unet/, vae/, text_encoder/), CLIP as a transformers folder, each plugin as
-`<task>/scb/{config.json, diffusion_pytorch_model.bin}` + `<task>/tpb.pt` ({'model': sd}), the selector as
-PromptTunner.pt. No minidiff import here: tests load these files through minidiff's loaders and compare.
+described in shared/reference/official-facts.md sections 1-3, with tiny random models written in the
+OFFICIAL file layouts: SD as a diffusers folder (unet/, vae/, text_encoder/), CLIP as a transformers folder,
+each plugin as `<task>/scb/{config.json, diffusion_pytorch_model.bin}` + `<task>/tpb.pt` ({'model': sd}), the
+selector as PromptTunner.pt. No minidiff import here: tests load these files through minidiff's loaders and
+compare.
 
 Deviations from the official environment, each numerically neutral for the comparison: diffusers 0.35.2, not
 0.17 (UniPC with final_sigmas_type="sigma_min" = 0.17's last step; the SCB residuals passed as the 12-entry
