@@ -18,6 +18,9 @@ from minidiff.imageio import load_image
 from minidiff.plugin import TASKS, TaskPlugin, restore
 from minidiff.plugin_files import load_plugin, load_selector, save_plugin, save_selector
 from minidiff.selector import PluginSelector, select
+# Training: the Task-Plugin objective (train.py's step) and the Plugin-Selector's Table 5 metrics
+from minidiff.selector_eval import selector_metrics
+from minidiff.training import plugin_loss
 # FID / KID
 from minidiff.metrics import frechet_distance, kernel_distance, load_feature_extractor
 
@@ -26,6 +29,6 @@ __all__ = [
     "CLIPTokenizer", "UNet", "UNetConfig", "LATENT_SCALE", "AutoencoderKL", "VAEConfig",
     "StableDiffusion", "img2img", "txt2img", "DDIMInverse", "add_noise", "make_sampler",
     "load_image", "TASKS", "TaskPlugin", "restore", "load_plugin", "load_selector", "save_plugin", "save_selector",
-    "PluginSelector", "select",
+    "PluginSelector", "select", "selector_metrics", "plugin_loss",
     "frechet_distance", "kernel_distance", "load_feature_extractor",
 ]
