@@ -115,6 +115,7 @@ def test_run_folder_and_the_trained_plugin(reference, photos, tmp_path):
     assert out.size == (96, 96)
 
 
+@pytest.mark.slow  # over 9 s on one thread; CI runs it (--runslow)
 def test_resume_after_sigkill_is_bit_identical(reference, photos, tmp_path):
     out = str(tmp_path / "killed")
     args = opts(photos, out, num_workers=1)  # one loader worker process: that path is exercised too
@@ -132,6 +133,7 @@ def test_resume_after_sigkill_is_bit_identical(reference, photos, tmp_path):
     assert losses(out) == losses(reference)  # log truncated to the checkpoint, then the same rows
 
 
+@pytest.mark.slow  # over 9 s on one thread; CI runs it (--runslow)
 def test_killed_before_the_first_checkpoint_starts_again(reference, photos, tmp_path):
     out = str(tmp_path / "early")
     args = opts(photos, out, checkpoint_every=100)
@@ -150,6 +152,7 @@ def test_killed_before_the_first_checkpoint_starts_again(reference, photos, tmp_
     assert losses(out) == losses(reference)
 
 
+@pytest.mark.slow  # over 9 s on one thread; CI runs it (--runslow)
 def test_ddp_two_processes_match_one(photos, tmp_path):
     # 128 px: at 64 px and below the fake UNet's deepest level is 1x1, where a GroupNorm over 2 values
     # turns float summation noise into ~1e-2 differences; at 128 px gradients agree to ~3e-6 relative
