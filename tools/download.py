@@ -64,7 +64,7 @@ def failure_summary(errors):
     return (f"could not reach {', '.join(hosts)} ({len(errors)} files not downloaded; no network?). Use a "
             "mirror (--base-url URL, or HF_ENDPOINT=URL for Hugging Face), copy the files in by hand "
             "(checkpoints/README.md), or try the tools on random weights first: "
-            "python tools/sample.py --fake-weights --steps 2 --output /tmp/try")
+            "python tools/sample.py --fake-weights --steps 2 --max-side 256 --output /tmp/try")
 
 
 def main(argv=None):

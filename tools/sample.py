@@ -4,7 +4,7 @@
     python tools/sample.py --input photo.jpg --prompt "please remove the rain" --output out/
     python tools/sample.py --input photos/ --task derain dehaze --steps 20 --seed 42 --output out/
     python tools/sample.py            # examples/ -> out/examples/, instructions from examples/prompts.json
-    python tools/sample.py --fake-weights --steps 2 --output /tmp/try   # CPU-sized: random tiny models
+    python tools/sample.py --fake-weights --steps 2 --max-side 256 --output /tmp/try   # CPU-sized, seconds
 
 Per photo <stem>: OUTPUT/<stem>.png (the result), <stem>-compare.png (input | result) and <stem>.json (tasks
 in order, raw selector scores, sizes and the resize rule, seed, timings, checkpoint hashes, warnings), the
@@ -114,8 +114,8 @@ def load(args, tasks, need_selector):
             return load_models(args.sd, args.clip, args.plugins, tasks, selector, **kw)
     except MissingPlugins as e:
         missing = e.paths
-    print(missing_weights_message(missing) + "\n(or try the tools on random weights: --fake-weights)",
-          file=sys.stderr)
+    print(missing_weights_message(missing) + "\n(or try the tools on random tiny weights first: python "
+          "tools/sample.py --fake-weights --steps 2 --max-side 256 --output /tmp/try)", file=sys.stderr)
     sys.exit(1)
 
 
