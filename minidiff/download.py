@@ -226,8 +226,8 @@ def missing_weights_message(paths):
     for key, lines in found.items():
         text += [f"  {CHECKPOINTS[key].description}:"] + lines
     if found:
-        text.append(f"get them with: python tools/download.py --only {' '.join(found)}"
-                    "   (what they are: checkpoints/README.md)")
+        only = "" if set(found) == set(GROUPS["default"]) else f" --only {' '.join(found)}"
+        text.append(f"get them with: python tools/download.py{only}   (what they are: checkpoints/README.md)")
     return "\n".join(text)
 
 
