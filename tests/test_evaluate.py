@@ -129,9 +129,10 @@ def sample_folder(path):
 def test_sample_output_folder_counts_results_only(tmp_path, capsys, fake_features):
     restored, ref = sample_folder(tmp_path / "out"), make_folder(tmp_path / "g", 4, seed=1)
     (tmp_path / "w.pt").write_bytes(b"x")
-    rc, out = run(["--restored", restored, "--reference", ref, "--weights", tmp_path / "w.pt",
-                   "--json", tmp_path / "r.json", "--features", "inception",
-                   "--save-stats", tmp_path / "stats" / "g.npz"], capsys)  # a folder made on the way
+    args = ["--restored", restored, "--reference", ref, "--weights", tmp_path / "w.pt", "--json",
+            tmp_path / "r.json", "--features", "inception", "--save-stats", tmp_path / "stats" / "g.npz"]
+    assert run(args, capsys)[0] == 0  # the stats folder is made on the way
+    rc, out = run(args, capsys)  # and the outputs replaced by a second run
     assert rc == 0 and "restored: 3 images (a tools/sample.py folder: its results only" in out.out
     assert json.loads((tmp_path / "r.json").read_text())["n_restored"] == 3  # not 6
     assert (tmp_path / "stats" / "g.npz").is_file()

@@ -56,6 +56,9 @@ def test_txt2img_and_img2img(tmp_path):
     proc = generate("txt2img", "--prompt", "a blue car", "--steps", 2, "--size", 64,
                     "--output", tmp_path / "car.png")
     assert "--overwrite" in one_error_line(proc, 1) and (tmp_path / "car.png").read_bytes() == before
+    proc = generate("txt2img", "--prompt", "a blue car", "--steps", 2, "--size", 64, "--overwrite",
+                    "--output", tmp_path / "car.png")
+    assert proc.returncode == 0 and (tmp_path / "car.png").read_bytes() != before, proc.stderr
 
 
 BAD = {  # case -> (arguments, exit code, words of the message)

@@ -95,11 +95,13 @@ def _reason(e):
     return words.get(e.errno, (e.strerror or str(e)).lower())
 
 
-def check_writable(path, flag="--output"):
+def check_writable(path, flag="--output", is_file=False):
     """Refuse (UsageError) an output that cannot be written, before any work is done: a probe file is created
-    and removed in `path` if it is a folder, else in the nearest existing folder above it (nothing else is
-    created). `path` itself may be a file to be written or a folder."""
+    and removed in the folder `path` (is_file: in the folder of the file `path`), or in the nearest existing
+    folder above it when it does not exist yet (nothing else is created)."""
     folder = os.path.abspath(path)
+    if is_file and os.path.isfile(folder):  # a file to be replaced: what matters is its folder
+        folder = os.path.dirname(folder)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
@@ -110,6 +112,15 @@ def check_writable(path, flag="--output"):
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"cannot write to {flag} {path}: {_reason(e)}") from None
+
+
+def minidiff_version():
+    """The installed minidiff's version, for the records ("unknown" when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("minidiff")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def one_line(e):

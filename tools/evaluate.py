@@ -127,7 +127,7 @@ def evaluate(args):
         raise metrics.MetricsError("--save-stats needs a reference folder; this reference is statistics")
     for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
         if path:
-            check_writable(path, flag)
+            check_writable(path, flag, is_file=True)
     # check every input before the slow part
     restored, note = restored_images(args.restored) if args.restored else (None, "")
     reference = metrics.load_stats(args.reference, args.features) if ref_is_stats else None

@@ -15,11 +15,19 @@ import os
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _cli import (OneLineParser, UsageError, check_writable, finite_float, int_range, nonblank,  # noqa: E402
-                  run, seed)
-from minidiff.imageio import DEFAULT_MAX_SIDE, MIN_SIDE  # noqa: E402
+from _cli import (OneLineParser, UsageError, check_writable, finite_float, int_range,  # noqa: E402
+                  minidiff_version, nonblank, run, seed)
+from minidiff.download import default_checkpoint_paths, loader_files_missing, missing_weights_message  # noqa
+from minidiff.fake import FAKE_WARNING, fake_models  # noqa: E402
+from minidiff.files import save_json_atomic, sha256_path  # noqa: E402
+from minidiff.imageio import DEFAULT_MAX_SIDE, MIN_SIDE, cap_size, load_image, save_png_atomic  # noqa: E402
+from minidiff.loading import load_stable_diffusion  # noqa: E402
+from minidiff.pipeline import img2img, txt2img  # noqa: E402
+from minidiff.plugin import NonFiniteError  # noqa: E402
 from minidiff.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -60,13 +68,12 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Refuse what would fail late, silently, or with a traceback, before any file is loaded."""
-    import torch
     out = args.output or os.path.join("out", f"{args.mode}.png")
     if not out.lower().endswith(".png") or os.path.isdir(out):
         raise UsageError(f"--output {out}: give a .png file name")
     if os.path.exists(out) and not args.overwrite:
         raise UsageError(f"--output {out} exists: pass --overwrite to replace it")
-    check_writable(out)
+    check_writable(out, is_file=True)
     args.output = out
     if args.mode == "txt2img":
         args.width, args.height = args.width or args.size, args.height or args.size
@@ -102,8 +109,6 @@ class FiniteUNet:
         return getattr(self.unet, name)
 
     def __call__(self, *a, **kw):
-        import torch
-        from minidiff.plugin import NonFiniteError
         eps = self.unet(*a, **kw)
         self.calls += 1
         if not torch.isfinite(eps).all():
@@ -112,15 +117,8 @@ class FiniteUNet:
 
 
 def main(argv=None):
-    from importlib.metadata import PackageNotFoundError, version
     args = parse_args(argv)
     check_args(args)
-    from minidiff.download import default_checkpoint_paths, loader_files_missing, missing_weights_message
-    from minidiff.fake import FAKE_WARNING, fake_models
-    from minidiff.files import save_json_atomic, sha256_path
-    from minidiff.imageio import cap_size, load_image, save_png_atomic
-    from minidiff.loading import load_stable_diffusion
-    from minidiff.pipeline import img2img, txt2img
     record, notes = {}, []
     if args.mode == "img2img":
         image, resize = cap_size(load_image(args.input, notes), args.max_side)
@@ -138,7 +136,6 @@ def main(argv=None):
     kw = dict(dtype=args.torch_dtype, device=args.device)
     sd = fake_models([], False, **kw).sd if args.fake_weights else load_stable_diffusion(args.sd, **kw)
     if args.compile:
-        import torch
         sd.unet = torch.compile(sd.unet)
     sd.unet = FiniteUNet(sd.unet)
     t1 = time.perf_counter()
@@ -149,17 +146,14 @@ def main(argv=None):
     else:
         result = img2img(sd, image, args.prompt, strength=args.strength, **kw)
     t2 = time.perf_counter()
-    try:
-        ver = version("minidiff")
-    except PackageNotFoundError:
-        ver = "unknown"
     sd_hash = None if args.fake_weights else \
         {"path": os.path.abspath(args.sd), "sha256": sha256_path(args.sd)}
-    record.update(minidiff_version=ver, fake_weights=args.fake_weights, mode=args.mode, prompt=args.prompt,
-                  negative_prompt=args.negative_prompt, scheduler=args.scheduler, steps=args.steps,
-                  guidance=args.guidance, seed=args.seed, size=list(result.size), device=args.device,
-                  dtype=args.dtype, timings_s={"load": round(t1 - t0, 3), "sample": round(t2 - t1, 3)},
-                  checkpoints={"sd": sd_hash}, **({"warning": FAKE_WARNING} if args.fake_weights else {}))
+    timings = {"load": round(t1 - t0, 3), "sample": round(t2 - t1, 3)}
+    record.update(minidiff_version=minidiff_version(), fake_weights=args.fake_weights, mode=args.mode,
+                  prompt=args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
+                  steps=args.steps, guidance=args.guidance, seed=args.seed, size=list(result.size),
+                  device=args.device, dtype=args.dtype, timings_s=timings, checkpoints={"sd": sd_hash},
+                  **({"warning": FAKE_WARNING} if args.fake_weights else {}))
     save_png_atomic(result, args.output)
     save_json_atomic(record, args.output[:-4] + ".json")
     print(f"wrote {args.output}" + ("  *** FAKE WEIGHTS ***" * args.fake_weights))

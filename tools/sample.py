@@ -18,13 +18,25 @@ import sys
 import time
 from argparse import ArgumentTypeError
 
+import torch
+from tqdm import tqdm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _cli import (OneLineParser, UsageError, check_writable, finite_float, int_range, nonblank,  # noqa: E402
-                  run, seed)
+from _cli import (OneLineParser, UsageError, check_writable, finite_float, int_range,  # noqa: E402
+                  minidiff_version, nonblank, run, seed)
+from _restore_cli import (base_model_check, clean_start, fill_weight_paths, missing_weights,  # noqa: E402
+                          plan_inputs, run_photo)
+from minidiff.download import missing_weights_message  # noqa: E402
+from minidiff.fake import fake_models  # noqa: E402
+from minidiff.files import sha256_path  # noqa: E402
 from minidiff.imageio import (DEFAULT_MAX_SIDE, MIN_SIDE, OFFICIAL_SHORT_SIDE, RESIZE_RULES,  # noqa: E402
                               SHORT_SIDES, check_min_side, load_image, resized_size)
+from minidiff.plugin import TASKS  # noqa: E402
+from minidiff.plugin_files import find_plugins  # noqa: E402
+from minidiff.restoration import MissingPlugins, load_models  # noqa: E402
 from minidiff.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
+from minidiff.selector import load_composite  # noqa: E402
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -79,7 +91,6 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Refuse what would fail late or silently, before any file is loaded."""
-    import torch
     if args.prompt is not None and args.task:
         raise UsageError("give --prompt (the selector chooses) or --task (you choose), not both")
     rule = args.resize or ("infer" if args.task else "demo")
@@ -99,14 +110,9 @@ def check_args(args):
 
 def load(args, tasks, need_selector):
     """(models, {name: file}) from the checkpoints, or random tiny models; exits 1 listing missing files."""
-    from minidiff.download import missing_weights_message
-    from minidiff.fake import fake_models
-    from minidiff.plugin import TASKS
-    from minidiff.restoration import MissingPlugins, load_models
     kw = dict(dtype=args.torch_dtype, device=args.device)
     if args.fake_weights:
         return fake_models(tasks or TASKS, need_selector, **kw), {}
-    from _restore_cli import missing_weights
     missing = missing_weights(args, tasks, need_selector)
     try:
         if not missing:
@@ -119,20 +125,12 @@ def load(args, tasks, need_selector):
     sys.exit(1)
 
 
-def main(argv=None):
-    from importlib.metadata import PackageNotFoundError, version
-    args = parse_args(argv)
-    check_args(args)
-    from tqdm import tqdm
-    from _restore_cli import base_model_check, clean_start, fill_weight_paths, plan_inputs, run_photo
-    from minidiff.files import sha256_path
-    from minidiff.plugin import TASKS
-    from minidiff.plugin_files import find_plugins
-    from minidiff.selector import load_composite
+def plan(args):
+    """Output folder, photos, {photo: instruction}, the photos still to do and the stale temporaries removed:
+    every check that needs no weights, so that a mistake costs seconds."""
     out = args.output or os.path.join("out", "examples" if args.input is None else "")
     photos, prompts = plan_inputs(args.input or os.path.join(ROOT, "examples"), out, args.prompt, args.task,
                                   args.prompts)
-    composite = load_composite(args.composite) if args.composite else None
     check_writable(out)
     fill_weight_paths(args, os.path.join(ROOT, "checkpoints"))
     found = set(TASKS) | (set(find_plugins(args.plugins)) if args.task else set())  # a trained 'mytask' too
@@ -142,20 +140,11 @@ def main(argv=None):
         rule = args.resize or ("demo" if prompts[path] is not None else "infer")
         check_min_side(resized_size(*load_image(path).size, rule, args.short_side, args.max_side), path)
     todo, stale = clean_start(out, photos, args.skip_existing)
-    need_selector = any(prompts[p] is not None for p in todo)
-    print(f"restore: {len(todo)} of {len(photos)} photo(s) -> {out}  steps {args.steps}, chain "
-          f"{min(args.chain_steps, args.steps)}, seed {args.seed}, resize {args.resize or 'demo/infer'}, "
-          f"{args.device} {args.dtype}" + (f"; removed {len(stale)} stale temporary files" if stale else ""))
-    if not todo:
-        return 0
-    t0 = time.perf_counter()
-    models, files = None, {}
-    if need_selector or not args.dry_run:
-        models, files = load(args, args.task, need_selector)
-    if args.compile and models is not None:
-        import torch
-        models.sd.unet = torch.compile(models.sd.unet)  # inductor: about 1.8x the fp16 eager speed on an H200
-    print(f"models ready in {time.perf_counter() - t0:.1f} s" + "  *** FAKE WEIGHTS ***" * args.fake_weights)
+    return out, photos, prompts, todo, stale
+
+
+def settings(args, models, files):
+    """What every record says about the run: version, device, the base model and the checkpoints' hashes."""
     files = files or ({} if args.fake_weights else {"sd": args.sd, "clip": args.clip})  # dry run: unloaded
     hashes = {k: {"path": os.path.abspath(p), "sha256": None if args.dry_run else sha256_path(p)}
               for k, p in files.items()}
@@ -163,16 +152,34 @@ def main(argv=None):
         base_model_check(args.sd, models.plugins if models else {}, hashes.get("sd", {}).get("sha256"))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    return {"minidiff_version": minidiff_version(), "mode": "plugin", "device": args.device,
+            "dtype": args.dtype, "base_model": base, **({"base_model_warning": warning} if warning else {}),
+            "checkpoints": hashes}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
     try:
-        ver = version("minidiff")
-    except PackageNotFoundError:
-        ver = "unknown"
-    settings = {"minidiff_version": ver, "mode": "plugin", "device": args.device, "dtype": args.dtype,
-                "base_model": base, **({"base_model_warning": warning} if warning else {}),
-                "checkpoints": hashes}
+        composite = load_composite(args.composite) if args.composite else None
+    except ValueError as e:  # not a list of {"pattern", "tasks", "why"}
+        raise UsageError(f"--composite {e}") from None
+    out, photos, prompts, todo, stale = plan(args)
+    need_selector = any(prompts[p] is not None for p in todo)
+    print(f"restore: {len(todo)} of {len(photos)} photo(s) -> {out}  steps {args.steps}, chain "
+          f"{min(args.chain_steps, args.steps)}, seed {args.seed}, resize {args.resize or 'demo/infer'}, "
+          f"{args.device} {args.dtype}" + (f"; removed {len(stale)} stale temporary files" if stale else ""))
+    if not todo:
+        return 0
+    t0 = time.perf_counter()
+    models, files = load(args, args.task, need_selector) if need_selector or not args.dry_run else (None, {})
+    if args.compile and models is not None:
+        models.sd.unet = torch.compile(models.sd.unet)  # inductor: about 1.8x the fp16 eager speed on an H200
+    print(f"models ready in {time.perf_counter() - t0:.1f} s" + "  *** FAKE WEIGHTS ***" * args.fake_weights)
     kw = dict(tasks=args.task, resize=args.resize, short_side=args.short_side, max_side=args.max_side,
               steps=args.steps, chain_steps=args.chain_steps, seed=args.seed, threshold=args.threshold,
-              composite=composite, dry_run=args.dry_run, progress=not args.no_progress, record=settings)
+              composite=composite, dry_run=args.dry_run, progress=not args.no_progress,
+              record=settings(args, models, files))
     for path in tqdm(todo, desc="photos", unit="photo", disable=args.no_progress or len(todo) < 2):
         rec = run_photo(models, path, out, prompt=prompts[path], **kw)
         for w in rec["warnings"]:
