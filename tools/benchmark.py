@@ -4,6 +4,8 @@
     python tools/benchmark.py --json bench.json              # all; random SD-1.5 file in a temp dir
     python tools/benchmark.py --only unet --runs 1 --warmup 0  # CPU-sized: one UNet forward per library
     python tools/benchmark.py --only load --checkpoint checkpoints/v1-5-pruned-emaonly.safetensors
+    python tools/benchmark.py --only train --train-steps 4 --json train.json   # 512x512 steps, ~15 min
+    python tools/benchmark.py --only train --train-size 128 --train-steps 1 --train-dtypes fp32  # CPU-sized
 
 Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some):
   unet  UNet forward, batch 1, 64x64 latents, fp32 on the CPU: warm-up runs, then the median of all timed
@@ -18,13 +20,18 @@ Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some
   plugin  one Diff-Plugin restore (--plugin-steps UniPC steps) of a --plugin-size photo with full-size random
         networks, fp32: minidiff against the official loop rebuilt from diffusers + transformers
         (tools/official_oracle.py, the parity tests' reference); wall time and peak RSS.
-Every measurement runs in a fresh Python process (one per library and repeat), so memory figures start
-clean and two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single file
-(original CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers
+  train  one Task-Plugin training step (plugin_loss + backward + clip + AdamW) at --train-size, batch 1,
+        frozen networks in fp32 and bf16 (the plugin in fp32): minidiff against the official train.py step
+        rebuilt from diffusers + transformers (tools/official_oracle.py), in ONE process on the same weight
+        tensors, the libraries taking turns: wall and CPU time (median of --train-steps), the step's peak RSS
+        above the RSS before it, and a torch.profiler breakdown (regions, op kinds, top ops).
+Every other measurement runs in a fresh Python process (one per library and repeat), so memory figures
+start clean and two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single
+file (original CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers
 loads it fully offline with StableDiffusionPipeline.from_single_file(config=<local folder>) and
 UNet2DConditionModel.from_single_file; the local config folder holds the SD-1.5 component configs and a
 tokenizer written from minidiff's vocabulary.
-Without diffusers, only minidiff's column is filled.
+Without diffusers, only minidiff's column is filled (train needs diffusers + transformers).
 """
 import argparse
 import json
@@ -627,7 +634,7 @@ def worker_train(kw):
                                        for p in m.parameters()) / 2**20
         out[name] = res
         del sd, clip, plugin, tpb, scb, libs, mods, frozen, step
-    out["threads"] = torch.get_num_threads()
+    out["threads"], out["process_peak_rss_mb"] = torch.get_num_threads(), _peak_rss_mb()
     return out
 
 
@@ -642,10 +649,12 @@ def bench_train(ctx):
     rows, s = [], f"{a.train_size}x{a.train_size} b1"
     for name in (d for d in TRAIN_DTYPES if d in r):
         m, d = r[name]["minidiff"], r[name]["diffusers"]
+        times = " / ".join(", ".join(f"{t:.1f}" for t in x["times_s"]) for x in (m, d))
         print(f"train {name}: images/s minidiff {m['images_per_s']:.4f}, diffusers {d['images_per_s']:.4f} "
-              f"(steps {m['times_s']} / {d['times_s']} s); first loss {m['warmup_loss'][0]:.6f} / "
+              f"(wall s per step: {times}); first loss {m['warmup_loss'][0]:.6f} / "
               f"{d['warmup_loss'][0]:.6f} (same weights and inputs); frozen weights "
-              f"{r[name]['frozen_weights_mb']:.0f} MiB shared by both; {r['threads']} threads")
+              f"{r[name]['frozen_weights_mb']:.0f} MiB shared by both; {r['threads']} threads; process peak "
+              f"RSS (both libraries' steps, one copy of the weights) {r['process_peak_rss_mb']:.0f} MiB")
         for lib, x in (("minidiff", m), ("diffusers", d)):
             if "profile" in x:
                 p = x["profile"]
