@@ -58,7 +58,8 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")  # finished checkpoints; temporar
 
 
 class UsageError(ValueError):
-    """A mistake in the command line or the input data: one line, no traceback, exit status 2."""
+    """A mistake in the command line or the input data: one line, no traceback. The one such class of the
+    project: the tools import it too (each tool's docstring gives its exit status)."""
 
 
 class NonFiniteLoss(RuntimeError):

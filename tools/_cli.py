@@ -8,8 +8,8 @@ Exit codes of tools/sample.py, generate.py, evaluate.py, convert.py, download.py
     2    the command line does not parse: an unknown flag, a value of the wrong type or outside its range
          (a non-finite number, a seed outside 0..2^63-1, a size under the smallest): one line too
     130  interrupted by Ctrl-C; 143 stopped by SIGTERM. Either way nothing half-written is left behind.
-This module is a helper of the scripts beside it (not a script); it imports neither torch nor minidiff at the
-top, so --help stays quick.
+This module is a helper of the scripts beside it (not a script). Its UsageError is minidiff.trainer's, the
+project's one class for a refused request (the training tools exit with 2 on it: see their docstrings).
 """
 import argparse
 import errno
@@ -19,13 +19,11 @@ import signal
 import sys
 import tempfile
 
+from minidiff.trainer import UsageError
+
 # Seeds: what torch.Generator.manual_seed takes as a non-negative 64-bit signed integer on every torch
 # version (the official code seeds a CPU torch.Generator; negative seeds would alias large ones).
 SEED_MAX = 2**63 - 1
-
-
-class UsageError(ValueError):
-    """A request the tool refuses (arguments, input files, output folder): one line, exit status 1."""
 
 
 class Terminated(BaseException):

@@ -22,6 +22,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from minidiff.trainer import UsageError  # noqa: E402
 FAKE_PHOTOS = 4  # random photos per task for --fake-weights without --images
 
 
@@ -50,10 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class UsageError(ValueError):
-    """A mistake in the command line or the input data: one line, exit status 2."""
-
-
 def check_args(args):
     if args.combinations < 0:
         raise UsageError(f"--combinations must be 0 or more, got {args.combinations}")
@@ -61,7 +58,7 @@ def check_args(args):
     if not args.fake_weights:
         from minidiff.download import default_checkpoint_paths
         defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
-        args.sd, args.clip = args.sd or defaults["sd"], args.clip or defaults["clip"]
+        args.sd, args.clip = args.sd or defaults["sd14"], args.clip or defaults["clip"]
         args.plugins = args.plugins or defaults["plugins"]
         paths += [("--sd", args.sd), ("--clip", args.clip), ("--plugins", args.plugins)]
     for flag, path in paths:

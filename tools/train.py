@@ -90,7 +90,7 @@ def check_args(args):
     if not args.fake_weights:
         from minidiff.download import default_checkpoint_paths
         defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
-        args.sd, args.clip = args.sd or defaults["sd"], args.clip or defaults["clip"]
+        args.sd, args.clip = args.sd or defaults["sd14"], args.clip or defaults["clip"]
         for flag, path in (("--sd", args.sd), ("--clip", args.clip)):
             if not os.path.exists(path):
                 raise UsageError(f"{flag} {path}: not found (tools/download.py fetches it; or --fake-weights)")
@@ -149,6 +149,7 @@ def prepare(args):
 def train(args):
     import torch
     from minidiff import datasets, trainer, training
+    from minidiff.download import base_model_id
     from minidiff.files import sha256_path
     from minidiff.imageio import save_png_atomic
     from minidiff.plugin_files import save_plugin
@@ -184,7 +185,7 @@ def train(args):
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.num_workers))
     model = trainer.wrap_ddp(training.PluginObjective(sd, clip, plugin), dist)
     latent_shape = (sd.vae.cfg.z_channels, args.resolution // 8, args.resolution // 8)
-    base = "fake-weights" if args.fake_weights else os.path.basename(os.path.normpath(args.sd))
+    base = "fake-weights" if args.fake_weights else base_model_id(args.sd)  # e.g. CompVis/stable-diffusion-v1-4
     plugin_path = run.path / f"{args.task}.safetensors"
 
     def save_outputs(step):  # rank 0: the plugin file and the loss plot

@@ -74,7 +74,7 @@ def check_args(args):
         return
     from minidiff.download import default_checkpoint_paths
     defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
-    args.sd, args.clip = args.sd or defaults["sd"], args.clip or defaults["clip"]
+    args.sd, args.clip = args.sd or defaults["sd14"], args.clip or defaults["clip"]
     args.plugins = args.plugins or defaults["plugins"]
     for flag, path in (("--sd", args.sd), ("--clip", args.clip), ("--plugins", args.plugins)):
         if not os.path.exists(path):
