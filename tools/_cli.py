@@ -19,7 +19,9 @@ import signal
 import sys
 import tempfile
 
-from minidiff.trainer import UsageError
+from minidiff.imageio import ImageError
+from minidiff.trainer import NonFiniteLoss, UsageError
+from minidiff.weights import CheckpointError
 
 # Seeds: what torch.Generator.manual_seed takes as a non-negative 64-bit signed integer on every torch
 # version (the official code seeds a CPU torch.Generator; negative seeds would alias large ones).
@@ -162,3 +164,19 @@ def run(main, argv=None):
         hint = " (try a smaller size or --max-side, or --dtype fp16 on a GPU)" if memory else ""
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)
         return 1
+
+
+def training_main(work, args):
+    """Run a training tool's work(args) -> its exit status; errors as one "error: ..." line on stderr and
+    the training tools' codes: 2 the command line or the data (UsageError, ImageError), 3 a non-finite loss
+    (the last good checkpoint stays the latest), 1 unreadable weights or an I/O error."""
+    try:
+        return work(args)
+    except (UsageError, ImageError) as e:
+        code, message = 2, e
+    except NonFiniteLoss as e:
+        code, message = 3, e
+    except (CheckpointError, OSError) as e:
+        code, message = 1, e
+    print(f"error: {message}", file=sys.stderr)
+    return code

@@ -22,6 +22,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
 from minidiff.trainer import UsageError  # noqa: E402
 FAKE_PHOTOS = 4  # random photos per task for --fake-weights without --images
 
@@ -111,18 +112,12 @@ def evaluate_selector(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    from minidiff.imageio import ImageError
-    from minidiff.weights import CheckpointError
-    try:
+    from _cli import training_main  # exit codes 0 / 1 / 2 as train_selector.py's
+
+    def run(args):
         evaluate_selector(args)
         return 0
-    except (UsageError, ImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return training_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

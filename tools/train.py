@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
 TASK_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # settings that define the run: --resume refuses to change them (the rest may change between sessions)
@@ -227,20 +228,8 @@ def train(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    from minidiff.trainer import NonFiniteLoss, UsageError
-    from minidiff.weights import CheckpointError
-    try:
-        return train(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    from _cli import training_main  # exit codes 0 / 1 / 2 / 3 as its docstring says
+    return training_main(train, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
 # settings that define the run: --resume refuses to change them (--steps and the rest may change)
 FIXED = ("tasks", "images_sha256", "instructions_sha256", "batch_size", "negatives", "lr", "seed", "init",
          "fake_weights")
@@ -180,21 +181,8 @@ def train(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    from minidiff.imageio import ImageError
-    from minidiff.trainer import NonFiniteLoss, UsageError
-    from minidiff.weights import CheckpointError
-    try:
-        return train(args)
-    except (UsageError, ImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    from _cli import training_main  # exit codes 0 / 1 / 2 / 3 as its docstring says
+    return training_main(train, parse_args(argv))
 
 
 if __name__ == "__main__":
