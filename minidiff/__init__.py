@@ -28,7 +28,8 @@ __all__ = [
     "CLIPTextModel", "CLIPVisionModel", "clip_preprocess", "load_clip_vision", "load_stable_diffusion",
     "CLIPTokenizer", "UNet", "UNetConfig", "LATENT_SCALE", "AutoencoderKL", "VAEConfig",
     "StableDiffusion", "img2img", "txt2img", "DDIMInverse", "add_noise", "make_sampler",
-    "load_image", "TASKS", "TaskPlugin", "restore", "load_plugin", "load_selector", "save_plugin", "save_selector",
+    "load_image", "TASKS", "TaskPlugin", "restore", "load_plugin", "load_selector", "save_plugin",
+    "save_selector",
     "PluginSelector", "select", "selector_metrics", "plugin_loss",
     "frechet_distance", "kernel_distance", "load_feature_extractor",
 ]

@@ -47,6 +47,21 @@ def remove_stale_temps(folder, targets):
     return removed
 
 
+def probe_writable(path):
+    """Create and remove a probe file in the folder `path`, or in the nearest existing folder above it when
+    `path` does not exist yet (nothing else is created), and return that folder. NotADirectoryError (its
+    message: the folder) when that is a file; OSError when nothing can be written there."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(folder)
+    fd, probe = tempfile.mkstemp(prefix=".minidiff-probe-", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+    return folder
+
+
 def save_json_atomic(obj, path):
     """Write `obj` as indented JSON (UTF-8, trailing newline) at `path`, atomically."""
     text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as torch_dist
 from safetensors.torch import load_file, save_file
 
-from minidiff.files import save_json_atomic, sha256_file
+from minidiff.files import probe_writable, save_json_atomic, sha256_file
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")  # finished checkpoints; temporaries start with "."
 
@@ -224,15 +224,10 @@ def check_writable(path):
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise UsageError(f"--output {path}: exists and is not a folder")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--output {path}: cannot be created ({probe} is a file)")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
-        os.close(fd)
-        os.remove(tmp)
+        probe_writable(path)
+    except NotADirectoryError as e:
+        raise UsageError(f"--output {path}: cannot be created ({e} is a file)") from None
     except OSError as e:
         raise UsageError(f"--output {path}: not writable ({e.strerror or e})") from None
 

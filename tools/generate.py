@@ -19,8 +19,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _cli import (OneLineParser, UsageError, check_writable, finite_float, int_range,  # noqa: E402
-                  minidiff_version, nonblank, run, seed)
+from _cli import (OneLineParser, UsageError, add_device_flags, check_writable, finite_float,  # noqa: E402
+                  int_range, minidiff_version, nonblank, resolve_device, run, seed)
 from minidiff.download import default_checkpoint_paths, loader_files_missing, missing_weights_message  # noqa
 from minidiff.fake import FAKE_WARNING, fake_models  # noqa: E402
 from minidiff.files import save_json_atomic, sha256_path  # noqa: E402
@@ -30,7 +30,6 @@ from minidiff.pipeline import img2img, txt2img  # noqa: E402
 from minidiff.plugin import NonFiniteError  # noqa: E402
 from minidiff.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SCHEDULERS = ["ddpm", "ddim", "unipc", "dpmpp2m", "euler"]
 
 
@@ -49,8 +48,7 @@ def parse_args(argv=None):
     a("--max-side", type=int_range(0), default=DEFAULT_MAX_SIDE,
       help="largest side: txt2img refuses bigger sizes, img2img scales the photo down to it (0: no limit)")
     a("--sd", help="Stable Diffusion 1.x, single file or diffusers folder (default: checkpoints/v1-5-...)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    a("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations precision")
+    add_device_flags(a)
     a("--compile", action="store_true", help="torch.compile the UNet (GPU only; the first call compiles)")
     a("--fake-weights", action="store_true", help="random tiny models instead of a checkpoint (for tests)")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -87,15 +85,7 @@ def check_args(args):
             raise UsageError(f"--strength {args.strength} x --steps {args.steps} leaves no step to run")
         if os.path.exists(out) and os.path.samefile(out, args.input):
             raise UsageError(f"--output {out} is the input photo: inputs are never overwritten")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    if args.device == "cpu" and args.dtype == "fp16":
-        raise UsageError("--dtype fp16 needs --device cuda; use fp32 or bf16 on the CPU")
-    if args.compile and args.device == "cpu":
-        raise UsageError("--compile is for GPUs: on a CPU compiling costs far more than it saves; drop it")
-    args.torch_dtype = getattr(torch, DTYPES[args.dtype])
+    args.torch_dtype = resolve_device(args)
 
 
 class FiniteUNet:

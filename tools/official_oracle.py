@@ -378,15 +378,7 @@ def official_demo(unet, vae, text_encoder, tokenizer, CLIP_V, plugin_dict, scb_d
         selected_index_list = [selected_index_list]
     selected_plugin_key_list = [list(plugin_gt_feats.keys())[i] for i in selected_index_list]
     selected_plugin_embeds_list = [plugin_gt_feats[i] for i in selected_plugin_key_list]
-    # l.166-173
-    width, height = image.size
-    if width < height:
-        new_width = image_resolution
-        new_height = int((image_resolution / width) * height)
-    else:
-        new_height = image_resolution
-        new_width = int((image_resolution / height) * width)
-    image = image.resize((new_width, new_height))
+    image, new_width, new_height = demo_resize(image, image_resolution)  # l.166-173
     for index, plugin_key in enumerate(selected_plugin_key_list):  # l.177-251
         inp_of_unet_is_random_noise = plugin_key in ['lowlight', 'highlight']
         if plugin_key == 'null':

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _cli import (OneLineParser, UsageError, check_writable, finite_float, int_range,  # noqa: E402
-                  minidiff_version, nonblank, run, seed)
+from _cli import (OneLineParser, UsageError, add_device_flags, add_restoration_weight_flags,  # noqa: E402
+                  check_writable, finite_float, int_range, minidiff_version, nonblank, resolve_device, run,
+                  seed)
 from _restore_cli import (base_model_check, clean_start, fill_weight_paths, missing_weights,  # noqa: E402
                           plan_inputs, run_photo)
 from minidiff.download import missing_weights_message  # noqa: E402
@@ -38,7 +39,6 @@ from minidiff.restoration import MissingPlugins, load_models  # noqa: E402
 from minidiff.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
 from minidiff.selector import load_composite  # noqa: E402
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def max_side(text):
@@ -74,13 +74,8 @@ def parse_args(argv=None):
       help="steps of every plugin after the first, as the official demo; at most --steps")
     a("--seed", type=seed, default=42, help="noise seed; every photo of a folder uses the same one")
     a("--threshold", type=finite_float, default=0.0, help="selector threshold: plugins scoring above it run")
-    a("--sd", help="Stable Diffusion 1.x base, single file or diffusers folder "
-                   "(default: checkpoints/stable-diffusion-v1-4, the official plugins' base)")
-    a("--clip", help="CLIP ViT-L/14 vision weights (default: under checkpoints/)")
-    a("--plugins", help="folder of plugins: official <task>/ folders or <task>.safetensors")
-    a("--selector", help="plugin selector: official PromptTunner.pt or a minidiff .safetensors")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    a("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations precision")
+    add_restoration_weight_flags(a)
+    add_device_flags(a)
     a("--compile", action="store_true", help="torch.compile the UNet (GPU only; the first call compiles)")
     a("--dry-run", action="store_true", help="selection and sizes only: writes only the JSON records")
     a("--skip-existing", action="store_true", help="skip photos whose JSON record (written last) exists")
@@ -96,16 +91,7 @@ def check_args(args):
     rule = args.resize or ("infer" if args.task else "demo")
     if rule != "demo" and args.short_side != OFFICIAL_SHORT_SIDE:
         raise UsageError("--short-side belongs to the demo rule; add --resize demo (infer.py raises to 512)")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    if args.device == "cpu" and args.dtype == "fp16":
-        raise UsageError("--dtype fp16 needs --device cuda; use fp32 or bf16 on the CPU")
-    if args.compile and args.device == "cpu":
-        raise UsageError("--compile is for GPUs: on a CPU compiling costs far more than it saves "
-                         "(a 1-step restore took 407 s instead of 3.9 s); drop --compile")
-    args.torch_dtype = getattr(torch, DTYPES[args.dtype])
+    args.torch_dtype = resolve_device(args)
 
 
 def load(args, tasks, need_selector):

@@ -17,11 +17,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _cli import OneLineParser, UsageError, finite_float, int_range, run  # noqa: E402
+from _cli import (OneLineParser, UsageError, add_device_flags, add_restoration_weight_flags,  # noqa: E402
+                  finite_float, int_range, resolve_device, run)
 from _serve import DEFAULT_PORT, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS  # noqa: E402
 from minidiff.imageio import DEFAULT_MAX_SIDE, MIN_SIDE  # noqa: E402
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # --fake-weights' default cap: random tiny models take ~1-3 s a step at 768x512 on one CPU core, 0.1 s at 256
 FAKE_MAX_SIDE = 256
 
@@ -32,13 +32,8 @@ def parse_args(argv=None):
     positive = int_range(1)
     a("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; think first)")
     a("--port", type=int_range(0, 65535), default=DEFAULT_PORT, help="port (0: any free one, printed)")
-    a("--sd", help="Stable Diffusion 1.x base, single file or diffusers folder "
-                   "(default: checkpoints/stable-diffusion-v1-4, the official plugins' base)")
-    a("--clip", help="CLIP ViT-L/14 vision weights (default: under checkpoints/)")
-    a("--plugins", help="folder of plugins: official <task>/ folders or <task>.safetensors")
-    a("--selector", help="plugin selector: official PromptTunner.pt or a minidiff .safetensors")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    a("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations precision")
+    add_restoration_weight_flags(a)
+    add_device_flags(a)
     a("--chain-steps", type=positive, default=3, help="steps of every plugin after the first (official: 3)")
     a("--threshold", type=finite_float, default=0.0, help="selector threshold: plugins scoring above it run")
     a("--max-side", type=int_range(0), help=f"cap on the processed long side (0: none, as official; else at "
@@ -56,20 +51,13 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Refuse what would fail later, before any weight is loaded; returns the torch dtype."""
-    import torch
     if args.max_side is None:
         args.max_side = FAKE_MAX_SIDE if args.fake_weights else DEFAULT_MAX_SIDE
     if 0 < args.max_side < MIN_SIDE:
         raise UsageError(f"--max-side must be 0 (no cap) or at least {MIN_SIDE}")
     if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
         raise UsageError("--max-upload-mb and --max-megapixels must be positive")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    if args.device == "cpu" and args.dtype == "fp16":
-        raise UsageError("--dtype fp16 needs --device cuda; use fp32 or bf16 on the CPU")
-    return getattr(torch, DTYPES[args.dtype])
+    return resolve_device(args)
 
 
 def load(args, dtype):

@@ -186,7 +186,8 @@ def train(args):
     loader = iter(torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.num_workers))
     model = trainer.wrap_ddp(training.PluginObjective(sd, clip, plugin), dist)
     latent_shape = (sd.vae.cfg.z_channels, args.resolution // 8, args.resolution // 8)
-    base = "fake-weights" if args.fake_weights else base_model_id(args.sd)  # e.g. CompVis/stable-diffusion-v1-4
+    # the base's id, e.g. CompVis/stable-diffusion-v1-4
+    base = "fake-weights" if args.fake_weights else base_model_id(args.sd)
     plugin_path = run.path / f"{args.task}.safetensors"
 
     def save_outputs(step):  # rank 0: the plugin file and the loss plot
