@@ -1,60 +1,147 @@
 #!/usr/bin/env python
-"""Benchmark minidiff against diffusers on the same random SD-1.5 weights (UNet speed, checkpoint loading).
+"""Benchmark minidiff against diffusers/transformers on the same random SD-1.5 weights, one table.
 
-    python tools/benchmark.py --json bench.json              # all; random SD-1.5 file in a temp dir
-    python tools/benchmark.py --only unet --runs 1 --warmup 0  # CPU-sized: one UNet forward per library
+    python tools/benchmark.py --json bench.json      # everything, fp32 (+ bf16 where the CPU has it), ~25 min
+    python tools/benchmark.py --quick                # CI-sized: small shapes, one run each (~5 min)
+    python tools/benchmark.py --only unet,vae --dtypes fp32 --runs 5
     python tools/benchmark.py --only load --checkpoint checkpoints/v1-5-pruned-emaonly.safetensors
-    python tools/benchmark.py --only train --train-steps 4 --json train.json   # 512x512 steps, ~15 min
-    python tools/benchmark.py --only train --train-size 128 --train-steps 1 --train-dtypes fp32  # CPU-sized
+    MINIDIFF_ORACLE_PYTHON=... python tools/benchmark.py --only features   # FID/KID features (not default)
 
 Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some):
-  unet  UNet forward, batch 1, 64x64 latents, fp32 on the CPU: warm-up runs, then the median of all timed
-        runs (--runs per process, --rounds processes per library, the libraries taking turns).
-  load  load a full SD-1.5 single-file checkpoint (text encoder, UNet, VAE, tokenizer): wall time of the load
-        call, and of the load plus a first read of every weight (both libraries may map the file lazily),
-        and the peak RSS of the process after that read.
-  features  FID/KID feature extraction (tools/evaluate.py's path: read, resize, network), random weights, on
-        --feature-images generated 512x384 PNGs: images/s of minidiff vs clean-fid's CLIP ViT-B/32 path and
-        vs pytorch-fid's Inception (the reference side runs in MINIDIFF_ORACLE_PYTHON's environment); the best
-        of --rounds alternating processes per library.
-  plugin  one Diff-Plugin restore (--plugin-steps UniPC steps) of a --plugin-size photo with full-size random
-        networks, fp32: minidiff against the official loop rebuilt from diffusers + transformers
-        (tools/official_oracle.py, the parity tests' reference); wall time and peak RSS.
-  train  one Task-Plugin training step (plugin_loss + backward + clip + AdamW) at --train-size, batch 1,
-        frozen networks in fp32 and bf16 (the plugin in fp32): minidiff against the official train.py step
-        rebuilt from diffusers + transformers (tools/official_oracle.py), in ONE process on the same weight
-        tensors, the libraries taking turns: wall and CPU time (median of --train-steps), the step's peak RSS
-        above the RSS before it, and a torch.profiler breakdown (regions, op kinds, top ops).
-Every other measurement runs in a fresh Python process (one per library and repeat), so memory figures
-start clean and two full UNets never sit in one process. Both libraries read the same file: an SD-1.5 single
-file (original CompVis names) with random weights, written once tensor by tensor, or --checkpoint. diffusers
-loads it fully offline with StableDiffusionPipeline.from_single_file(config=<local folder>) and
-UNet2DConditionModel.from_single_file; the local config folder holds the SD-1.5 component configs and a
-tokenizer written from minidiff's vocabulary.
-Without diffusers, only minidiff's column is filled (train needs diffusers + transformers).
+  unet     UNet forward, batch 1, latents 64x64 and 32x32 with 77- and 256-token contexts (256: the
+           Diff-Plugin visual prompt), warm median; also as a fraction of the machine's GEMM peak in that
+           dtype (the network's FLOPs counted by torch.utils.flop_counter on the meta device).
+  vae      VAE encode and decode of a 512x512 image, warm median.
+  restore  one 20-step Diff-Plugin restore of a 512x512 photo (full-size random CLIP ViT-L/14 vision and
+           plugin): minidiff.plugin.restore against the official loop rebuilt from diffusers + transformers
+           (tools/official_oracle.py), on the same weights; wall time and peak RSS above the start.
+  train    one Task-Plugin training step (plugin_loss + backward + clip + AdamW), 512x512, batch 1, against
+           the official train.py step rebuilt from diffusers + transformers: wall time, the step's peak RSS,
+           and a torch.profiler breakdown (regions, op kinds, top ops) printed above the table.
+  load     load the whole SD-1.5 single file (text encoder, UNet, VAE) in a fresh process per library and
+           repeat: the load call, load + a first read of every weight, the first UNet forward after it
+           (64x64, 77 tokens: no warm kernels), and the process's peak RSS.
+  features FID/KID feature extraction against clean-fid / pytorch-fid (in MINIDIFF_ORACLE_PYTHON's
+           environment); only with --only.
+Each dtype of --dtypes (default fp32, and bf16 where /proc/cpuinfo shows avx512_bf16 or amx_bf16) gets ONE
+process that loads both libraries from the same file and measures unet, vae and restore in it, the libraries
+taking turns at every run (A B, then B A, ...): allocator, cache and CPU-frequency state touch both alike, and
+warm-up runs go to both before any timed run. train runs both libraries in one process too; load needs fresh
+ones. The GEMM peak is the median GFLOP/s of a 4096^3 matmul in each dtype, measured first on the same thread
+count. The checkpoint is an SD-1.5 single file (original CompVis names) with random weights, written once
+tensor by tensor, or --checkpoint; diffusers loads it fully offline with from_single_file(config=<local
+folder>) (SD-1.5 component configs and a tokenizer written from minidiff's vocabulary). Peak memory per
+megapixel of the restore is tools/bench_memory.py's job. Without diffusers only minidiff's column is filled
+(restore and train need diffusers + transformers).
 """
 import argparse
 import json
 import math
 import os
+import platform
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 
-# Run from a checkout too (workers are fresh interpreters started on this file).
+# Run from a checkout too (workers are fresh interpreters started on this file); tools/ for the oracle.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _path in (REPO, os.path.join(REPO, "tools")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-# glibc malloc settings for --malloc-tuned: large blocks come from the heap instead of a fresh mmap per
-# allocation, so activations do not page-fault on every forward. Without them, glibc's dynamic mmap threshold
-# depends on what a process freed earlier (diffusers' loader frees large blocks, minidiff's does not), which
-# alone moved the UNet forward by ~15% in CPU time here.
-MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-                "MALLOC_TOP_PAD_": "268435456"}
-WORKER_FLAG = "--worker"  # internal: `benchmark.py --worker NAME JSON-ARGS` runs one measurement
+WORKER_FLAG = "--worker"  # internal: `benchmark.py --worker NAME JSON-ARGS` runs one measurement process
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+LIBS = ("minidiff", "diffusers")
+# What one run measures at full size and in --quick (CI-sized: the same code paths, small shapes).
+PRESETS = {"full": {"unet": [(64, 77), (64, 256), (32, 77), (32, 256)], "vae": 512, "restore": (512, 20),
+                    "train": 512, "gemm": 4096, "runs": 3, "warmup": 1, "load_repeats": 2},
+           "quick": {"unet": [(32, 77), (32, 256)], "vae": 256, "restore": (256, 2), "train": 128,
+                     "gemm": 2048, "runs": 1, "warmup": 1, "load_repeats": 1}}
+IN_PROCESS = ("unet", "vae", "restore")  # measured together, one process per dtype
+
+
+# ------------------------------------------------------------- the machine: CPU, versions, GEMM peak
+
+def cpu_info(text=None):
+    """CPU model, logical CPUs and the flags that matter for these kernels, from /proc/cpuinfo."""
+    if text is None:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}  # the last CPU's lines win: all alike
+    flags = set(fields.get("flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": fields.get("model name", platform.processor() or "?"),
+            "logical_cpus": text.count("processor\t:") or os.cpu_count(),
+            "flags": {f: f in flags for f in wanted},
+            "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
+
+
+def versions():
+    """Versions of the libraries compared, without importing them (None: not installed)."""
+    out = {}
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def gemm_gflops(dtype, n, runs=3):
+    """Median GFLOP/s of an n x n x n matmul in `dtype` on torch's current thread count (one warm-up)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    torch.mm(a, b)  # warm-up: the kernel's first call packs and dispatches
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / median(times) / 1e9
+
+
+def median(values):
+    """The middle value (the upper one of an even count): a run that was really measured."""
+    return sorted(values)[len(values) // 2]
+
+
+def alternate(fns, runs, warmup):
+    """Time each library's zero-argument callable in turns: all warm-ups first (A B A B ...), then `runs`
+    timed rounds, the first to go alternating (A B, B A, ...). fns: {lib: fn} -> ({lib: [seconds]},
+    {lib: the output of its last call})."""
+    libs = list(fns)
+    for _ in range(warmup):
+        for lib in libs:
+            fns[lib]()
+    times, last = {lib: [] for lib in libs}, {}
+    for i in range(runs):
+        for lib in (libs if i % 2 == 0 else libs[::-1]):
+            t = time.perf_counter()
+            last[lib] = fns[lib]()
+            times[lib].append(time.perf_counter() - t)
+    return times, last
+
+
+def _status_mb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
+def _reset_peak_mb():
+    """Hand freed memory back to the OS (glibc malloc_trim) and restart the kernel's peak-RSS mark (VmHWM)
+    at the current RSS, so the next peak is this step's own; returns that RSS (MiB)."""
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
 
 
 # ------------------------------------------------------------- shared: random checkpoint, diffusers configs
@@ -149,12 +236,13 @@ def write_diffusers_config(root):
 
 
 class Context:
-    """What the benchmarks share: parsed arguments, the temp dir, and the checkpoint written on first use."""
+    """What the benchmarks share: arguments, preset, dtypes, the temp dir, the checkpoint written on first
+    use, and the one in-process comparison per dtype (run on first use, for every IN_PROCESS part chosen)."""
 
-    def __init__(self, args, tmp):
-        self.args, self.tmp, self._ckpt, self._config = args, tmp, args.checkpoint, None
-        self.have_diffusers = subprocess.run([sys.executable, "-c", "import diffusers"],
-                                             capture_output=True).returncode == 0
+    def __init__(self, args, preset, dtypes, chosen, tmp):
+        self.args, self.preset, self.dtypes, self.chosen, self.tmp = args, preset, dtypes, chosen, tmp
+        self._ckpt, self._config, self._compared = args.checkpoint, None, {}
+        self.libs = [lib for lib in LIBS if lib == "minidiff" or versions()["diffusers"]]
 
     def checkpoint(self):
         if self._ckpt is None:
@@ -172,44 +260,226 @@ class Context:
             write_diffusers_config(self._config)
         return self._config
 
+    def compare(self, dtype):
+        """unet / vae / restore figures in `dtype`, from one worker process that holds both libraries."""
+        if dtype not in self._compared:
+            p = self.preset
+            self._compared[dtype] = self.run(
+                "compare", dtype=dtype, libs=self.libs, parts=[b for b in IN_PROCESS if b in self.chosen],
+                ckpt=self.checkpoint(), config=self.diffusers_config(), unet=p["unet"], vae=p["vae"],
+                restore=p["restore"], runs=self.args.runs, warmup=self.args.warmup,
+                restore_runs=self.args.restore_runs, seed=self.args.seed)
+        return self._compared[dtype]
+
     def run(self, worker, **kw):
-        """Run one worker in a fresh interpreter; return its result dict (the last stdout line, JSON)."""
-        kw.update(threads=self.args.threads, tmp=self.tmp)
+        """Run one worker in a fresh interpreter (its progress lines go straight to the terminal); return the
+        dict it wrote as JSON."""
+        kw.update(threads=self.args.threads, tmp=self.tmp,
+                  out=os.path.join(self.tmp, f"{worker}-result.json"))
         python = kw.pop("python", None) or sys.executable  # features: reference side in the oracle env
         cmd = [python, os.path.abspath(__file__), WORKER_FLAG, worker, json.dumps(kw)]
-        env = {**os.environ, **(MALLOC_TUNED if self.args.malloc_tuned else {})}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
-        if proc.returncode != 0:  # a CheckpointError comes back as one line, anything else with a traceback
-            err = proc.stderr.strip() or "?"
-            raise RuntimeError(f"{worker} ({kw.get('lib')}) failed: "
-                               + (err[-3000:] if "Traceback" in err else err.splitlines()[-1]))
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, timeout=3 * 3600)
+        if proc.returncode != 0:  # the worker printed its error (one line for a CheckpointError)
+            raise RuntimeError(f"the {worker} worker ({kw.get('lib') or kw.get('dtype')}) exited with "
+                               f"{proc.returncode}")
+        with open(kw["out"]) as f:
+            return json.load(f)
 
 
-# ------------------------------------------------------------- workers (each runs in its own process)
+# ------------------------------------------------------------- in one process: unet, vae, restore
 
-def _rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+def load_pair(kw, dtype):
+    """Both libraries' networks from the same single file in `dtype` -> {lib: {name: network}}."""
+    import minidiff
+    nets = {"minidiff": {"sd": minidiff.load_stable_diffusion(kw["ckpt"], dtype=dtype)}}
+    if "diffusers" in kw["libs"]:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        opts = dict(config=kw["config"], local_files_only=True, torch_dtype=dtype)
+        nets["diffusers"] = {
+            "unet": UNet2DConditionModel.from_single_file(kw["ckpt"], subfolder="unet", **opts).eval(),
+            "vae": AutoencoderKL.from_single_file(kw["ckpt"], subfolder="vae", **opts).eval()}
+    return nets
 
 
-def _peak_rss_mb():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def unet_flops(cfg, size, tokens):
+    """FLOPs of one UNet forward (batch 1), counted on the meta device: no memory, no time."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from minidiff.unet import UNet
+    with torch.device("meta"):
+        unet = UNet(cfg)
+        x, context = torch.empty(1, 4, size, size), torch.empty(1, tokens, cfg.context_dim)
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.tensor([500]), context)
+    return counter.get_total_flops()
+
+
+def measure_unet(nets, kw, dtype):
+    """Warm median of one UNet forward per (latent size, context tokens), the libraries in turns."""
+    import torch
+    out = {}
+    sd = nets["minidiff"]["sd"]
+    for size, tokens in kw["unet"]:
+        g = torch.Generator().manual_seed(kw["seed"])
+        x = torch.randn(1, 4, size, size, generator=g).to(dtype)  # latents [1, 4, s, s]
+        context = torch.randn(1, tokens, sd.unet.cfg.context_dim, generator=g).to(dtype)  # [1, n, 768]
+        t = torch.tensor([500])
+        fns = {"minidiff": lambda: sd.unet(x, t, context)}
+        if "diffusers" in nets:
+            ref = nets["diffusers"]["unet"]
+            fns["diffusers"] = lambda: ref(x, t, encoder_hidden_states=context).sample
+        r, last = alternate(fns, kw["runs"], kw["warmup"])
+        out[f"{size}x{tokens}"] = {"size": size, "tokens": tokens, "times_s": r,
+                                   "flops": unet_flops(sd.unet.cfg, size, tokens),
+                                   "max_diff": _max_diff(last)}
+        print(f"  unet {size}x{size}/{tokens} {kw['dtype']}: {_medians(r)}; max|eps diff| "
+              f"{out[f'{size}x{tokens}']['max_diff']}", flush=True)
+    return out
+
+
+def measure_vae(nets, kw, dtype):
+    """Warm medians of VAE encode (to the posterior mean) and decode at kw["vae"] pixels square."""
+    import torch
+    import torch.nn.functional as F
+    s, vae = kw["vae"], nets["minidiff"]["sd"].vae
+    g = torch.Generator().manual_seed(kw["seed"])
+    image = F.interpolate(torch.rand(1, 3, s // 16, s // 16, generator=g) * 2 - 1, size=(s, s),
+                          mode="bicubic").clamp(-1, 1).to(dtype)  # a smooth photo-alike [1, 3, s, s]
+    z = torch.randn(1, 4, s // 8, s // 8, generator=g).to(dtype)  # unscaled latents [1, 4, s/8, s/8]
+    parts = {"encode": {"minidiff": lambda: vae.encode(image)[0]},
+             "decode": {"minidiff": lambda: vae.decode(z)}}
+    if "diffusers" in nets:
+        ref = nets["diffusers"]["vae"]
+        parts["encode"]["diffusers"] = lambda: ref.encode(image).latent_dist.mode()
+        parts["decode"]["diffusers"] = lambda: ref.decode(z).sample
+    out = {}
+    for name, fns in parts.items():
+        r, last = alternate(fns, kw["runs"], kw["warmup"])
+        out[name] = {"size": s, "times_s": r, "max_diff": _max_diff(last)}
+        print(f"  vae {name} {s}x{s} {kw['dtype']}: {_medians(r)}; max|diff| {out[name]['max_diff']}",
+              flush=True)
+    return out
+
+
+def restore_models(nets, kw, dtype):
+    """Full-size random CLIP ViT-L/14 vision and one derain plugin per library, the SAME weight tensors
+    (minidiff's built from the reference's state dicts through weights.py's renames, no copy)."""
+    from dataclasses import replace
+    import torch
+    from minidiff.clip import CLIP_VISION_L14, CLIPVisionModel
+    from minidiff.plugin import SCB, TPB, TaskPlugin
+    from minidiff.plugin_files import build_plugin
+    from minidiff.weights import CLIP_IGNORED, load_strict, scb_from_diffusers
+    torch.manual_seed(kw["seed"] + 2)
+    if "diffusers" not in nets:  # minidiff alone: its own random init
+        nets["minidiff"].update(clip=CLIPVisionModel(CLIP_VISION_L14).to(dtype).eval(),
+                                plugin=TaskPlugin("derain", TPB(), SCB()).to(dtype).eval())
+        return
+    import official_oracle as oracle
+    from transformers import CLIPVisionConfig, CLIPVisionModel as RefCLIP
+    clip = RefCLIP(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                    num_attention_heads=16, patch_size=14, hidden_act="quick_gelu"))
+    tpb, scb = oracle.RefTPB(1024, 768), oracle.RefSCB(320, 8, 768)  # the official sizes, default init
+    clip, tpb, scb = (m.to(dtype).eval() for m in (clip, tpb, scb))
+    with torch.device("meta"):
+        mini_clip = CLIPVisionModel(replace(CLIP_VISION_L14, projection=None))  # CLIPVisionModel: none
+    nets["minidiff"].update(
+        clip=load_strict(mini_clip, clip.state_dict(), "CLIP vision", ignore=CLIP_IGNORED).eval(),
+        plugin=build_plugin("derain", tpb.state_dict(), scb_from_diffusers(scb.state_dict()), 8))
+    for m in (clip, nets["diffusers"]["vae"].encoder, nets["diffusers"]["vae"].post_quant_conv,
+              nets["diffusers"]["unet"], scb):
+        _cast_inputs(m, dtype)
+    nets["diffusers"].update(clip=clip, plugin=("derain", tpb, scb))
+
+
+def _cast_inputs(module, dtype):
+    """Cast a module's floating-point inputs to `dtype` at its door, as infer.py does with weight_dtype (the
+    oracle loop is written for fp32: its pixels, noise and zero mid residual are fp32 tensors)."""
+    import torch
+
+    def cast(v):
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    module.register_forward_pre_hook(
+        lambda m, args, kwargs: (tuple(map(cast, args)), {k: cast(v) for k, v in kwargs.items()}),
+        with_kwargs=True)
+
+
+def measure_restore(nets, kw, dtype):
+    """Wall time and peak RSS above the start of one Diff-Plugin restore (UniPC, kw steps), in turns."""
+    import numpy as np
+    from PIL import Image
+    from minidiff.plugin import restore
+    size, steps = kw["restore"]
+    rng = np.random.default_rng(kw["seed"])
+    photo = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).resize((size, size))
+    m = nets["minidiff"]
+    fns = {"minidiff": lambda: restore(m["sd"], m["clip"], [m["plugin"]], photo, steps=steps,
+                                       clip_image=photo, progress=False)}
+    if "diffusers" in nets:
+        import official_oracle as oracle
+        d = nets["diffusers"]
+        fns["diffusers"] = lambda: oracle.official_restore(d["unet"], d["vae"], d["clip"], [d["plugin"]],
+                                                           photo, photo, steps=steps)
+    times, peaks, images = {lib: [] for lib in fns}, {lib: [] for lib in fns}, {}
+    for i in range(kw["restore_runs"]):  # no warm-up: the unet and vae parts ran these shapes before
+        for lib in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+            base = _reset_peak_mb()
+            t = time.perf_counter()
+            images[lib] = np.asarray(fns[lib](), dtype=np.int16)
+            times[lib].append(time.perf_counter() - t)
+            peaks[lib].append(_status_mb("VmHWM") - base)
+    diff = int(np.abs(images["minidiff"] - images["diffusers"]).max()) if len(images) == 2 else None
+    print(f"  restore {size}x{size}, {steps} steps: {_medians(times)}; max pixel diff {diff}", flush=True)
+    return {"size": size, "steps": steps, "times_s": times, "peak_above_start_mb": peaks,
+            "max_pixel_diff": diff}
+
+
+def _max_diff(outputs):
+    """max |minidiff - diffusers| of the two outputs (same weights and inputs: a sanity check)."""
+    if len(outputs) < 2:
+        return None
+    return (outputs["minidiff"].float() - outputs["diffusers"].float()).abs().max().item()
+
+
+def _medians(times):
+    return ", ".join(f"{lib} {median(t):.3f} s" for lib, t in times.items())
+
+
+MEASURES = {"unet": measure_unet, "vae": measure_vae, "restore": measure_restore}
+
+
+def worker_compare(kw):
+    """Load both libraries in kw["dtype"] from the same file, then measure kw["parts"] in this process."""
+    import torch
+    dtype = getattr(torch, DTYPES[kw["dtype"]])
+    t = time.perf_counter()
+    nets = load_pair(kw, dtype)
+    if "restore" in kw["parts"]:
+        restore_models(nets, kw, dtype)
+    print(f"[{kw['dtype']}] networks ready ({time.perf_counter() - t:.0f} s, "
+          f"{torch.get_num_threads()} threads)", flush=True)
+    out = {}
+    with torch.inference_mode():
+        for part in kw["parts"]:
+            out[part] = MEASURES[part](nets, kw, dtype)
+    out["process_peak_rss_mb"] = _status_mb("VmHWM")  # no reset before: the peak of the whole process
+    return out
 
 
 def worker_load(kw):
-    """Load the whole pipeline from the single file: time, memory (peak RSS, and RSS after the imports)."""
+    """Load the whole pipeline from the single file in a fresh process: time, first read of every weight,
+    first UNet forward (64x64 latents, 77 tokens: kernels not warm), peak RSS."""
     import torch
+    dtype = getattr(torch, DTYPES[kw["dtype"]])
     if kw["lib"] == "minidiff":
         import minidiff
-        load = lambda: minidiff.load_stable_diffusion(kw["ckpt"], dtype=torch.float32)  # noqa: E731
+        load = lambda: minidiff.load_stable_diffusion(kw["ckpt"], dtype=dtype)  # noqa: E731
     else:
         from diffusers import StableDiffusionPipeline
         load = lambda: StableDiffusionPipeline.from_single_file(  # noqa: E731
-            kw["ckpt"], config=kw["config"], local_files_only=True, torch_dtype=torch.float32,
+            kw["ckpt"], config=kw["config"], local_files_only=True, torch_dtype=dtype,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     t = time.perf_counter()
     pipe = load()
     seconds = time.perf_counter() - t
@@ -219,158 +489,93 @@ def worker_load(kw):
     modules = [m for m in parts if isinstance(m, torch.nn.Module)]
     tensors = [v for m in modules for v in m.state_dict().values()]
     checksum = sum(float(v.flatten()[::1024].double().sum()) for v in tensors)
-    return {"seconds": seconds, "ready_seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(),
-            "import_rss_mb": base, "modules": len(modules), "tensors": len(tensors), "checksum": checksum}
-
-
-def worker_unet(kw):
-    """UNet from the single file; time forward passes on fixed inputs; save eps for a cross-check."""
-    import torch
-    if kw["lib"] == "minidiff":
-        from minidiff.unet import UNet, UNetConfig
-        from minidiff.weights import load_strict, read_state_dict
-        with torch.device("meta"):
-            unet = UNet(UNetConfig())
-        unet = load_strict(unet, read_state_dict(kw["ckpt"], "model.diffusion_model."), "UNet")
-        forward = lambda x, t, c: unet(x, t, c)  # noqa: E731
-    else:
-        from diffusers import UNet2DConditionModel
-        unet = UNet2DConditionModel.from_single_file(kw["ckpt"], config=kw["config"], subfolder="unet",
-                                                     local_files_only=True, torch_dtype=torch.float32).eval()
-        forward = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+    ready = time.perf_counter() - t
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, kw["size"], kw["size"], generator=g)  # latents [1, 4, 64, 64]
-    context = torch.randn(1, 77, 768, generator=g)  # text hidden states [1, 77, 768]
-    t = torch.tensor([500])
-    times, cpu = [], []
+    x = torch.randn(1, 4, 64, 64, generator=g).to(dtype)  # latents [1, 4, 64, 64]
+    context = torch.randn(1, 77, 768, generator=g).to(dtype)  # text hidden states [1, 77, 768]
     with torch.inference_mode():
-        for i in range(kw["warmup"] + kw["runs"]):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            eps = forward(x, t, context)
-            if i >= kw["warmup"]:  # wall time, and CPU time of all threads (steadier on a busy machine)
-                times.append(time.perf_counter() - start)
-                cpu.append(time.process_time() - start_cpu)
-    out = os.path.join(kw["tmp"], f"eps-{kw['lib']}.pt")
-    torch.save(eps.clone(), out)
-    return {"times_s": times, "cpu_s": cpu, "eps": out, "threads": torch.get_num_threads()}
+        t = time.perf_counter()
+        if kw["lib"] == "minidiff":
+            pipe.unet(x, torch.tensor([500]), context)
+        else:
+            pipe.unet(x, torch.tensor([500]), encoder_hidden_states=context)
+        first = time.perf_counter() - t
+    return {"seconds": seconds, "ready_seconds": ready, "first_forward_s": first,
+            "peak_rss_mb": _status_mb("VmHWM"), "import_rss_mb": base, "modules": len(modules),
+            "tensors": len(tensors), "checksum": checksum}
 
 
-def worker_plugin(kw):
-    """One Diff-Plugin restore (UniPC, kw steps) of a size x size photo with full-size random networks, fp32.
-
-    minidiff: minidiff.plugin.restore. diffusers: the official loop rebuilt from diffusers + transformers in
-    tools/official_oracle.py (the parity tests' reference). Timing only: each side draws its own random
-    weights.
-    """
-    import numpy as np
-    import torch
-    from PIL import Image
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    photo = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).resize((kw["size"],) * 2)
-    if kw["lib"] == "minidiff":
-        from minidiff.clip import CLIP_VISION_L14, CLIPVisionModel
-        from minidiff.plugin import SCB, TPB, TaskPlugin, restore
-        from minidiff.unet import UNet, UNetConfig
-        from minidiff.vae import AutoencoderKL, VAEConfig
-        from minidiff.loading import StableDiffusion
-        sd = StableDiffusion(None, None, UNet(UNetConfig()).eval(), AutoencoderKL(VAEConfig()).eval())
-        clip, plugin = CLIPVisionModel(CLIP_VISION_L14).eval(), TaskPlugin("derain", TPB(), SCB()).eval()
-        run = lambda: restore(sd, clip, [plugin], photo, steps=kw["steps"], clip_image=photo,  # noqa: E731
-                              progress=False)
-    else:
-        import official_oracle as oracle  # tools/, beside this file
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).eval()  # SD 1.x sizes
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512),
-                            down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2).eval()
-        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096,
-                                                num_hidden_layers=24, num_attention_heads=16, patch_size=14,
-                                                hidden_act="quick_gelu")).eval()
-        plugin = ("derain", oracle.RefTPB(1024, 768).eval(), oracle.RefSCB(320, 8, 768).eval())
-        run = lambda: oracle.official_restore(unet, vae, clip, [plugin], photo, photo,  # noqa: E731
-                                              steps=kw["steps"])
-    t = time.perf_counter()
-    with torch.inference_mode():
-        run()
-    return {"seconds": time.perf_counter() - t, "peak_rss_mb": _peak_rss_mb(),
-            "threads": torch.get_num_threads()}
+WORKERS = {"compare": worker_compare, "load": worker_load}
 
 
-WORKERS = {"load": worker_load, "unet": worker_unet, "plugin": worker_plugin}
+# ------------------------------------------------------------- benchmarks: rows of the table
 
-
-# ------------------------------------------------------------- benchmarks (one function each)
-
-def libraries(ctx):
-    return ["minidiff"] + (["diffusers"] if ctx.have_diffusers else [])
+def row(bench, figure, values, unit="s", dtype=None, flops=None):
+    """One table row: {lib: value} (None where a library was not measured); flops only for UNet rows."""
+    return {"bench": bench, "figure": figure, "unit": unit, "dtype": dtype, "flops": flops,
+            **{lib: values.get(lib) for lib in LIBS}}
 
 
 def bench_unet(ctx):
-    a = ctx.args
-    res = {lib: {"times_s": [], "cpu_s": []} for lib in libraries(ctx)}
-    for _ in range(a.rounds):  # alternate the libraries, so a change in machine load hits both alike
-        for lib in res:
-            r = ctx.run("unet", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config(),
-                        size=a.latent_size, warmup=a.warmup, runs=a.runs)
-            res[lib].update(r, **{k: res[lib][k] + r[k] for k in ("times_s", "cpu_s")})
-    for r in res.values():
-        r["median_s"], r["median_cpu_s"] = (sorted(r[k])[len(r[k]) // 2] for k in ("times_s", "cpu_s"))
-    size = f"{a.latent_size}x{a.latent_size}"
-    rows = [("unet", f"forward {size} fp32, wall (median s)",
-             res["minidiff"]["median_s"], res.get("diffusers", {}).get("median_s")),
-            ("unet", f"forward {size} fp32, CPU time (median s)",
-             res["minidiff"]["median_cpu_s"], res.get("diffusers", {}).get("median_cpu_s"))]
-    if "diffusers" in res:  # same weights and inputs: the outputs agree (a sanity check, not a parity test)
-        import torch
-        e = [torch.load(res[lib]["eps"], weights_only=True) for lib in ("minidiff", "diffusers")]
-        print(f"unet: max|eps diff| minidiff vs diffusers {(e[0] - e[1]).abs().max().item():.2e} "
-              f"(max|eps| {e[1].abs().max().item():.2e}); threads {res['minidiff']['threads']}")
-    return rows, res
+    rows, raw = [], {}
+    for dtype in ctx.dtypes:
+        raw[dtype] = r = ctx.compare(dtype)["unet"]
+        for m in r.values():
+            rows.append(row("unet", f"UNet forward {m['size']}x{m['size']} latents, {m['tokens']} tokens, "
+                            f"{dtype}, warm median (s)", _med(m["times_s"]), dtype=dtype, flops=m["flops"]))
+    return rows, raw
+
+
+def bench_vae(ctx):
+    rows, raw = [], {}
+    for dtype in ctx.dtypes:
+        raw[dtype] = r = ctx.compare(dtype)["vae"]
+        for name, m in r.items():
+            rows.append(row("vae", f"VAE {name} {m['size']}x{m['size']}, {dtype}, warm median (s)",
+                            _med(m["times_s"]), dtype=dtype))
+    return rows, raw
+
+
+def bench_restore(ctx):
+    rows, raw = [], {}
+    for dtype in ctx.dtypes:
+        raw[dtype] = m = ctx.compare(dtype)["restore"]
+        what = f"Diff-Plugin restore {m['size']}x{m['size']}, {m['steps']} steps, {dtype}"
+        rows += [row("restore", f"{what} (s)", _med(m["times_s"]), dtype=dtype),
+                 row("restore", f"{what}, peak RSS above start (MiB)",
+                     {lib: max(v) for lib, v in m["peak_above_start_mb"].items()}, unit="MiB", dtype=dtype)]
+    return rows, raw
 
 
 def bench_load(ctx):
-    res = {lib: [] for lib in libraries(ctx)}
-    for _ in range(ctx.args.load_repeats):  # alternate the libraries so both see a warm page cache
-        for lib in res:
-            res[lib].append(ctx.run("load", lib=lib, ckpt=ctx.checkpoint(), config=ctx.diffusers_config()))
-    fig = {lib: {"seconds": min(r["seconds"] for r in runs),
-                 "ready_seconds": min(r["ready_seconds"] for r in runs),
-                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                 "import_rss_mb": min(r["import_rss_mb"] for r in runs)} for lib, runs in res.items()}
-    sums = {lib: runs[0]["checksum"] for lib, runs in res.items()}
-    print(f"load: checksum of every 1024th weight value {sums} (equal: the same weights loaded)")
-    d = fig.get("diffusers", {})
-    rows = [("load", "load call, best of runs (s)", fig["minidiff"]["seconds"], d.get("seconds")),
-            ("load", "load + read every weight, best (s)", fig["minidiff"]["ready_seconds"],
-             d.get("ready_seconds")),
-            ("load", "peak RSS (MiB)", fig["minidiff"]["peak_rss_mb"], d.get("peak_rss_mb")),
-            ("load", "peak RSS minus RSS after imports (MiB)",
-             fig["minidiff"]["peak_rss_mb"] - fig["minidiff"]["import_rss_mb"],
-             d["peak_rss_mb"] - d["import_rss_mb"] if d else None)]
-    return rows, {"runs": res, "summary": fig}
+    from minidiff.unet import UNetConfig
+    rows, raw = [], {}
+    for dtype in ctx.dtypes:
+        runs = {lib: [] for lib in ctx.libs}
+        for _ in range(ctx.args.load_repeats):  # alternate the libraries so both see a warm page cache
+            for lib in runs:
+                runs[lib].append(ctx.run("load", lib=lib, dtype=dtype, ckpt=ctx.checkpoint(),
+                                         config=ctx.diffusers_config()))
+        best = lambda key: {lib: min(r[key] for r in rs) for lib, rs in runs.items()}  # noqa: E731
+        print(f"load {dtype}: checksum of every 1024th weight value "
+              f"{ {lib: rs[0]['checksum'] for lib, rs in runs.items()} } (equal: the same weights)")
+        raw[dtype] = runs
+        rows += [row("load", f"load SD-1.5 single file, {dtype}, best (s)", best("seconds"), dtype=dtype),
+                 row("load", f"load + read every weight, {dtype}, best (s)", best("ready_seconds"),
+                     dtype=dtype),
+                 row("load", f"UNet first forward 64x64, 77 tokens, {dtype}, fresh process (s)",
+                     best("first_forward_s"), dtype=dtype, flops=unet_flops(UNetConfig(), 64, 77)),
+                 row("load", f"peak RSS: load + first forward, {dtype} (MiB)",
+                     {lib: max(r["peak_rss_mb"] for r in rs) for lib, rs in runs.items()}, unit="MiB",
+                     dtype=dtype)]
+    return rows, raw
 
 
-def bench_plugin(ctx):
-    """Wall time of one 20-step Diff-Plugin restore of a 512x512 photo, CPU fp32, minidiff vs the diffusers
-    loop."""
-    a, res = ctx.args, {lib: [] for lib in libraries(ctx)}
-    for _ in range(a.rounds):
-        for lib in res:
-            res[lib].append(ctx.run("plugin", lib=lib, size=a.plugin_size, steps=a.plugin_steps))
-    best = {lib: min(r["seconds"] for r in runs) for lib, runs in res.items()}
-    peak = {lib: max(r["peak_rss_mb"] for r in runs) for lib, runs in res.items()}
-    label = f"restore {a.plugin_size}x{a.plugin_size}, {a.plugin_steps} steps"
-    return [("plugin", f"{label}, wall (best s)", best["minidiff"], best.get("diffusers")),
-            ("plugin", f"{label}, peak RSS (MiB)", peak["minidiff"], peak.get("diffusers"))], res
+def _med(times):
+    return {lib: median(t) for lib, t in times.items()}
 
 
-BENCHMARKS = {"unet": bench_unet, "load": bench_load, "plugin": bench_plugin}
-
-
-# ------------------------------------------------------------- features (M): FID/KID feature extraction
+# ------------------------------------------------------------- features: FID/KID feature extraction
 
 def write_feature_images(folder, n, seed=0):
     """n smooth random 512x384 PNG photos-alike (upsampled noise), the same files for every library."""
@@ -454,41 +659,18 @@ def bench_features(ctx):
               + (f"{r[ref]['images_per_s']:.2f}" if ref in r else "n/a (MINIDIFF_ORACLE_PYTHON unset)")
               + f" ({a.feature_images} images 512x384, batch {a.feature_batch}, "
                 f"{r['minidiff']['threads']} threads)")
-        rows.append(("features", f"{feature} s/image (ref: {ref})", 1 / r["minidiff"]["images_per_s"],
-                     1 / r[ref]["images_per_s"] if ref in r else None))
+        rows.append(row("features", f"{feature} features, s/image (diffusers column: {ref})",
+                        {"minidiff": 1 / r["minidiff"]["images_per_s"],
+                         "diffusers": 1 / r[ref]["images_per_s"] if ref in r else None}))
     return rows, res
-
-
-WORKERS["features"] = worker_features
-BENCHMARKS["features"] = bench_features
 
 
 # ------------------------------------------------------------- train: one Task-Plugin training step
 
-TRAIN_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-# forward regions labelled in the profile (module attribute paths, the same for both libraries' objects)
-TRAIN_REGIONS = ("vae.encoder", "clip", "tpb", "scb", "unet")
 # op-name fragments -> category, first match wins (self CPU time of aten ops, forward and backward)
 OP_KINDS = (("attention", ("scaled_dot_product", "flash_attention", "softmax", "baddbmm", "bmm")),
             ("convolution", ("conv",)), ("matmul", ("addmm", "aten::mm", "matmul", "linear")),
             ("norm", ("group_norm", "layer_norm")))
-
-
-def _status_mb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
-
-
-def _reset_peak_mb():
-    """Hand freed memory back to the OS (glibc malloc_trim) and restart the kernel's peak-RSS mark (VmHWM)
-    at the current RSS, so the next peak is this step's own; returns that RSS (MiB)."""
-    import ctypes
-    import gc
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mb("VmRSS")
 
 
 def _train_reference(seed):
@@ -601,8 +783,8 @@ def worker_train(kw):
     batch = {"degraded": photos[0], "clean": photos[1], "noise": torch.randn(1, 4, lat, lat, generator=g),
              "t": torch.tensor([500]), "latent_noise": torch.randn(1, 4, lat, lat,
                                                                  generator=torch.Generator().manual_seed(1))}
-    for name in sorted(kw["dtypes"], key=list(TRAIN_DTYPES).index):  # fp32 first: cast down, never up
-        dtype = getattr(torch, TRAIN_DTYPES[name])
+    for name in sorted(kw["dtypes"], key=list(DTYPES).index):  # fp32 first: cast down, never up
+        dtype = getattr(torch, DTYPES[name])
         for m in ref.values():
             m.to(dtype)
         sd, clip, plugin, tpb, scb, libs = _train_pair(ref, kw["seed"])
@@ -634,27 +816,25 @@ def worker_train(kw):
                                        for p in m.parameters()) / 2**20
         out[name] = res
         del sd, clip, plugin, tpb, scb, libs, mods, frozen, step
-    out["threads"], out["process_peak_rss_mb"] = torch.get_num_threads(), _peak_rss_mb()
+    out["threads"], out["process_peak_rss_mb"] = torch.get_num_threads(), _status_mb("VmHWM")
     return out
 
 
 def bench_train(ctx):
-    """Images/s and peak memory of one Task-Plugin training step, minidiff vs the official step rebuilt
-    from diffusers + transformers, alternating in one process; a profile of where the time goes."""
+    """One Task-Plugin training step, minidiff vs the official step rebuilt from diffusers + transformers,
+    alternating in one process on the same frozen weights; a profile of where the time goes."""
     a = ctx.args
-    if not ctx.have_diffusers:
+    if "diffusers" not in ctx.libs:
         raise RuntimeError("the train benchmark needs diffusers + transformers (the reference step)")
-    r = ctx.run("train", size=a.train_size, dtypes=a.train_dtypes.split(","), steps=a.train_steps,
-                warmup=a.train_warmup, profile=not a.no_train_profile, seed=a.seed)
-    rows, s = [], f"{a.train_size}x{a.train_size} b1"
-    for name in (d for d in TRAIN_DTYPES if d in r):
+    size = ctx.preset["train"]
+    r = ctx.run("train", size=size, dtypes=ctx.dtypes, steps=a.train_steps, warmup=a.train_warmup,
+                profile=not a.no_train_profile, seed=a.seed)
+    rows = []
+    for name in ctx.dtypes:
         m, d = r[name]["minidiff"], r[name]["diffusers"]
-        times = " / ".join(", ".join(f"{t:.1f}" for t in x["times_s"]) for x in (m, d))
-        print(f"train {name}: images/s minidiff {m['images_per_s']:.4f}, diffusers {d['images_per_s']:.4f} "
-              f"(wall s per step: {times}); first loss {m['warmup_loss'][0]:.6f} / "
-              f"{d['warmup_loss'][0]:.6f} (same weights and inputs); frozen weights "
-              f"{r[name]['frozen_weights_mb']:.0f} MiB shared by both; {r['threads']} threads; process peak "
-              f"RSS (both libraries' steps, one copy of the weights) {r['process_peak_rss_mb']:.0f} MiB")
+        print(f"train {name}: first loss {m['warmup_loss'][0]:.6f} / {d['warmup_loss'][0]:.6f} (same weights "
+              f"and inputs); frozen weights {r[name]['frozen_weights_mb']:.0f} MiB shared by both; process "
+              f"peak RSS {r['process_peak_rss_mb']:.0f} MiB")
         for lib, x in (("minidiff", m), ("diffusers", d)):
             if "profile" in x:
                 p = x["profile"]
@@ -665,80 +845,149 @@ def bench_train(ctx):
                 top = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in list(p["top_ops_ms"].items())[:5])
                 print(f"  profile {name} {lib} (s, regions include children): {parts}\n"
                       f"    self time by kind: {kinds}\n    top ops (s): {top}")
-        rows += [("train", f"step {s} {name}, wall s/image (median)", m["median_s"], d["median_s"]),
-                 ("train", f"step {s} {name}, CPU s/image (median)", m["median_cpu_s"], d["median_cpu_s"]),
-                 ("train", f"step {s} {name}, peak RSS above pre-step (MiB)", max(m["step_peak_mb"]),
-                  max(d["step_peak_mb"]))]
+        what = f"training step {size}x{size}, batch 1, {name}"
+        rows += [row("train", f"{what}, median (s)", {"minidiff": m["median_s"], "diffusers": d["median_s"]},
+                     dtype=name),
+                 row("train", f"{what}, peak RSS above pre-step (MiB)",
+                     {lib: max(x["step_peak_mb"]) for lib, x in (("minidiff", m), ("diffusers", d))},
+                     unit="MiB", dtype=name)]
     return rows, r
 
 
-WORKERS["train"] = worker_train
-BENCHMARKS["train"] = bench_train
+WORKERS.update(train=worker_train, features=worker_features)
+BENCHMARKS = {"unet": bench_unet, "vae": bench_vae, "restore": bench_restore, "train": bench_train,
+              "load": bench_load, "features": bench_features}
+DEFAULT = ("unet", "vae", "restore", "train", "load")  # features: only with --only (another environment)
+
+
+# ------------------------------------------------------------- the table
+
+def ratio(r):
+    """minidiff / diffusers, or None when a column is empty."""
+    return r["minidiff"] / r["diffusers"] if r["minidiff"] is not None and r["diffusers"] else None
+
+
+def peak_share(r, lib, gemm):
+    """The fraction of the machine's GEMM peak (GFLOP/s, in the row's dtype) that a UNet row reaches."""
+    if not r["flops"] or r[lib] is None or r["dtype"] not in gemm:
+        return None
+    return r["flops"] / r[lib] / (gemm[r["dtype"]] * 1e9)
+
+
+def _number(v, unit):
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if unit == "MiB" else f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def format_table(rows, machine, gemm, gemm_n):
+    """The markdown table with a header naming the machine, and a footnote on how to read it."""
+    cpu, v = machine["cpu"], machine["versions"]
+    flags = ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in cpu["flags"].items())
+    lines = [f"minidiff vs diffusers {v['diffusers'] or '(not installed)'} / transformers "
+             f"{v['transformers'] or '(not installed)'} on {cpu['model']}: {cpu['logical_cpus']} logical "
+             f"CPUs, {machine['threads']} torch threads; torch {v['torch']}, Python {machine['python']}",
+             f"CPU flags: {flags}",
+             "GEMM peak (" + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in gemm.items())
+             + f"; median of a {gemm_n}x{gemm_n}x{gemm_n} matmul on {machine['threads']} threads)", "",
+             "| figure | minidiff | diffusers | ratio |", "|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for lib in LIBS:
+            share = peak_share(r, lib, gemm)
+            cells.append(_number(r[lib], r["unit"])
+                         + (f" = {100 * share:.0f}% of GEMM peak" if share is not None else ""))
+        q = ratio(r)
+        lines.append(f"| {r['figure']} | {cells[0]} | {cells[1]} | {'' if q is None else f'{q:.2f}'} |")
+    lines += ["", "ratio = minidiff / diffusers (below 1: minidiff faster or leaner). The diffusers column "
+              "of restore and train is the official Diff-Plugin code rebuilt from diffusers + transformers. "
+              "GEMM peak share = the UNet's FLOPs (torch.utils.flop_counter) / time / the GEMM peak in "
+              "that dtype."]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------- driver
 
-def print_table(rows):
-    print(f"\n{'benchmark':<10} {'metric':<42} {'minidiff':>10} {'diffusers':>10} {'ratio':>7}")
-    for bench, metric, mine, ref in rows:
-        ref_s = f"{ref:10.2f}" if ref is not None else f"{'n/a':>10}"
-        ratio = f"{mine / ref:7.2f}" if ref else f"{'':>7}"
-        print(f"{bench:<10} {metric:<42} {mine:10.2f} {ref_s} {ratio}")
-    print("ratio = minidiff / diffusers (below 1: minidiff is faster / leaner)")
-
-
 def main(argv=None):
+    cpu = cpu_info()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks to run")
+    p.add_argument("--only", default=",".join(DEFAULT),
+                   help=f"comma-separated benchmarks, from {', '.join(BENCHMARKS)}")
+    p.add_argument("--dtypes", default="fp32,bf16" if cpu["native_bf16"] else "fp32",
+                   help="network dtypes (bf16 by default only where the CPU has native bf16: "
+                        "avx512_bf16 or amx_bf16)")
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized: UNet at 32x32 latents only, VAE 256, restore 256 with 2 steps, train 128, "
+                        "one timed run")
+    p.add_argument("--runs", type=int,
+                   help="timed runs per library of each UNet / VAE figure (full: 3, quick: 1)")
+    p.add_argument("--warmup", type=int, help="untimed runs per library before them (full and quick: 1)")
+    p.add_argument("--restore-runs", type=int, default=1, help="timed restores per library and dtype")
+    p.add_argument("--threads", type=int, default=0, help="torch threads everywhere (0: torch's default)")
     p.add_argument("--checkpoint", help="SD-1.5 single file to load (default: random weights in a temp dir)")
-    p.add_argument("--runs", type=int, default=3, help="timed UNet forward passes (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed UNet forward passes first")
-    p.add_argument("--rounds", type=int, default=1, help="UNet / features processes per library, alternating")
-    p.add_argument("--latent-size", type=int, default=64, help="latent height and width (UNet forward)")
-    p.add_argument("--load-repeats", type=int, default=2, help="loads per library (best time, worst peak)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in workers (0: default)")
-    p.add_argument("--malloc-tuned", action="store_true",
-                   help="run both libraries' workers with the same glibc malloc settings (see MALLOC_TUNED)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoint")
-    p.add_argument("--plugin-size", type=int, default=512, help="plugin: photo height and width")
-    p.add_argument("--plugin-steps", type=int, default=20, help="plugin: UniPC steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--load-repeats", type=int, help="fresh load processes per library and dtype (full: 2, "
+                   "quick: 1): best time, worst peak")
+    p.add_argument("--train-steps", type=int, default=2, help="train: timed steps per library and dtype")
+    p.add_argument("--train-warmup", type=int, default=1, help="train: untimed steps first, per library")
+    p.add_argument("--no-train-profile", action="store_true", help="train: skip the profiled step")
+    p.add_argument("--rounds", type=int, default=1, help="features: processes per library, alternating")
     p.add_argument("--feature-images", type=int, default=32, help="features: images in the timed folder")
     p.add_argument("--feature-batch", type=int, default=16, help="features: batch size (both libraries)")
-    p.add_argument("--train-size", type=int, default=512, help="train: photo height and width (batch 1)")
-    p.add_argument("--train-dtypes", default="fp32,bf16", help="train: frozen-network dtypes (plugin: fp32)")
-    p.add_argument("--train-steps", type=int, default=2, help="train: timed steps per library and dtype")
-    p.add_argument("--train-warmup", type=int, default=2, help="train: untimed steps first, per library")
-    p.add_argument("--no-train-profile", action="store_true", help="train: skip the profiled step")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--json", help="also write the rows, the machine and every raw figure to this JSON file")
     args = p.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    for key in ("runs", "warmup", "load_repeats"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
-    bad = [b for b in chosen if b not in BENCHMARKS]
-    if bad or not chosen:
-        sys.exit(f"benchmark: unknown benchmark {bad} (choose from {', '.join(BENCHMARKS)})")
-    if any(d not in TRAIN_DTYPES for d in args.train_dtypes.split(",")):
-        sys.exit(f"benchmark: --train-dtypes: choose from {', '.join(TRAIN_DTYPES)}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not chosen or any(b not in BENCHMARKS for b in chosen):
+        p.error(f"--only: choose from {', '.join(BENCHMARKS)}")
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        p.error(f"--dtypes: choose from {', '.join(DTYPES)}")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
-        sys.exit(f"benchmark: {args.checkpoint}: no such file")
-    if min(args.runs, args.rounds, args.load_repeats) < 1 or args.warmup < 0:
-        sys.exit("benchmark: --runs, --rounds and --load-repeats must be >= 1, --warmup >= 0")
+        p.error(f"--checkpoint {args.checkpoint}: no such file")
+    if min(args.runs, args.restore_runs, args.load_repeats, args.train_steps, args.rounds) < 1 \
+            or min(args.warmup, args.train_warmup) < 0:
+        p.error("run and repeat counts must be >= 1, warm-up counts >= 0")
     print("benchmark:", vars(args), flush=True)
-    rows, figures = [], {"args": vars(args)}
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    gemm = {d: gemm_gflops(getattr(torch, DTYPES[d]), preset["gemm"]) for d in dtypes}
+    machine = {"cpu": cpu, "versions": versions(), "threads": torch.get_num_threads(),
+               "python": platform.python_version()}
+    print("GEMM peak:", {d: round(g) for d, g in gemm.items()}, "GFLOP/s", flush=True)
+    rows, raw, failed = [], {}, []
     with tempfile.TemporaryDirectory(prefix="minidiff-bench-") as tmp:
-        ctx = Context(args, tmp)
-        if not ctx.have_diffusers:
+        ctx = Context(args, preset, dtypes, chosen, tmp)
+        if "diffusers" not in ctx.libs:
             print("note: diffusers is not installed; only minidiff is measured")
-        for name in chosen:
+        for name in chosen:  # a failed benchmark is reported and skipped: the others still count
             try:
-                r, figures[name] = BENCHMARKS[name](ctx)
+                r, raw[name] = BENCHMARKS[name](ctx)
             except RuntimeError as e:
-                sys.exit(f"benchmark: {name}: {e}")
+                failed.append(f"benchmark: {name}: {e}")
+                print(failed[-1], file=sys.stderr, flush=True)
+                continue
             rows += r
-    print_table(rows)
+    minutes = (time.perf_counter() - start) / 60
+    print("\n" + format_table(rows, machine, gemm, preset["gemm"]))
+    print(f"\n(the whole run took {minutes:.1f} min)")
     if args.json:
+        for r in rows:
+            r["ratio"] = ratio(r)
+            r.update({f"{lib}_gemm_peak_share": peak_share(r, lib, gemm) for lib in LIBS})
+        doc = {"machine": machine, "gemm_gflops": gemm, "gemm_n": preset["gemm"], "minutes": minutes,
+               "args": vars(args), "rows": rows, "raw": raw}
         with open(args.json + ".tmp", "w") as f:
-            json.dump({"rows": rows, **figures}, f, indent=1)
+            json.dump(doc, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
+    if failed:
+        sys.exit("\n".join(failed))
 
 
 def _worker_main():
@@ -748,9 +997,11 @@ def _worker_main():
     if kw.get("threads"):
         torch.set_num_threads(kw["threads"])
     try:
-        print(json.dumps(WORKERS[name](kw)))
+        result = WORKERS[name](kw)
     except CheckpointError as e:  # a file that is not an SD-1.x checkpoint: one line, no traceback
         sys.exit(str(e))
+    with open(kw["out"], "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":
