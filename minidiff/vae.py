@@ -13,9 +13,15 @@ The diffusers names (down_blocks / up_blocks / mid_block / to_q ...) are a renam
     mean, logvar = vae.encode(images)              # images [B, 3, H, W] in [-1, 1] -> [B, 4, H//8, W//8]
     latents = LATENT_SCALE * mean                  # what the UNet sees (training samples mean + std * noise)
     images = vae.decode(latents / LATENT_SCALE)    # [B, 3, 8h, 8w], roughly in [-1, 1]
+
+Images over TILE_ABOVE pixels (and latents of such images) are encoded and decoded in overlapping tiles,
+blended where they overlap, so that the full-resolution activations of a big photo never exist at once; the
+algorithm is diffusers' AutoencoderKL.enable_tiling() (diffusers 0.35.2, models/autoencoders/autoencoder_kl.py,
+_tiled_encode / tiled_decode / blend_v / blend_h), whose result it reproduces.
 """
 from dataclasses import dataclass, replace
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -42,6 +48,57 @@ class VAEConfig:
 
 # A tiny configuration of the same architecture for fast tests (2 levels -> 2x downscale).
 TINY_VAE = replace(VAEConfig(), ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+
+# Tiling. Each tile is a whole network run, so GroupNorm statistics and the mid-block attention see one tile, not
+# the photo: a tiled result differs from the untiled one (tools/bench_memory.py measures by how much). Hence
+# tiling starts only above TILE_ABOVE pixels: every size the official demo produces (short side 512-1024, so up
+# to 1536x1024 for a 3:2 photo) stays untiled and bit-identical to diffusers' plain encode/decode, and above it
+# the VAE's peak memory stops growing with the photo (fp32 CPU, full-size SD-1.5 VAE, measured by
+# tools/bench_memory.py --vae-only: untiled decode 1 MP: MEASURE_1MP, 1.57 MP: MEASURE_15MP, 5.9 MP: MEASURE_6MP;
+# tiled, any size: MEASURE_TILED).
+TILE = 512  # tile side in image pixels (TILE // 8 = 64 latent cells): SD's training size, diffusers' default
+TILE_OVERLAP = 0.25  # fraction of a tile shared with the next one (diffusers' tile_overlap_factor)
+TILE_ABOVE = 1536 * 1024  # images (or latents of images) of more pixels than this go through tiles
+
+
+def blend(a, b, extent, dim):
+    """Fade tile `b`'s first `extent` rows (dim=2) or columns (dim=3) in from the last ones of its neighbour
+    `a` (above or left), linearly: weight i/extent on b, 1 - i/extent on a. Writes into b (diffusers' blend_v /
+    blend_h) and returns it."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent == 0:
+        return b
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    # weights in float64 then cast, as diffusers' Python-float factors: [1, 1, extent, 1] or [1, 1, 1, extent]
+    w = (torch.arange(extent, dtype=torch.float64) / extent).reshape(shape)
+    head, tail = b.narrow(dim, 0, extent), a.narrow(dim, a.shape[dim] - extent, extent)
+    head.copy_(tail * (1 - w).to(b.dtype) + head * w.to(b.dtype))
+    return b
+
+
+def tiled(fn, x, tile, out_tile, overlap=TILE_OVERLAP):
+    """Run `fn` (an encoder or decoder: [B, C, h, w] -> [B, C', h*s, w*s]) on `tile` x `tile` crops of x [B, C,
+    H, W] taken every int(tile * (1 - overlap)) cells, and put the outputs (`out_tile` side for a full tile)
+    back together: each output overlaps its upper and left neighbours by int(out_tile * overlap) cells, blended
+    (`blend`), then keeps its first out_tile - that many rows and columns. Edge crops are smaller."""
+    stride = int(tile * (1 - overlap))  # input cells between tile starts
+    extent = int(out_tile * overlap)  # output cells blended with the previous tile
+    keep = out_tile - extent  # output cells each tile contributes (= stride * scale for full tiles)
+    rows = [[fn(x[:, :, i:i + tile, j:j + tile]) for j in range(0, x.shape[3], stride)]
+            for i in range(0, x.shape[2], stride)]  # rows[i][j]: [B, C', <=out_tile, <=out_tile]
+    out_rows = []
+    for i, row in enumerate(rows):
+        for j in range(len(row)):
+            # blend in place and in this order, as diffusers: the left neighbour was already blended with
+            # the one above it
+            if i > 0:
+                blend(rows[i - 1][j], row[j], extent, dim=2)
+            if j > 0:
+                blend(row[j - 1], row[j], extent, dim=3)
+        out_rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))  # [B, C', <=keep, W']
+    return torch.cat(out_rows, dim=2)  # [B, C', H', W']
 
 
 def Normalize(channels):
@@ -212,17 +269,27 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.scale = 2 ** (len(cfg.ch_mult) - 1)  # image side / latent side: 8 for SD
+        # tile side (image pixels) and the image size in pixels above which tiles are used (0: always)
+        self.tile, self.tile_above = TILE, TILE_ABOVE
 
     def encode(self, x):
         """Images [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the posterior, each [B, z, H//8, W//8].
 
         A latent sample is mean + exp(0.5 * logvar) * noise; the posterior mode is `mean` (Diff-Plugin's SCB
         condition). logvar is clamped to [-30, 20] as CompVis' DiagonalGaussianDistribution does.
+        Images over `tile_above` pixels go through overlapping tiles (see TILE_ABOVE).
         """
-        moments = self.quant_conv(self.encoder(x))  # [B, 2z, h, w]
+        if x.shape[2] * x.shape[3] > self.tile_above:
+            moments = tiled(lambda t: self.quant_conv(self.encoder(t)), x, self.tile, self.tile // self.scale)
+        else:
+            moments = self.quant_conv(self.encoder(x))  # [B, 2z, h, w]
         mean, logvar = moments.chunk(2, dim=1)  # 2 x [B, z, h, w]
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z):
-        """Unscaled latents [B, z, h, w] (SD latents / LATENT_SCALE) -> images [B, 3, 8h, 8w], ~[-1, 1]."""
+        """Unscaled latents [B, z, h, w] (SD latents / LATENT_SCALE) -> images [B, 3, 8h, 8w], ~[-1, 1].
+        Latents of images over `tile_above` pixels go through overlapping tiles (see TILE_ABOVE)."""
+        if z.shape[2] * z.shape[3] * self.scale ** 2 > self.tile_above:
+            return tiled(lambda t: self.decoder(self.post_quant_conv(t)), z, self.tile // self.scale, self.tile)
         return self.decoder(self.post_quant_conv(z))

@@ -1,0 +1,96 @@
+"""Tests for the tiled VAE encode/decode of minidiff/vae.py (vae.tiled, vae.blend, AutoencoderKL's switch).
+
+Fast: below the size switch the result is bit-identical to the whole-image pass (and the switch is exact);
+tiled shapes on sizes that do not divide into tiles; the blend's weights.
+Parity (@pytest.mark.parity, needs diffusers): tiled encode (mean, logvar) and decode against diffusers'
+AutoencoderKL with enable_tiling() on the same weights (tiny config, small tiles, so many tiles and ragged
+edges), the algorithm minidiff reproduces.
+Slow (full-size SD-1.5 VAE, random weights): tiled against untiled on a photo where both fit: difference
+bounded, and no seams: the difference along the tile borders is no bigger than inside the tiles.
+Run: cd /work/main && python -m pytest tests/test_vae_tiling.py -q -s --runslow
+"""
+import pytest
+import torch
+
+from helpers import assert_close
+from test_vae import diffusers_vae, original_file
+from minidiff.loading import build_vae
+from minidiff.vae import TILE, TILE_ABOVE, TILE_OVERLAP, TINY_VAE, AutoencoderKL, VAEConfig, blend
+from minidiff.weights import read_state_dict
+
+WHOLE = 10**12  # vae.tile_above: never tile
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return AutoencoderKL(TINY_VAE).eval()  # 2 levels: latents are 1/2 of the image
+
+
+def smooth_image(h, w, seed=0):
+    """[1, 3, h, w] in [-1, 1]: bicubic-upscaled noise, a photo-like image without pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, max(2, h // 16), max(2, w // 16), generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def test_switch_is_exact_and_small_sizes_are_untouched():
+    vae = tiny_vae()
+    vae.tile = 16
+    x = smooth_image(24, 40)
+    with torch.no_grad():
+        vae.tile_above = WHOLE
+        mean, logvar = vae.encode(x)
+        image = vae.decode(mean)
+        vae.tile_above = 24 * 40  # exactly the image's pixels: still one whole pass, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(vae.encode(x), (mean, logvar)))
+        assert torch.equal(vae.decode(mean), image)  # latents of a 24x40 image: the same switch
+        vae.tile_above = 24 * 40 - 1  # one pixel fewer: tiles
+        assert not torch.equal(vae.encode(x)[0], mean) and not torch.equal(vae.decode(mean), image)
+    # the defaults: SD-1.5's 512 tiles, and every size the official demo makes (up to 1536x1024) untiled
+    assert (TILE, TILE_OVERLAP) == (512, 0.25) and TILE_ABOVE >= 1536 * 1024
+    assert vae.scale == 2 and len(VAEConfig().ch_mult) == 4  # SD: 8
+
+
+@pytest.mark.parametrize("h, w", [(40, 40), (52, 42), (16, 90)])
+def test_tiled_shapes_and_inputs_unmutated(h, w):
+    vae = tiny_vae()
+    vae.tile, vae.tile_above = 16, 0  # always tiles; 16 px tiles every 12 px, ragged last tiles
+    x = smooth_image(h, w)
+    x0 = x.clone()
+    with torch.no_grad():
+        mean, logvar = vae.encode(x)
+        z = mean.clone()
+        image = vae.decode(z)
+    assert mean.shape == logvar.shape == (1, 4, h // 2, w // 2) and image.shape == (1, 3, h // 2 * 2, w // 2 * 2)
+    assert torch.equal(x, x0) and torch.equal(z, mean), "tiled encode/decode modified an input"
+    assert torch.isfinite(image).all()
+
+
+def test_blend_weights():
+    a, b = torch.zeros(1, 1, 4, 8), torch.ones(1, 1, 4, 8)
+    out = blend(a, b, 4, dim=3)  # columns 0..3 of b fade in from a's last 4: weights 0, 1/4, 2/4, 3/4
+    assert out is b and torch.equal(b[0, 0, 0], torch.tensor([0, 0.25, 0.5, 0.75, 1, 1, 1, 1]))
+    b = torch.ones(1, 1, 2, 3)
+    blend(torch.zeros(1, 1, 6, 3), b, 4, dim=2)  # extent clipped to the smaller tile: 2 rows, weights 0, 1/2
+    assert torch.equal(b[0, 0, :, 0], torch.tensor([0, 0.5]))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("h, w", [(88, 72), (64, 100)])
+def test_parity_with_diffusers_tiling(tmp_path, h, w):
+    """Tiny config, 32 px tiles (16 latent cells, diffusers' tile_sample/latent_min_size): every tile, blend
+    and crop as diffusers' _tiled_encode / tiled_decode."""
+    pytest.importorskip("diffusers")
+    ref = diffusers_vae((32, 64), 1, seed=3)
+    vae = build_vae(read_state_dict(str(original_file(ref, tmp_path)), "first_stage_model."))
+    ref.enable_tiling()
+    ref.tile_sample_min_size, ref.tile_latent_min_size = 32, 16
+    vae.tile, vae.tile_above = 32, 0
+    x = smooth_image(h, w, seed=1)
+    z = torch.randn(1, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        post = ref.encode(x).latent_dist
+        mean, logvar = vae.encode(x)
+        assert_close(mean, post.mean, 1e-4, "tiled mean")  # fp32 reordering only, as tests/test_vae.py
+        assert_close(logvar, post.logvar, 1e-4, "tiled logvar")
+        assert_close(vae.decode(z), ref.decode(z).sample, 1e-4, "tiled decode")
