@@ -18,6 +18,7 @@ and plugin chaining).
     photo = load_image(...)                       # minidiff.imageio: the photo as loaded (EXIF-rotated RGB)
     out = restore(sd, clip_vision, [plugin], official_resize(photo), clip_image=photo)
 """
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -156,9 +157,32 @@ def clip_features(clip_vision, image):
     return out.hidden_states[-1][:, 1:]  # [-1] == [24] for ViT-L/14 (24 layers); drop CLS -> [1, 256, D]
 
 
+def denoise_step(unet, scb, x, t, cond, context):
+    """One model evaluation of the restore loop: the SCB's residuals from the photo's latent `cond`, added to
+    the UNet's skips 0-2, and the UNet's eps prediction at the noisy latent x [1, 4, h, w] -> [1, 4, h, w].
+    t: a 0-d tensor (a Python int would be baked into a compiled graph: one compile per step)."""
+    residuals = scb(cond, t, context)  # 3 x [1, 320, h, w]
+    return unet(x, t, context, skip_residuals=dict(enumerate(residuals)))
+
+
+@functools.cache
+def compiled_denoise_step(device_type):
+    """denoise_step through torch.compile, made once per device type and reused by every plugin and photo.
+
+    Static shapes (dynamic=False): each image size compiles once (about a minute for SD on a GPU), then every
+    step and every plugin of that size reuses the graph: the timestep is a tensor input and the weights are
+    inputs too, so another plugin's SCB (same sizes, other weights) needs no new compile. On CUDA the graph
+    is replayed as a CUDA graph (mode="reduce-overhead"): one launch per step instead of hundreds of kernel
+    launches, which at 512x512 and batch 1 cost about as much as the GPU work itself.
+    """
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    return torch.compile(denoise_step, dynamic=False, fullgraph=True, mode=mode)
+
+
 @torch.no_grad()
-def run_plugin(sd, plugin, feats, image, steps, seed, bar=None):
-    """One official plugin pass (infer.py l.108-160): `steps` UniPC steps from the photo `image` -> PIL."""
+def run_plugin(sd, plugin, feats, image, steps, seed, bar=None, compile=False):
+    """One official plugin pass (infer.py l.108-160): `steps` UniPC steps from the photo `image` -> PIL.
+    compile: SCB + UNet through compiled_denoise_step (the first call of an image size compiles)."""
     p = next(sd.unet.parameters())
     context = plugin.tpb(feats.to(p.device, p.dtype))  # [1, 256, 768] replaces the text context everywhere
     mean, _ = sd.vae.encode(pil_to_tensor(image).to(p.device, p.dtype))
@@ -168,12 +192,13 @@ def run_plugin(sd, plugin, feats, image, steps, seed, bar=None):
     noise = torch.randn((1,) + tuple(cond.shape[1:]), generator=g).to(p.device, p.dtype)  # [1, 4, H/8, W/8]
     pure = plugin.task in PURE_NOISE_TASKS
     sampler = make_sampler("unipc", steps)
+    step = compiled_denoise_step(p.device.type) if compile else denoise_step
+    on_device = sampler.timesteps.to(p.device)  # [steps]: the models' t, no host copy inside a (CUDA) graph
     x = noise
     for i, t in enumerate(sampler.timesteps):
         if not pure and t >= RENOISE_FROM:
             x = add_noise(cond, noise, t)  # checked at every step: only t=999 for 20 or 3 steps
-        residuals = plugin.scb(cond, t, context)  # 3 x [1, 320, H/8, W/8]
-        eps = sd.unet(x, t, context, skip_residuals=dict(enumerate(residuals)))
+        eps = step(sd.unet, plugin.scb, x, on_device[i], cond, context)  # [1, 4, H/8, W/8]
         x = sampler.step(eps, i, x)
         if not torch.isfinite(x).all():  # e.g. fp16 overflow or a broken weight: stop before decoding
             raise NonFiniteError(f"plugin {plugin.task!r}: the latent is not finite after step {i + 1} of "
@@ -185,7 +210,7 @@ def run_plugin(sd, plugin, feats, image, steps, seed, bar=None):
 
 @torch.no_grad()
 def restore(sd, clip_vision, plugins, image, *, steps=20, chain_steps=3, seed=42, progress=True,
-            clip_image=None, features=None):
+            clip_image=None, features=None, compile=False):
     """Run `plugins` one after another on `image` (each on the previous output), as the official demo.
 
     image: the photo at its processing size (call official_resize, or your own cap, first; it is rescaled
@@ -194,6 +219,8 @@ def restore(sd, clip_vision, plugins, image, *, steps=20, chain_steps=3, seed=42
     already computed (the selector needs the same ones). The first plugin samples `steps`
     UniPC steps, later ones `chain_steps` (demo.py: 3); the noise generator is re-seeded with `seed` for
     each plugin. No plugins: the photo comes back unchanged. Returns a PIL image of the processing size.
+    compile: run SCB + UNet through torch.compile (compiled_denoise_step; for GPUs: on a CPU compiling costs
+    minutes and saves little). Each new image size compiles once; the steps and the plugins reuse it.
     """
     image = to_multiple_of_8(image.convert("RGB"))
     if not plugins:
@@ -206,5 +233,5 @@ def restore(sd, clip_vision, plugins, image, *, steps=20, chain_steps=3, seed=42
     with tqdm(total=total, disable=not progress, desc="restore", unit="step") as bar:
         for k, plugin in enumerate(plugins):
             bar.set_postfix_str(plugin.task)
-            image = run_plugin(sd, plugin, feats, image, steps if k == 0 else chain_steps, seed, bar)
+            image = run_plugin(sd, plugin, feats, image, steps if k == 0 else chain_steps, seed, bar, compile)
     return image

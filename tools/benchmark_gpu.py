@@ -1,122 +1,229 @@
 #!/usr/bin/env python
-"""GPU speed of the SD-1.5 UNet: minidiff (eager, torch.compile) against diffusers, fp16 / bf16, same weights.
+"""GPU speed of the Diff-Plugin restore: minidiff against the official loop on diffusers, eager and compiled.
 
-    python tools/benchmark_gpu.py --json gpu.json                 # on a CUDA machine; diffusers optional
-    python tools/benchmark_gpu.py --dtypes fp16 --runs 5 --no-compile   # quick look
+    python tools/benchmark_gpu.py --json gpu.json                # CUDA: 512 and 1024, fp16 then bf16 (~7 min)
+    python tools/benchmark_gpu.py --tiny --device cpu --sizes 64 --steps 3 --runs 1   # the code paths, CPU
 
-Random SD-1.5 weights are drawn in diffusers' UNet2DConditionModel (when diffusers is installed) and renamed
-into minidiff's UNet with minidiff.weights.unet_from_diffusers, so both run the very same numbers; without
-diffusers only minidiff's rows are filled. Inputs: batch 2 (a classifier-free-guidance pair) of 64x64 latents
-(512x512 images), 77-token context. Each figure is the median of --runs forward passes after --warmup passes,
-timed with CUDA events. Attention runs through PyTorch SDPA in both libraries (flash / memory-efficient
-kernels in fp16 and bf16).
+One restore = one plugin as infer.py runs it: CLIP ViT-L/14 features, TPB, VAE encode, `--steps` UniPC steps
+of SCB + UNet, VAE decode. Four variants on the same random full-size weights (drawn once in diffusers' UNet
+and VAE, transformers' CLIP vision and the official TPB/SCB of tools/official_oracle.py, then converted into
+minidiff's models): minidiff eager (restore()), minidiff compiled (restore(compile=True): SCB + UNet as one
+torch.compile graph, static shapes, CUDA graphs), diffusers eager (the official loop) and diffusers compiled
+(the same loop, its SCB + UNet call compiled with the same settings). Per row: latency (median of --runs
+restores after one warm-up, which compiles: compile_s), it/s = (steps - 1) / (latency - latency of a 1-step
+restore) (the denoising loop alone: CLIP, TPB and the VAE cancel), peak GPU memory above the resident weights,
+and the largest difference in 8-bit levels from minidiff's fp32 eager image. Rows go most wanted first (fp16
+512: the 4 variants, then 1024, then bf16): each is printed (flushed) and --json rewritten as it comes, so a
+run cut short keeps what it measured. Needs diffusers and transformers (the test extras).
 """
 import argparse
+import copy
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minidiff.unet import UNet, UNetConfig  # noqa: E402
-from minidiff.weights import unet_from_diffusers  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_oracle as oracle  # noqa: E402
+from minidiff.clip import CLIP_VISION_L14, CLIPVisionModel  # noqa: E402
+from minidiff.files import atomic_write  # noqa: E402
+from minidiff.loading import build_unet, build_vae  # noqa: E402
+from minidiff.pipeline import StableDiffusion  # noqa: E402
+from minidiff.plugin import restore  # noqa: E402
+from minidiff.plugin_files import build_plugin  # noqa: E402
+from minidiff.weights import CLIP_IGNORED, load_strict, scb_from_diffusers  # noqa: E402
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANTS = ("minidiff eager", "minidiff compiled", "diffusers eager", "diffusers compiled")
 
 
-def median_ms(fn, runs, warmup):
-    """Median wall time of fn() in milliseconds, CUDA-synchronised around each call."""
-    for _ in range(warmup):
-        fn()
+def reference_models(tiny, device):
+    """The official models (diffusers UNet + VAE, transformers CLIP vision, official TPB + SCB), random fp32:
+    SD-1.x / ViT-L/14 / released plugin sizes, or official_oracle's tiny ones."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel as RefCLIP
+    torch.manual_seed(0)
+    ch, ctx, clip_w = (oracle.CH, oracle.CTX, oracle.CLIP_W) if tiny else (320, 768, 1024)
+    mult = (1, 2, 2, 2) if tiny else (1, 2, 4, 4)
+    vae_ch = (32,) * 4 if tiny else (128, 256, 512, 512)
+    clip = dict(hidden_size=clip_w, intermediate_size=(2 if tiny else 4) * clip_w, num_hidden_layers=24,
+                num_attention_heads=2 if tiny else 16, image_size=224, patch_size=14, hidden_act="quick_gelu")
+    with torch.device(device):  # drawn where they run: seconds instead of a minute of CPU init
+        ref = dict(
+            unet=UNet2DConditionModel(block_out_channels=tuple(m * ch for m in mult), cross_attention_dim=ctx,
+                                      attention_head_dim=8, layers_per_block=2),
+            vae=AutoencoderKL(block_out_channels=vae_ch, down_block_types=("DownEncoderBlock2D",) * 4,
+                              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1 if tiny else 2),
+            clip=RefCLIP(CLIPVisionConfig(**clip)),
+            tpb=oracle.RefTPB(clip_w, ctx), scb=oracle.RefSCB(ch, oracle.HEADS if tiny else 8, ctx))
+        for conv in ref["scb"].controlnet_down_blocks:  # non-zero zero convs: the SCB changes the result
+            torch.nn.init.normal_(conv.weight, std=0.05)
+    return {k: m.eval().requires_grad_(False) for k, m in ref.items()}
+
+
+def minidiff_models(ref, dtype):
+    """minidiff's models holding the reference weights in `dtype`: (StableDiffusion, CLIP vision, plugin)."""
+    device = next(ref["unet"].parameters()).device
+    kw = dict(dtype=dtype, device=device)
+    c = ref["clip"].config
+    cfg = replace(CLIP_VISION_L14, width=c.hidden_size, layers=c.num_hidden_layers, mlp=c.intermediate_size,
+                  heads=c.num_attention_heads, patch_size=c.patch_size, image_size=c.image_size,
+                  projection=None)
+    with torch.device("meta"):
+        clip = CLIPVisionModel(cfg)
+    clip = load_strict(clip, ref["clip"].state_dict(), "CLIP vision", ignore=CLIP_IGNORED, **kw)
+    plugin = build_plugin("derain", ref["tpb"].state_dict(), scb_from_diffusers(ref["scb"].state_dict()),
+                          ref["scb"].down_blocks[0].attentions[0].transformer_blocks[0].attn2.heads, **kw)
+    unet, vae = build_unet(ref["unet"].state_dict(), **kw), build_vae(ref["vae"].state_dict(), **kw)
+    return StableDiffusion(None, None, unet, vae), clip, plugin
+
+
+def diffusers_step(unet, scb, latents, t, tokens, cond):
+    """One model call of the official loop: SCB residuals (padded with zeros to the UNet's 12 skips + mid, as
+    SCB.py and infer.py do), then the diffusers UNet's eps."""
+    res = scb(latents, t, encoder_hidden_states=tokens, cond_img=cond)[:3]
+    zero = cond.new_zeros(1)  # the official CPU torch.zeros(1) pads, on the GPU
+    return unet(latents, t, encoder_hidden_states=tokens, down_block_additional_residuals=res + [zero] * 9,
+                mid_block_additional_residual=zero).sample
+
+
+@torch.no_grad()
+def diffusers_restore(ref, image, steps, step=diffusers_step, seed=42):
+    """official_oracle.official_restore (infer.py's loop) for one plugin, on the models' device and dtype.
+    output_attentions=True is dropped from the CLIP call: it only forces transformers' slow attention."""
+    from diffusers import UniPCMultistepScheduler
+    from diffusers.image_processor import VaeImageProcessor
+    from transformers import CLIPImageProcessor
+    p = next(ref["unet"].parameters())
+    pixels = CLIPImageProcessor()(images=image, return_tensors="pt").pixel_values.to(p.device, p.dtype)
+    tokens = ref["tpb"](ref["clip"](pixels, output_hidden_states=True).hidden_states)  # [1, 256, 768]
+    proc = VaeImageProcessor(vae_scale_factor=8)
+    x = proc.preprocess(image, height=image.height, width=image.width).to(p.device, p.dtype)
+    cond = oracle.LATENT_SCALE * ref["vae"].encode(x).latent_dist.mode()
+    noise = torch.randn(cond.shape, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
+    sched = UniPCMultistepScheduler.from_config(oracle.SD14_SCHEDULER, final_sigmas_type="sigma_min")
+    sched.set_timesteps(steps, device=p.device)
+    latents = noise
+    for t in sched.timesteps:
+        if t >= 960:
+            latents = sched.add_noise(cond, noise, t.reshape(1))
+        latents = sched.step(step(ref["unet"], ref["scb"], latents, t, tokens, cond), t, latents).prev_sample
+    return proc.postprocess(ref["vae"].decode(latents / oracle.LATENT_SCALE).sample, output_type="pil")[0]
+
+
+def timed(fn, device, runs):
+    """Median seconds of `runs` calls of fn() (synchronised on CUDA) and the last result."""
     times = []
     for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], out
 
 
-def build_models():
-    """(minidiff UNet, diffusers UNet or None) on the GPU in fp32 with identical random weights."""
-    torch.manual_seed(0)
-    ours = UNet(UNetConfig())
-    try:
-        import diffusers
-    except ImportError:
-        return ours.cuda().eval().requires_grad_(False), None
-    ref = diffusers.UNet2DConditionModel(
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    ours.load_state_dict(unet_from_diffusers(ref.state_dict()))
-    return ours.cuda().eval().requires_grad_(False), ref.cuda().eval().requires_grad_(False)
+def measure(restore_fn, steps, device, runs, fp32_image):
+    """One row's figures for restore_fn(steps) -> PIL image."""
+    row = {}
+    row["first_s"], _ = timed(lambda: restore_fn(steps), device, 1)  # compiles, records CUDA graphs, warms up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    latency, image = timed(lambda: restore_fn(steps), device, runs)
+    if device.type == "cuda":
+        row["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20)
+    one_step, _ = timed(lambda: restore_fn(1), device, runs)
+    row.update(latency_s=round(latency, 4), it_s=round((steps - 1) / max(latency - one_step, 1e-9), 2))
+    diff = np.abs(np.asarray(image, np.int16) - np.asarray(fp32_image, np.int16))
+    row.update(max_levels_vs_fp32=int(diff.max()), mean_levels_vs_fp32=round(float(diff.mean()), 3))
+    row["first_s"] = round(row["first_s"], 2)
+    return row
+
+
+def test_photo(size, seed=0):
+    """A smooth random photo (low-frequency noise upsampled): the VAE and CLIP see image-like input."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (size // 32 + 2, size // 32 + 2, 3), dtype=np.uint8))
+    return small.resize((size, size), Image.BICUBIC)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp16", "bf16"], help="precisions")
-    p.add_argument("--runs", type=int, default=20, help="timed forward passes (median reported)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed forward passes first")
-    p.add_argument("--batch", type=int, default=2, help="batch size (2 = one CFG step)")
-    p.add_argument("--latent-size", type=int, default=64, help="latent height and width")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="photo sides (square)")
+    p.add_argument("--dtypes", nargs="+", choices=["fp16", "bf16"], default=["fp16", "bf16"],
+                   help="precisions")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to time")
+    p.add_argument("--steps", type=int, default=20, help="UniPC steps of a restore (infer.py: 20)")
+    p.add_argument("--runs", type=int, default=3, help="timed restores per figure (median)")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu with --tiny to try the code paths")
+    p.add_argument("--tiny", action="store_true", help="tiny random models instead of the full-size ones")
+    p.add_argument("--json", help="write the record here (rewritten after every row)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("error: no CUDA device; tools/benchmark.py measures the CPU")
-    print(vars(args))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ours, ref = build_models()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 4, args.latent_size, args.latent_size, generator=g).cuda()
-    ctx = torch.randn(args.batch, 77, 768, generator=g).cuda()
-    t = torch.full((args.batch,), 500, device="cuda")
-    rows = []
-    with torch.inference_mode():
-        for name in args.dtypes:
-            dtype = DTYPES[name]
-            xs, cs = x.to(dtype), ctx.to(dtype)
-            ours = ours.to(dtype)
-            candidates = [("minidiff eager", lambda: ours(xs, t, cs))]
-            if ref is not None:
-                ref = ref.to(dtype)
-                candidates.append(("diffusers eager", lambda: ref(xs, t, cs).sample))
-            if not args.no_compile:
-                start = time.perf_counter()
-                compiled = torch.compile(ours)
-                compiled(xs, t, cs)
-                torch.cuda.synchronize()
-                compile_s = time.perf_counter() - start
-                candidates.append(("minidiff torch.compile", lambda: compiled(xs, t, cs)))
-            for label, fn in candidates:
-                torch.cuda.reset_peak_memory_stats()
-                ms = median_ms(fn, args.runs, args.warmup)
-                row = {"dtype": name, "model": label, "ms": round(ms, 3),
-                       "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
-                if label.endswith("compile"):
-                    row["compile_s"] = round(compile_s, 1)
-                rows.append(row)
-                print(row, flush=True)
-            if ref is not None:
-                base = next(r["ms"] for r in rows if r["dtype"] == name and r["model"] == "diffusers eager")
-                for r in rows:
-                    if r["dtype"] == name:
-                        r["vs_diffusers_eager"] = round(base / r["ms"], 3)  # > 1: faster than diffusers
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
-              "rows": rows}
-    print(json.dumps(record, indent=1))
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, args.json)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device (try --tiny --device cpu; tools/benchmark.py measures the CPU)")
+    print(vars(args), flush=True)
+    clock = time.perf_counter()
+    ref32 = reference_models(args.tiny, device)
+    ours32 = minidiff_models(ref32, torch.float32)
+    record = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "args": vars(args), "rows": []}
+    compiled_ref_step = torch.compile(diffusers_step, dynamic=False, fullgraph=True,
+                                      mode="reduce-overhead" if device.type == "cuda" else "default")
+    fp32_images = {}
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        sd, clip, plugin = minidiff_models(ref32, dtype)
+        ref = {k: copy.deepcopy(m).to(dtype) for k, m in ref32.items()}
+        for size in args.sizes:
+            photo = test_photo(size)
+            if size not in fp32_images:
+                fp32_images[size] = restore(ours32[0], ours32[1], [ours32[2]], photo, steps=args.steps,
+                                            progress=False)
+            fns = {"minidiff eager": lambda n: restore(sd, clip, [plugin], photo, steps=n, progress=False),
+                   "minidiff compiled": lambda n: restore(sd, clip, [plugin], photo, steps=n, progress=False,
+                                                          compile=True),
+                   "diffusers eager": lambda n: diffusers_restore(ref, photo, n),
+                   "diffusers compiled": lambda n: diffusers_restore(ref, photo, n, compiled_ref_step)}
+            for variant in args.variants:
+                row = {"dtype": name, "size": size, "variant": variant}
+                try:
+                    row.update(measure(fns[variant], args.steps, device, args.runs, fp32_images[size]))
+                except Exception as e:  # a failed row (NaN, out of memory, a compile error) is a result too
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                row["elapsed_s"] = round(time.perf_counter() - clock, 1)
+                record["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    atomic_write(args.json, lambda tmp: write_json(tmp, record))
+        del sd, clip, plugin, ref
+    print(summary(record["rows"]), flush=True)
+
+
+def write_json(path, record):
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def summary(rows):
+    """Speed of minidiff over diffusers, compiled and eager, per dtype and size (> 1: minidiff faster)."""
+    lines = []
+    by = {(r["dtype"], r["size"], r["variant"]): r.get("latency_s") for r in rows}
+    for dtype, size in dict.fromkeys((r["dtype"], r["size"]) for r in rows):
+        for kind in ("compiled", "eager"):
+            ours, theirs = (by.get((dtype, size, f"{lib} {kind}")) for lib in ("minidiff", "diffusers"))
+            if ours and theirs:
+                lines.append(f"{dtype} {size}: minidiff {kind} {ours:.3f} s, diffusers {kind} "
+                             f"{theirs:.3f} s: {theirs / ours:.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
