@@ -106,11 +106,13 @@ def run_row(args, paths, width, height, untiled, out):
 
 
 def difference(a_path, b_path):
-    """max and mean |tiled - untiled| of the decoded images and of the latents."""
+    """max and mean |tiled - untiled| of the decoded images and of the latents, and mean |untiled|."""
     import torch
     a, b = torch.load(a_path), torch.load(b_path)
-    return {f"{k}_{s}": round(float(getattr((a[k] - b[k]).abs(), s)()), 4)
-            for k in ("image", "latent") for s in ("max", "mean")}
+    out = {f"{k}_{s}": round(float(getattr((a[k] - b[k]).abs(), s)()), 4)
+           for k in ("image", "latent") for s in ("max", "mean")}
+    # the untiled values' own size, to read the differences against (random weights are not in [-1, 1])
+    return {**out, **{f"{k}_untiled_mean_abs": round(float(b[k].abs().mean()), 4) for k in ("image", "latent")}}
 
 
 def main():
@@ -157,12 +159,12 @@ def main():
                 print(f"{w}x{h:<5} {mp:5.2f} {row['vae']:>8} {row.get('load_peak_gib', '-'):>9} "
                       f"{row.get('peak_gib', '-'):>9} {row.get('seconds', '-'):>7}  "
                       f"{row.get('error', '') or diff or ''}", flush=True)
-    if args.json:
-        record = {"mode": "vae" if args.vae_only else "restore", "threads": args.threads, "rows": rows}
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
-
+                if args.json:  # after every row: a long run stopped early keeps what it measured
+                    record = {"mode": "vae" if args.vae_only else "restore", "threads": args.threads,
+                              "rows": rows}
+                    with open(args.json + ".tmp", "w") as f:
+                        json.dump(record, f, indent=1)
+                    os.replace(args.json + ".tmp", args.json)
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:
