@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from test_sample import ROOT, SCRIPT, photo, sample
+from minidiff.imageio import DEFAULT_MAX_SIDE
 
 
 def one_error_line(proc, code):
@@ -75,9 +76,9 @@ def test_refused_before_any_weight_is_loaded(tmp_path):
         line = one_error_line(sample("--input", src, *args, fake=False), 1)
         assert words in line, line
     assert sorted(os.listdir(tmp_path)) == ["file", "p.png"]
-    tall = photo(tmp_path / "tall.png", size=(3000, 1))  # the cap would make it 1536x8
+    tall = photo(tmp_path / "tall.png", size=(3000, 1))  # the default cap makes it DEFAULT_MAX_SIDE x 8
     line = one_error_line(sample("--input", tall, "--task", "derain", "--output", tmp_path / "o"), 1)
-    assert "1536x8" in line and "under 64 px" in line and not (tmp_path / "o").exists()
+    assert f"{DEFAULT_MAX_SIDE}x8" in line and "under 64 px" in line and not (tmp_path / "o").exists()
 
 
 def test_empty_folders_are_not_weights(tmp_path):

@@ -84,7 +84,8 @@ def worker(kw):
         torch.save({"latent": mean, "image": image}, kw["out"])
     else:
         from minidiff.restoration import load_models, restore_photo
-        models, _ = load_models(kw["sd"], kw["clip"], kw["plugins"], tasks=["derain"])
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[kw["dtype"]]
+        models, _ = load_models(kw["sd"], kw["clip"], kw["plugins"], tasks=["derain"], dtype=dtype)
         if kw["untiled"]:
             models.sd.vae.tile_above = NEVER
         loaded = peak_rss_gib()
@@ -96,7 +97,7 @@ def worker(kw):
 
 def run_row(args, paths, width, height, untiled, out):
     kw = dict(paths, width=width, height=height, untiled=untiled, steps=args.steps, threads=args.threads,
-              vae_only=args.vae_only, out=out, max_gib=args.max_gib)
+              vae_only=args.vae_only, out=out, max_gib=args.max_gib, dtype=args.dtype)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), WORKER_FLAG, json.dumps(kw)],
                           capture_output=True, text=True)
     if proc.returncode != 0:  # e.g. killed for memory (-9): a row that does not fit
@@ -126,6 +127,8 @@ def main():
     p.add_argument("--vae-only", action="store_true", help="VAE encode + decode only, and tiled vs untiled")
     p.add_argument("--max-gib", type=float, default=22.0,
                    help="address-space limit per row (GiB): a row over it reports an error, not an OOM kill")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="restore: the networks' dtype (the files are fp32; loading casts tensor by tensor)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per row")
     p.add_argument("--files", help="folder with sd15.safetensors, clip.safetensors, plugins/ (written there "
                    "when missing; default: a temporary folder)")
@@ -150,6 +153,7 @@ def main():
             for untiled in runs:
                 out = os.path.join(tmp, f"{w}x{h}-{untiled}.pt")
                 row = {"width": w, "height": h, "megapixels": round(mp, 2), "steps": args.steps,
+                       "dtype": "fp32" if args.vae_only else args.dtype,
                        "vae": "tiled" if tiles and not untiled else "untiled",
                        **run_row(args, paths, w, h, untiled, out)}
                 if untiled and args.vae_only and "error" not in row and "error" not in rows[-1]:
