@@ -12,8 +12,8 @@ torch.compile graph, static shapes, CUDA graphs), diffusers eager (the official 
 (the same loop, its SCB + UNet call compiled with the same settings). Per row: latency (median of --runs
 restores after one warm-up, which compiles: compile_s), it/s = (steps - 1) / (latency - latency of a 1-step
 restore) (the denoising loop alone: CLIP, TPB and the VAE cancel), peak GPU memory above the resident weights,
-and the largest difference in 8-bit levels from minidiff's fp32 eager image. Rows go most wanted first (fp16
-512: the 4 variants, then 1024, then bf16): each is printed (flushed) and --json rewritten as it comes, so a
+and the largest difference in 8-bit levels from minidiff's fp32 eager image. Rows go most wanted first (512:
+fp16's 4 variants, then bf16's; then 1024): each is printed (flushed) and --json rewritten as it comes, so a
 run cut short keeps what it measured. Needs diffusers and transformers (the test extras).
 """
 import argparse
@@ -178,16 +178,15 @@ def main(argv=None):
               "torch": torch.__version__, "args": vars(args), "rows": []}
     compiled_ref_step = torch.compile(diffusers_step, dynamic=False, fullgraph=True,
                                       mode="reduce-overhead" if device.type == "cuda" else "default")
-    fp32_images = {}
-    for name in args.dtypes:
-        dtype = DTYPES[name]
-        sd, clip, plugin = minidiff_models(ref32, dtype)
-        ref = {k: copy.deepcopy(m).to(dtype) for k, m in ref32.items()}
-        for size in args.sizes:
-            photo = test_photo(size)
-            if size not in fp32_images:
-                fp32_images[size] = restore(ours32[0], ours32[1], [ours32[2]], photo, steps=args.steps,
-                                            progress=False)
+    models = {}  # dtype name -> ((sd, clip, plugin), reference models), made on first use
+    for size in args.sizes:  # 512 first: the size the targets name
+        photo = test_photo(size)
+        fp32_image = restore(*ours32[:2], [ours32[2]], photo, steps=args.steps, progress=False)
+        for name in args.dtypes:
+            if name not in models:
+                models[name] = (minidiff_models(ref32, DTYPES[name]),
+                                {k: copy.deepcopy(m).to(DTYPES[name]) for k, m in ref32.items()})
+            (sd, clip, plugin), ref = models[name]
             fns = {"minidiff eager": lambda n: restore(sd, clip, [plugin], photo, steps=n, progress=False),
                    "minidiff compiled": lambda n: restore(sd, clip, [plugin], photo, steps=n, progress=False,
                                                           compile=True),
@@ -195,8 +194,9 @@ def main(argv=None):
                    "diffusers compiled": lambda n: diffusers_restore(ref, photo, n, compiled_ref_step)}
             for variant in args.variants:
                 row = {"dtype": name, "size": size, "variant": variant}
+                print(f"... {name} {size} {variant} (at {time.perf_counter() - clock:.0f} s)", flush=True)
                 try:
-                    row.update(measure(fns[variant], args.steps, device, args.runs, fp32_images[size]))
+                    row.update(measure(fns[variant], args.steps, device, args.runs, fp32_image))
                 except Exception as e:  # a failed row (NaN, out of memory, a compile error) is a result too
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 row["elapsed_s"] = round(time.perf_counter() - clock, 1)
@@ -204,7 +204,6 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
                 if args.json:
                     atomic_write(args.json, lambda tmp: write_json(tmp, record))
-        del sd, clip, plugin, ref
     print(summary(record["rows"]), flush=True)
 
 
