@@ -17,6 +17,7 @@ and plugin chaining).
     plugin = load_plugin("pre-trained/derain")   # minidiff.plugin_files; or "plugins/derain.safetensors"
     photo = load_image(...)                       # minidiff.imageio: the photo as loaded (EXIF-rotated RGB)
     out = restore(sd, clip_vision, [plugin], official_resize(photo), clip_image=photo)
+    out = restore(..., compile=True)              # GPU: SCB + UNet compiled, replayed as a CUDA graph
 """
 import functools
 from dataclasses import dataclass, replace
@@ -169,11 +170,12 @@ def denoise_step(unet, scb, x, t, cond, context):
 def compiled_denoise_step(device_type):
     """denoise_step through torch.compile, made once per device type and reused by every plugin and photo.
 
-    Static shapes (dynamic=False): each image size compiles once (about a minute for SD on a GPU), then every
-    step and every plugin of that size reuses the graph: the timestep is a tensor input and the weights are
-    inputs too, so another plugin's SCB (same sizes, other weights) needs no new compile. On CUDA the graph
-    is replayed as a CUDA graph (mode="reduce-overhead"): one launch per step instead of hundreds of kernel
-    launches, which at 512x512 and batch 1 cost about as much as the GPU work itself.
+    Static shapes (dynamic=False): each image size and dtype compiles once (tools/benchmark_gpu.py reports
+    how long: first_s), then every step and every plugin of that size reuses the graph: the timestep is a
+    tensor input and the weights are inputs too, so another plugin's SCB (same sizes, other weights) needs no
+    new compile. Past torch._dynamo.config.recompile_limit (8) sizes in one process, new sizes run eager.
+    On CUDA the graph is replayed as a CUDA graph (mode="reduce-overhead"): one launch per step instead of
+    hundreds of kernel launches, whose CPU cost at 512x512 and batch 1 is of the order of the GPU work.
     """
     mode = "reduce-overhead" if device_type == "cuda" else "default"
     return torch.compile(denoise_step, dynamic=False, fullgraph=True, mode=mode)
