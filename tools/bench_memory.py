@@ -67,7 +67,7 @@ def worker(kw):
     import torch
     from minidiff.imageio import pil_to_tensor
     torch.set_num_threads(kw["threads"])
-    # address-space cap: a row that does not fit fails with an allocation error instead of waking the OOM killer
+    # address-space cap: a row that does not fit fails with an allocation error, not by the OOM killer
     limit = int(kw["max_gib"] * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     photo = test_photo(kw["width"], kw["height"])
@@ -113,7 +113,8 @@ def difference(a_path, b_path):
     out = {f"{k}_{s}": round(float(getattr((a[k] - b[k]).abs(), s)()), 4)
            for k in ("image", "latent") for s in ("max", "mean")}
     # the untiled values' own size, to read the differences against (random weights are not in [-1, 1])
-    return {**out, **{f"{k}_untiled_mean_abs": round(float(b[k].abs().mean()), 4) for k in ("image", "latent")}}
+    sizes = {f"{k}_untiled_mean_abs": round(float(b[k].abs().mean()), 4) for k in ("image", "latent")}
+    return {**out, **sizes}
 
 
 def main():
