@@ -13,7 +13,8 @@ import benchmark
 
 CPUINFO = ("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
            "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
-MACHINE = {"cpu": benchmark.cpu_info(CPUINFO), "threads": 2, "python": "3.11",
+MACHINE = {"cpu": benchmark.cpu_info(CPUINFO), "threads": 2, "python": "3.11", "load_start": 0.1,
+           "load_end": 2.5,
            "versions": {"torch": "2.13.0", "diffusers": "0.35.2", "transformers": "4.57.6"}}
 
 
@@ -28,12 +29,12 @@ def test_cpu_info_reads_model_count_and_bf16_flags():
 def test_alternate_warms_both_then_takes_turns():
     calls = []
     fns = {lib: (lambda lib=lib: calls.append(lib) or lib) for lib in ("minidiff", "diffusers")}
-    times, last = benchmark.alternate(fns, runs=3, warmup=1)
+    times, cpu, last = benchmark.alternate(fns, runs=3, warmup=1)
     # warm-up A B, then A B / B A / A B: the first to go alternates
     assert calls == ["minidiff", "diffusers"] + ["minidiff", "diffusers", "diffusers", "minidiff",
                                                  "minidiff", "diffusers"]
-    assert [len(t) for t in times.values()] == [3, 3] and last == {"minidiff": "minidiff",
-                                                                   "diffusers": "diffusers"}
+    assert [len(t) for t in (*times.values(), *cpu.values())] == [3, 3, 3, 3]
+    assert last == {"minidiff": "minidiff", "diffusers": "diffusers"}
     assert benchmark.median([3.0, 1.0, 2.0]) == 2.0 and benchmark.median([4.0, 1.0]) == 4.0
 
 
@@ -59,6 +60,7 @@ def test_table_ratio_and_gemm_share():
     lines = table.splitlines()
     assert "Test CPU 9000" in lines[0] and "2 torch threads" in lines[0] and "diffusers 0.35.2" in lines[0]
     assert "avx512_bf16 yes" in lines[1] and "amx_bf16 no" in lines[1]
+    assert "load average at the start 0.1, at the end 2.5" in lines[1]
     assert "fp32 400 GFLOP/s" in lines[2] and "bf16 800 GFLOP/s" in lines[2]
     assert lines[4] == "| figure | minidiff | diffusers | ratio |"
     assert lines[6] == ("| UNet forward 64x64 latents, 77 tokens, fp32, warm median (s) | "

@@ -112,19 +112,20 @@ def median(values):
 
 def alternate(fns, runs, warmup):
     """Time each library's zero-argument callable in turns: all warm-ups first (A B A B ...), then `runs`
-    timed rounds, the first to go alternating (A B, B A, ...). fns: {lib: fn} -> ({lib: [seconds]},
-    {lib: the output of its last call})."""
+    timed rounds, the first to go alternating (A B, B A, ...). fns: {lib: fn} -> ({lib: [wall seconds]},
+    {lib: [CPU seconds of all threads: steadier than wall on a busy machine]}, {lib: its last output})."""
     libs = list(fns)
     for _ in range(warmup):
         for lib in libs:
             fns[lib]()
-    times, last = {lib: [] for lib in libs}, {}
+    wall, cpu, last = {lib: [] for lib in libs}, {lib: [] for lib in libs}, {}
     for i in range(runs):
         for lib in (libs if i % 2 == 0 else libs[::-1]):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             last[lib] = fns[lib]()
-            times[lib].append(time.perf_counter() - t)
-    return times, last
+            wall[lib].append(time.perf_counter() - t)
+            cpu[lib].append(time.process_time() - c)
+    return wall, cpu, last
 
 
 def _status_mb(key):
@@ -264,11 +265,16 @@ class Context:
         """unet / vae / restore figures in `dtype`, from one worker process that holds both libraries."""
         if dtype not in self._compared:
             p = self.preset
-            self._compared[dtype] = self.run(
-                "compare", dtype=dtype, libs=self.libs, parts=[b for b in IN_PROCESS if b in self.chosen],
-                ckpt=self.checkpoint(), config=self.diffusers_config(), unet=p["unet"], vae=p["vae"],
-                restore=p["restore"], runs=self.args.runs, warmup=self.args.warmup,
-                restore_runs=self.args.restore_runs, seed=self.args.seed)
+            try:
+                self._compared[dtype] = self.run(
+                    "compare", dtype=dtype, libs=self.libs, parts=[b for b in IN_PROCESS if b in self.chosen],
+                    ckpt=self.checkpoint(), config=self.diffusers_config(), unet=p["unet"], vae=p["vae"],
+                    restore=p["restore"], runs=self.args.runs, warmup=self.args.warmup,
+                    restore_runs=self.args.restore_runs, seed=self.args.seed)
+            except RuntimeError as e:  # one failure for every part of that process, not one rerun each
+                self._compared[dtype] = e
+        if isinstance(self._compared[dtype], RuntimeError):
+            raise self._compared[dtype]
         return self._compared[dtype]
 
     def run(self, worker, **kw):
@@ -328,12 +334,12 @@ def measure_unet(nets, kw, dtype):
         if "diffusers" in nets:
             ref = nets["diffusers"]["unet"]
             fns["diffusers"] = lambda: ref(x, t, encoder_hidden_states=context).sample
-        r, last = alternate(fns, kw["runs"], kw["warmup"])
-        out[f"{size}x{tokens}"] = {"size": size, "tokens": tokens, "times_s": r,
+        r, cpu, last = alternate(fns, kw["runs"], kw["warmup"])
+        out[f"{size}x{tokens}"] = {"size": size, "tokens": tokens, "times_s": r, "cpu_s": cpu,
                                    "flops": unet_flops(sd.unet.cfg, size, tokens),
                                    "max_diff": _max_diff(last)}
-        print(f"  unet {size}x{size}/{tokens} {kw['dtype']}: {_medians(r)}; max|eps diff| "
-              f"{out[f'{size}x{tokens}']['max_diff']}", flush=True)
+        print(f"  unet {size}x{size}/{tokens} {kw['dtype']}: {_medians(r)} (CPU {_medians(cpu)}); "
+              f"max|eps diff| {out[f'{size}x{tokens}']['max_diff']}", flush=True)
     return out
 
 
@@ -354,10 +360,10 @@ def measure_vae(nets, kw, dtype):
         parts["decode"]["diffusers"] = lambda: ref.decode(z).sample
     out = {}
     for name, fns in parts.items():
-        r, last = alternate(fns, kw["runs"], kw["warmup"])
-        out[name] = {"size": s, "times_s": r, "max_diff": _max_diff(last)}
-        print(f"  vae {name} {s}x{s} {kw['dtype']}: {_medians(r)}; max|diff| {out[name]['max_diff']}",
-              flush=True)
+        r, cpu, last = alternate(fns, kw["runs"], kw["warmup"])
+        out[name] = {"size": s, "times_s": r, "cpu_s": cpu, "max_diff": _max_diff(last)}
+        print(f"  vae {name} {s}x{s} {kw['dtype']}: {_medians(r)} (CPU {_medians(cpu)}); max|diff| "
+              f"{out[name]['max_diff']}", flush=True)
     return out
 
 
@@ -397,7 +403,9 @@ def _cast_inputs(module, dtype):
     oracle loop is written for fp32: its pixels, noise and zero mid residual are fp32 tensors)."""
     import torch
 
-    def cast(v):
+    def cast(v):  # the SCB's residuals come as a list, padded with fp32 zeros
+        if isinstance(v, (list, tuple)):
+            return type(v)(map(cast, v))
         return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
     module.register_forward_pre_hook(
         lambda m, args, kwargs: (tuple(map(cast, args)), {k: cast(v) for k, v in kwargs.items()}),
@@ -887,7 +895,8 @@ def format_table(rows, machine, gemm, gemm_n):
     lines = [f"minidiff vs diffusers {v['diffusers'] or '(not installed)'} / transformers "
              f"{v['transformers'] or '(not installed)'} on {cpu['model']}: {cpu['logical_cpus']} logical "
              f"CPUs, {machine['threads']} torch threads; torch {v['torch']}, Python {machine['python']}",
-             f"CPU flags: {flags}",
+             f"CPU flags: {flags}; 1-min load average at the start {machine['load_start']:.1f}, at the end "
+             f"{machine['load_end']:.1f} (above ~0: other processes shared the cores)",
              "GEMM peak (" + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in gemm.items())
              + f"; median of a {gemm_n}x{gemm_n}x{gemm_n} matmul on {machine['threads']} threads)", "",
              "| figure | minidiff | diffusers | ratio |", "|---|---|---|---|"]
@@ -956,10 +965,10 @@ def main(argv=None):
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     gemm = {d: gemm_gflops(getattr(torch, DTYPES[d]), preset["gemm"]) for d in dtypes}
     machine = {"cpu": cpu, "versions": versions(), "threads": torch.get_num_threads(),
-               "python": platform.python_version()}
+               "python": platform.python_version(), "load_start": load_start}
     print("GEMM peak:", {d: round(g) for d, g in gemm.items()}, "GFLOP/s", flush=True)
     rows, raw, failed = [], {}, []
     with tempfile.TemporaryDirectory(prefix="minidiff-bench-") as tmp:
@@ -974,7 +983,7 @@ def main(argv=None):
                 print(failed[-1], file=sys.stderr, flush=True)
                 continue
             rows += r
-    minutes = (time.perf_counter() - start) / 60
+    minutes, machine["load_end"] = (time.perf_counter() - start) / 60, os.getloadavg()[0]
     print("\n" + format_table(rows, machine, gemm, preset["gemm"]))
     print(f"\n(the whole run took {minutes:.1f} min)")
     if args.json:
