@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU speed of the Diff-Plugin restore: minidiff against the official loop on diffusers, eager and compiled.
 
-    python tools/benchmark_gpu.py --json gpu.json                # CUDA: 512 and 1024, fp16 then bf16 (~7 min)
+    python tools/benchmark_gpu.py --json gpu.json                # CUDA: 512 then 1024, fp16 and bf16
     python tools/benchmark_gpu.py --tiny --device cpu --sizes 64 --steps 3 --runs 1   # the code paths, CPU
 
 One restore = one plugin as infer.py runs it: CLIP ViT-L/14 features, TPB, VAE encode, `--steps` UniPC steps
@@ -14,7 +14,9 @@ restores after one warm-up, which compiles: compile_s), it/s = (steps - 1) / (la
 restore) (the denoising loop alone: CLIP, TPB and the VAE cancel), peak GPU memory above the resident weights,
 and the largest difference in 8-bit levels from minidiff's fp32 eager image. Rows go most wanted first (512:
 fp16's 4 variants, then bf16's; then 1024): each is printed (flushed) and --json rewritten as it comes, so a
-run cut short keeps what it measured. Needs diffusers and transformers (the test extras).
+run cut short keeps what it measured. Needs diffusers and transformers (the test extras). Not yet run on a
+GPU: its time there is an estimate, 6-10 min on an H200, mostly the 8 compiles (2 libraries x 2 dtypes x 2
+sizes, static shapes), each reported as first_s; --sizes / --dtypes / --variants run a part.
 """
 import argparse
 import copy
