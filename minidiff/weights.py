@@ -27,14 +27,40 @@ def _gist(error, limit=160):
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def read_state_dict(path, prefix=""):
-    """Tensors of `path` whose key starts with `prefix`, prefix removed. .safetensors is read lazily."""
+# Casting on read maps this much of a .safetensors file at a time (see _read_safetensors).
+CAST_WINDOW_BYTES = 256 * 2**20
+
+
+def _read_safetensors(path, keys, dtype):
+    """{key: tensor} of a .safetensors file; floating tensors cast to `dtype` (None: as stored).
+
+    safetensors memory-maps the whole file: a tensor read as stored is a view of the mapping (no copy; its
+    pages are read at first use), but every page a cast reads stays resident until the mapping goes, which
+    is when no tensor and no handle uses it. So a cast reads through a fresh mapping every CAST_WINDOW_BYTES:
+    an fp16 file loaded into bf16 peaks at the bf16 weights plus one window, not plus the whole fp16 file."""
+    out, f, window = {}, None, 0
+    for key in keys:
+        if f is None or window >= CAST_WINDOW_BYTES:
+            f, window = safe_open(path, framework="pt"), 0  # the old mapping goes with its last user
+        t = f.get_tensor(key)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            window += t.nbytes
+            t = t.to(dtype)
+        out[key] = t
+    return out
+
+
+def read_state_dict(path, prefix="", dtype=None):
+    """Tensors of `path` whose key starts with `prefix`, prefix removed; floating ones cast to `dtype` if
+    given, one tensor at a time (so a file is never held in two precisions at once). .safetensors is read
+    lazily (tensors kept as stored are views of the memory-mapped file)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     if path.endswith(".safetensors"):
         try:
             with safe_open(path, framework="pt") as f:
-                return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+                keys = [k for k in f.keys() if k.startswith(prefix)]
+            return {k[len(prefix):]: v for k, v in _read_safetensors(path, keys, dtype).items()}
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
             raise CheckpointError(f"{path}: not a readable .safetensors file "
                                   f"({str(e).splitlines()[0]})") from None
@@ -50,8 +76,10 @@ def read_state_dict(path, prefix=""):
             obj = obj[nest]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k[len(prefix):]: v for k, v in obj.items()
-            if isinstance(v, torch.Tensor) and k.startswith(prefix)}
+    out = {k[len(prefix):]: v for k, v in obj.items() if isinstance(v, torch.Tensor) and k.startswith(prefix)}
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return out
 
 
 def load_strict(model, state_dict, what, dtype=None, device="cpu", ignore=()):
@@ -72,8 +100,12 @@ def load_strict(model, state_dict, what, dtype=None, device="cpu", ignore=()):
              if tuple(given[k].shape) != tuple(v.shape)]
     if wrong:
         raise CheckpointError(f"{what}: {len(wrong)} shape mismatches (file vs model), first: {wrong[:3]}")
-    # Floating tensors take the requested dtype; integer buffers keep theirs.
-    cast = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
+    # Floating tensors take the requested dtype; integer buffers keep theirs. Convolution kernels [O, I, kh, kw]
+    # are stored channels-last (NHWC strides, same shape): oneDNN on the CPU and cuDNN on the GPU run convolutions
+    # fastest in that layout, and a conv with a channels-last kernel gives channels-last activations, so every
+    # layer after the first runs in it (the attention blocks then flatten [B, C, H, W] to [B, H*W, C] for free).
+    cast = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype,
+                    memory_format=torch.channels_last if v.dim() == 4 else torch.preserve_format)
             for k, v in given.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     return model.eval().requires_grad_(False)
