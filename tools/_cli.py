@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from minidiff.cpu import native_bf16
 from minidiff.files import probe_writable
 from minidiff.imageio import ImageError
 from minidiff.trainer import NonFiniteLoss, UsageError
@@ -187,7 +188,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def add_device_flags(a):
     """--device and --dtype, as every inference tool takes them (a: parser.add_argument)."""
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    a("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations precision")
+    a("--dtype", choices=["auto", *DTYPES], default="fp32",
+      help="weights and activations precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16 "
+           "(AVX-512 BF16 or AMX), else fp32. fp32 is the default: the same numbers on every machine")
 
 
 def add_restoration_weight_flags(a):
@@ -200,14 +203,21 @@ def add_restoration_weight_flags(a):
 
 
 def resolve_device(args):
-    """args.device "auto" -> "cuda" or "cpu"; refuse CUDA where there is none, fp16 on the CPU and (where
-    the tool has --compile) compiling on the CPU. Returns the torch dtype of --dtype."""
+    """args.device "auto" -> "cuda" or "cpu", args.dtype "auto" -> fp16 (CUDA), bf16 (a CPU with native bf16,
+    minidiff.cpu.native_bf16) or fp32; refuse CUDA where there is none, fp16 on the CPU and (where the tool
+    has --compile) compiling on the CPU; warn (stderr) that bf16 on a CPU without native bf16 is slower than
+    fp32. Returns the torch dtype of --dtype."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
+    if args.dtype == "auto":
+        args.dtype = "fp16" if args.device == "cuda" else "bf16" if native_bf16() else "fp32"
     if args.device == "cpu" and args.dtype == "fp16":
         raise UsageError("--dtype fp16 needs --device cuda; use fp32 or bf16 on the CPU")
+    if args.device == "cpu" and args.dtype == "bf16" and not native_bf16():
+        print("warning: --dtype bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 runs slower "
+              "than fp32 here", file=sys.stderr)
     if getattr(args, "compile", False) and args.device == "cpu":
         raise UsageError("--compile is for GPUs: on a CPU compiling costs far more than it saves "
                          "(a 1-step restore took 407 s instead of 3.9 s); drop --compile")
