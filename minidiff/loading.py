@@ -122,9 +122,9 @@ def _is_torchscript(path):
         return False
 
 
-def _read_prefixed(path, prefixes):
+def _read_prefixed(path, prefixes, dtype):
     """Tensors of `path` under any of `prefixes`, full names kept (lazily: other towers stay on disk)."""
-    return {p + k: v for p in prefixes for k, v in read_state_dict(path, p).items()}
+    return {p + k: v for p in prefixes for k, v in read_state_dict(path, p, dtype).items()}
 
 
 def load_clip_vision(path, dtype=torch.float32, device="cpu"):
@@ -151,9 +151,9 @@ def load_clip_vision(path, dtype=torch.float32, device="cpu"):
         raise CheckpointError(f"{path}: a TorchScript archive (as OpenAI's released ViT-B-32.pt); minidiff "
                               "reads state dicts only. Convert once, where you trust the file: torch.save("
                               "torch.jit.load(PATH, map_location='cpu').state_dict(), 'ViT-B-32.state.pt')")
-    state_dict = _read_prefixed(path, ["vision_model.", "visual_projection."])
+    state_dict = _read_prefixed(path, ["vision_model.", "visual_projection."], dtype)
     if not state_dict:
-        state_dict = clip_vision_from_openai(read_state_dict(path, "visual."))
+        state_dict = clip_vision_from_openai(read_state_dict(path, "visual.", dtype))
     if not state_dict:
         raise CheckpointError(f"{path}: no vision_model.* (Hugging Face) or visual.* (OpenAI) tensors: "
                               "not a CLIP vision checkpoint")
@@ -240,15 +240,16 @@ def _file_keys(path):
     return list(read_state_dict(path))
 
 
-def _sd_part(path, part):
-    """State dict of one part (unet / vae / text) of a single file or a diffusers folder, read lazily."""
+def _sd_part(path, part, dtype):
+    """State dict of one part (unet / vae / text) of a single file or a diffusers folder, read lazily;
+    floating tensors in `dtype` (cast tensor by tensor as they are read: no second copy of the part)."""
     if os.path.isdir(path):
         names = SD_DIFFUSERS_FILES[part]
         found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
         if not found:
             raise CheckpointError(f"{path}: diffusers folder has no {names[0]} (or .bin): a part is missing")
-        return read_state_dict(found[0])
-    state_dict = read_state_dict(path, SD_SINGLE_FILE_PREFIXES[part])
+        return read_state_dict(found[0], dtype=dtype)
+    state_dict = read_state_dict(path, SD_SINGLE_FILE_PREFIXES[part], dtype)
     if part == "unet" and not state_dict:
         keys = _file_keys(path)
         if any(k.startswith("conditioner.") for k in keys):
@@ -269,7 +270,7 @@ def load_stable_diffusion(path, dtype=torch.float32, device="cpu"):
     (unet/, vae/, text_encoder/). Strict, config from shapes, no second copy of the weights."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
-    unet = build_unet(_sd_part(path, "unet"), dtype, device, what=f"UNet ({path})")
-    vae = build_vae(_sd_part(path, "vae"), dtype, device)
-    text_encoder = build_clip_text(_sd_part(path, "text"), dtype, device)
+    unet = build_unet(_sd_part(path, "unet", dtype), dtype, device, what=f"UNet ({path})")
+    vae = build_vae(_sd_part(path, "vae", dtype), dtype, device)
+    text_encoder = build_clip_text(_sd_part(path, "text", dtype), dtype, device)
     return StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae)

@@ -27,33 +27,50 @@ def _gist(error, limit=160):
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-# Casting on read maps this much of a .safetensors file at a time (see _read_safetensors).
+def as_loaded(t, dtype=None, device=None):
+    """A checkpoint tensor as minidiff's models hold it: floating tensors in `dtype` (None: as stored; integer
+    buffers keep theirs), on `device` (None: where it is), convolution kernels [O, I, kh, kw] channels-last
+    (NHWC strides, same shape): oneDNN on the CPU and cuDNN on the GPU run convolutions fastest in that
+    layout, and a conv with a channels-last kernel gives channels-last activations, so every layer after the
+    first runs in it (the attention blocks then flatten [B, C, H, W] to [B, H*W, C] for free). Returns `t`
+    itself when it already is so."""
+    dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    layout = torch.channels_last if t.dim() == 4 else torch.preserve_format
+    return t.to(device=device or t.device, dtype=dtype, memory_format=layout)
+
+
+# Converting on read maps this much of a .safetensors file at a time (see _read_safetensors).
 CAST_WINDOW_BYTES = 256 * 2**20
 
 
 def _read_safetensors(path, keys, dtype):
-    """{key: tensor} of a .safetensors file; floating tensors cast to `dtype` (None: as stored).
+    """{key: tensor} of a .safetensors file: as stored, views of the memory-mapped file (dtype None: pages
+    are read at first use), or as_loaded(tensor, dtype) in memory of their own.
 
-    safetensors memory-maps the whole file: a tensor read as stored is a view of the mapping (no copy; its
-    pages are read at first use), but every page a cast reads stays resident until the mapping goes, which
-    is when no tensor and no handle uses it. So a cast reads through a fresh mapping every CAST_WINDOW_BYTES:
-    an fp16 file loaded into bf16 peaks at the bf16 weights plus one window, not plus the whole fp16 file."""
+    safetensors maps the whole file, and every page read through the mapping stays resident until the mapping
+    goes, which is when no tensor and no handle uses it. So converting reads through a fresh mapping every
+    CAST_WINDOW_BYTES and keeps no view of it (a tensor already in its model form is copied out): an fp16
+    file loaded into bf16 peaks at the bf16 weights plus one window, not plus the whole fp16 file, and an
+    fp32 file into fp32 not plus the convolution kernels (which as_loaded makes channels-last)."""
     out, f, window = {}, None, 0
     for key in keys:
         if f is None or window >= CAST_WINDOW_BYTES:
             f, window = safe_open(path, framework="pt"), 0  # the old mapping goes with its last user
-        t = f.get_tensor(key)
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            window += t.nbytes
-            t = t.to(dtype)
-        out[key] = t
+        stored = f.get_tensor(key)
+        if dtype is None:
+            out[key] = stored
+            continue
+        t = as_loaded(stored, dtype)
+        out[key] = stored.clone() if t is stored else t
+        window += stored.nbytes
     return out
 
 
 def read_state_dict(path, prefix="", dtype=None):
-    """Tensors of `path` whose key starts with `prefix`, prefix removed; floating ones cast to `dtype` if
-    given, one tensor at a time (so a file is never held in two precisions at once). .safetensors is read
-    lazily (tensors kept as stored are views of the memory-mapped file)."""
+    """Tensors of `path` whose key starts with `prefix`, prefix removed. With `dtype`, as a model will hold
+    them (as_loaded: floating ones in dtype, conv kernels channels-last), converted one tensor at a time, so a
+    file is never held in two forms at once. .safetensors is read lazily (tensors kept as stored are views
+    of the memory-mapped file)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     if path.endswith(".safetensors"):
@@ -77,9 +94,7 @@ def read_state_dict(path, prefix="", dtype=None):
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     out = {k[len(prefix):]: v for k, v in obj.items() if isinstance(v, torch.Tensor) and k.startswith(prefix)}
-    if dtype is not None:
-        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
-    return out
+    return out if dtype is None else {k: as_loaded(v, dtype) for k, v in out.items()}
 
 
 def load_strict(model, state_dict, what, dtype=None, device="cpu", ignore=()):
@@ -100,13 +115,9 @@ def load_strict(model, state_dict, what, dtype=None, device="cpu", ignore=()):
              if tuple(given[k].shape) != tuple(v.shape)]
     if wrong:
         raise CheckpointError(f"{what}: {len(wrong)} shape mismatches (file vs model), first: {wrong[:3]}")
-    # Floating tensors take the requested dtype; integer buffers keep theirs. Convolution kernels [O, I, kh, kw]
-    # are stored channels-last (NHWC strides, same shape): oneDNN on the CPU and cuDNN on the GPU run convolutions
-    # fastest in that layout, and a conv with a channels-last kernel gives channels-last activations, so every
-    # layer after the first runs in it (the attention blocks then flatten [B, C, H, W] to [B, H*W, C] for free).
-    cast = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype,
-                    memory_format=torch.channels_last if v.dim() == 4 else torch.preserve_format)
-            for k, v in given.items()}
+    # as_loaded: floating tensors in dtype, conv kernels channels-last (no copy for what read_state_dict
+    # already converted)
+    cast = {k: as_loaded(v, dtype, device) for k, v in given.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
