@@ -102,3 +102,13 @@ def test_unet_flops_equal_diffusers_count():
             ref(torch.empty(1, 4, 32, 32), torch.tensor([500]), encoder_hidden_states=torch.empty(1, 77, 768))
     flops = benchmark.unet_flops(UNetConfig(), 32, 77)
     assert flops == counter.get_total_flops() and abs(flops / 1e9 - 180.1) < 0.1
+
+
+def test_a_failed_benchmark_is_reported_and_the_others_still_print(monkeypatch, capsys):
+    def broken(ctx):
+        raise RuntimeError("the load worker (fp32) exited with 1")
+    monkeypatch.setattr(benchmark, "BENCHMARKS", {"load": broken, "unet": lambda ctx: (fake_rows(), {})})
+    monkeypatch.setattr(benchmark, "gemm_gflops", lambda dtype, n: 400.0)
+    with pytest.raises(SystemExit, match="benchmark: load: the load worker"):
+        benchmark.main(["--only", "load,unet", "--dtypes", "fp32"])
+    assert "| restore peak RSS above start (MiB) | 3000 | 4000 | 0.75 |" in capsys.readouterr().out

@@ -242,7 +242,7 @@ class Context:
 
     def __init__(self, args, preset, dtypes, chosen, tmp):
         self.args, self.preset, self.dtypes, self.chosen, self.tmp = args, preset, dtypes, chosen, tmp
-        self._ckpt, self._config, self._compared = args.checkpoint, None, {}
+        self._ckpt, self._config, self._compared, self.failed = args.checkpoint, None, {}, []
         self.libs = [lib for lib in LIBS if lib == "minidiff" or versions()["diffusers"]]
 
     def checkpoint(self):
@@ -262,7 +262,8 @@ class Context:
         return self._config
 
     def compare(self, dtype):
-        """unet / vae / restore figures in `dtype`, from one worker process that holds both libraries."""
+        """unet / vae / restore figures in `dtype`, from one worker process that holds both libraries; None
+        when that process failed (reported once, in self.failed: the other dtype's rows still count)."""
         if dtype not in self._compared:
             p = self.preset
             try:
@@ -271,10 +272,10 @@ class Context:
                     ckpt=self.checkpoint(), config=self.diffusers_config(), unet=p["unet"], vae=p["vae"],
                     restore=p["restore"], runs=self.args.runs, warmup=self.args.warmup,
                     restore_runs=self.args.restore_runs, seed=self.args.seed)
-            except RuntimeError as e:  # one failure for every part of that process, not one rerun each
-                self._compared[dtype] = e
-        if isinstance(self._compared[dtype], RuntimeError):
-            raise self._compared[dtype]
+            except RuntimeError as e:
+                self._compared[dtype] = None
+                self.failed.append(f"benchmark: {', '.join(IN_PROCESS)} in {dtype}: {e}")
+                print(self.failed[-1], file=sys.stderr, flush=True)
         return self._compared[dtype]
 
     def run(self, worker, **kw):
@@ -484,6 +485,8 @@ def worker_load(kw):
         load = lambda: minidiff.load_stable_diffusion(kw["ckpt"], dtype=dtype)  # noqa: E731
     else:
         from diffusers import StableDiffusionPipeline
+        from diffusers.utils import logging
+        logging.disable_progress_bar()
         load = lambda: StableDiffusionPipeline.from_single_file(  # noqa: E731
             kw["ckpt"], config=kw["config"], local_files_only=True, torch_dtype=dtype,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -527,6 +530,8 @@ def row(bench, figure, values, unit="s", dtype=None, flops=None):
 def bench_unet(ctx):
     rows, raw = [], {}
     for dtype in ctx.dtypes:
+        if ctx.compare(dtype) is None:
+            continue
         raw[dtype] = r = ctx.compare(dtype)["unet"]
         for m in r.values():
             rows.append(row("unet", f"UNet forward {m['size']}x{m['size']} latents, {m['tokens']} tokens, "
@@ -537,6 +542,8 @@ def bench_unet(ctx):
 def bench_vae(ctx):
     rows, raw = [], {}
     for dtype in ctx.dtypes:
+        if ctx.compare(dtype) is None:
+            continue
         raw[dtype] = r = ctx.compare(dtype)["vae"]
         for name, m in r.items():
             rows.append(row("vae", f"VAE {name} {m['size']}x{m['size']}, {dtype}, warm median (s)",
@@ -547,6 +554,8 @@ def bench_vae(ctx):
 def bench_restore(ctx):
     rows, raw = [], {}
     for dtype in ctx.dtypes:
+        if ctx.compare(dtype) is None:
+            continue
         raw[dtype] = m = ctx.compare(dtype)["restore"]
         what = f"Diff-Plugin restore {m['size']}x{m['size']}, {m['steps']} steps, {dtype}"
         rows += [row("restore", f"{what} (s)", _med(m["times_s"]), dtype=dtype),
@@ -970,7 +979,7 @@ def main(argv=None):
     machine = {"cpu": cpu, "versions": versions(), "threads": torch.get_num_threads(),
                "python": platform.python_version(), "load_start": load_start}
     print("GEMM peak:", {d: round(g) for d, g in gemm.items()}, "GFLOP/s", flush=True)
-    rows, raw, failed = [], {}, []
+    rows, raw = [], {}
     with tempfile.TemporaryDirectory(prefix="minidiff-bench-") as tmp:
         ctx = Context(args, preset, dtypes, chosen, tmp)
         if "diffusers" not in ctx.libs:
@@ -979,8 +988,8 @@ def main(argv=None):
             try:
                 r, raw[name] = BENCHMARKS[name](ctx)
             except RuntimeError as e:
-                failed.append(f"benchmark: {name}: {e}")
-                print(failed[-1], file=sys.stderr, flush=True)
+                ctx.failed.append(f"benchmark: {name}: {e}")
+                print(ctx.failed[-1], file=sys.stderr, flush=True)
                 continue
             rows += r
     minutes, machine["load_end"] = (time.perf_counter() - start) / 60, os.getloadavg()[0]
@@ -995,8 +1004,8 @@ def main(argv=None):
         with open(args.json + ".tmp", "w") as f:
             json.dump(doc, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
-    if failed:
-        sys.exit("\n".join(failed))
+    if ctx.failed:
+        sys.exit("\n".join(ctx.failed))
 
 
 def _worker_main():
