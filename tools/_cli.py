@@ -160,7 +160,7 @@ def run(main, argv=None):
         if not is_user_error(e):
             raise
         memory = "memory" in type(e).__name__.lower() or "memory" in str(e).lower()
-        hint = " (try a smaller size or --max-side, or --dtype fp16 on a GPU)" if memory else ""
+        hint = " (try a smaller size or --max-side, or --dtype fp16 on a GPU, bf16 on a CPU)" if memory else ""
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)
         return 1
 
