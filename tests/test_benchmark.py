@@ -131,7 +131,7 @@ def test_oracle_restore_runs_in_bf16_through_the_input_casts(tmp_path):
         tpb, scb = oracle.RefTPB(), oracle.RefSCB()
         for m in (unet, vae, clip, tpb, scb):
             m.to(dtype)
-        for m in (clip, vae.encoder, vae.post_quant_conv, unet, scb):  # as benchmark.restore_models
+        for m in (clip, vae.encoder, vae.post_quant_conv, unet, scb):  # as benchmark.measure_restore
             benchmark._cast_inputs(m, dtype)
         image = oracle.official_restore(unet, vae, clip, [("derain", tpb, scb)], photo, photo, steps=2)
         out[dtype] = np.asarray(image, dtype=np.int16)

@@ -393,22 +393,20 @@ def restore_models(nets, kw, dtype):
     nets["minidiff"].update(
         clip=load_strict(mini_clip, clip.state_dict(), "CLIP vision", ignore=CLIP_IGNORED).eval(),
         plugin=build_plugin("derain", tpb.state_dict(), scb_from_diffusers(scb.state_dict()), 8))
-    for m in (clip, nets["diffusers"]["vae"].encoder, nets["diffusers"]["vae"].post_quant_conv,
-              nets["diffusers"]["unet"], scb):
-        _cast_inputs(m, dtype)
     nets["diffusers"].update(clip=clip, plugin=("derain", tpb, scb))
 
 
 def _cast_inputs(module, dtype):
     """Cast a module's floating-point inputs to `dtype` at its door, as infer.py does with weight_dtype (the
-    oracle loop is written for fp32: its pixels, noise and zero mid residual are fp32 tensors)."""
+    oracle loop is written for fp32: its pixels, noise and zero mid residual are fp32 tensors) -> the hook's
+    handle."""
     import torch
 
     def cast(v):  # the SCB's residuals come as a list, padded with fp32 zeros
         if isinstance(v, (list, tuple)):
             return type(v)(map(cast, v))
         return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-    module.register_forward_pre_hook(
+    return module.register_forward_pre_hook(
         lambda m, args, kwargs: (tuple(map(cast, args)), {k: cast(v) for k, v in kwargs.items()}),
         with_kwargs=True)
 
@@ -424,11 +422,14 @@ def measure_restore(nets, kw, dtype):
     m = nets["minidiff"]
     fns = {"minidiff": lambda: restore(m["sd"], m["clip"], [m["plugin"]], photo, steps=steps,
                                        clip_image=photo, progress=False)}
+    hooks = []
     if "diffusers" in nets:
         import official_oracle as oracle
         d = nets["diffusers"]
         fns["diffusers"] = lambda: oracle.official_restore(d["unet"], d["vae"], d["clip"], [d["plugin"]],
                                                            photo, photo, steps=steps)
+        hooks = [_cast_inputs(m, dtype) for m in (d["clip"], d["vae"].encoder, d["vae"].post_quant_conv,
+                                                   d["unet"], d["plugin"][2])]
     times, peaks, images = {lib: [] for lib in fns}, {lib: [] for lib in fns}, {}
     for i in range(kw["restore_runs"]):  # no warm-up: the unet and vae parts ran these shapes before
         for lib in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
@@ -437,6 +438,8 @@ def measure_restore(nets, kw, dtype):
             images[lib] = np.asarray(fns[lib](), dtype=np.int16)
             times[lib].append(time.perf_counter() - t)
             peaks[lib].append(_status_mb("VmHWM") - base)
+    for h in hooks:
+        h.remove()
     diff = int(np.abs(images["minidiff"] - images["diffusers"]).max()) if len(images) == 2 else None
     print(f"  restore {size}x{size}, {steps} steps: {_medians(times)}; max pixel diff {diff}", flush=True)
     return {"size": size, "steps": steps, "times_s": times, "peak_above_start_mb": peaks,
