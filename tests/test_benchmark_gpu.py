@@ -1,5 +1,6 @@
 """Tests of tools/benchmark_gpu.py on the CPU with tiny models: its diffusers loop is the official one
-(official_oracle.official_restore) and minidiff on the converted weights gives the same image, and the whole
+(official_oracle.official_restore), minidiff on the converted weights gives the same image, the full-size
+weights convert at the published sizes (on the meta device), and the whole
 script runs every variant end to end and writes its record (torch.compile on dynamo's eager backend here:
 inductor's CPU code generation takes minutes; tests/test_compile.py runs it).
 
@@ -65,3 +66,16 @@ def test_script_end_to_end(tmp_path, monkeypatch, capsys):
     assert counters["stats"]["unique_graphs"] == 2  # one graph per library: no recompile across steps
     out = capsys.readouterr().out
     assert "bf16 64: minidiff compiled" in out and "bf16 64: minidiff eager" in out
+
+
+def test_full_size_models_convert():
+    """The GPU run's full-size weights, built on the meta device (no memory): every reference tensor lands in
+    minidiff's models at the published sizes (SD-1.5 UNet and VAE, ViT-L/14, the official TPB and SCB)."""
+    ref = bench.reference_models(tiny=False, device="meta")
+    sd, clip, plugin = bench.minidiff_models(ref, torch.float16)
+    ours = {"unet": sd.unet, "vae": sd.vae, "clip": clip, "tpb": plugin.tpb, "scb": plugin.scb}
+    sizes = {k: sum(p.numel() for p in m.parameters()) for k, m in ours.items()}
+    assert sizes == {k: sum(p.numel() for p in m.parameters()) for k, m in ref.items()}
+    assert sizes == {"unet": 859_520_964, "vae": 83_653_863, "clip": 303_179_776, "tpb": 2_890_496,
+                     "scb": 11_973_120}
+    assert plugin.scb.cfg.heads == 8 and clip.cfg.heads == 16 and sd.unet.cfg.channel_mult == (1, 2, 4, 4)
