@@ -18,6 +18,7 @@ import sd_layout
 from helpers import assert_close
 from minidiff.unet import TINY_UNET, UNet, UNetConfig
 from minidiff.loading import build_unet
+from minidiff.prepack import prepack_convs
 
 # fp32 throughout; the two implementations differ only in summation order (SDPA vs SDPA, conv vs conv), so
 # 1e-4 x max(1, max|ref|) (the bound) leaves room for ~1e-6 relative noise through ~30 layers.
@@ -118,10 +119,13 @@ def test_original_layout_round_trip_through_diffusers(kw):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "prepacked"])
 @pytest.mark.parametrize("hw", [(16, 16), (17, 13)])
-def test_eps_parity_tiny(hw):
+def test_eps_parity_tiny(hw, packed):
     dunet = diffusers_unet(**TINY_DIFFUSERS)
     unet = load_original(dunet)
+    if packed:  # CPU inference: 3x3 kernels packed once for oneDNN (minidiff/prepack.py)
+        prepack_convs(unet)
     torch.manual_seed(1)
     x, ctx, t = torch.randn(2, 4, *hw), torch.randn(2, 6, 32), torch.tensor([981, 1])
     with torch.no_grad():
@@ -166,4 +170,6 @@ def test_eps_parity_sd15_full_size():
     del osd
     with torch.no_grad():
         eps = unet(x, t, ctx)
+        eps_packed = prepack_convs(unet)(x, t, ctx)
     assert_close(eps, ref, TOL, "UNet eps SD-1.5 full size 16x16")
+    assert_close(eps_packed, ref, TOL, "UNet eps SD-1.5 full size 16x16, prepacked convs")
