@@ -1,8 +1,8 @@
-"""Tests of tools/benchmark_gpu.py on the CPU with tiny models: its diffusers loop is the official one
-(official_oracle.official_restore), minidiff on the converted weights gives the same image, the full-size
-weights convert at the published sizes (on the meta device), and the whole
-script runs every variant end to end and writes its record (torch.compile on dynamo's eager backend here:
-inductor's CPU code generation takes minutes; tests/test_compile.py runs it).
+"""Tests of tools/benchmark_gpu.py on the CPU: its diffusers loop is the official one
+(official_oracle.official_restore) and minidiff on the converted weights gives the same image (tiny models),
+the full-size weights convert at the published sizes (on the meta device), and the whole script runs every
+variant end to end and writes its record (tiny models; torch.compile on dynamo's eager backend here:
+inductor's CPU code generation takes minutes, tests/test_compile.py runs it).
 
     python -m pytest tests/test_benchmark_gpu.py -q -s
 """
