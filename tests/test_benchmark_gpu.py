@@ -34,7 +34,7 @@ def max_level_diff(a, b):
 
 def test_loops_match_the_official_one():
     ref = bench.reference_models(tiny=True, device="cpu")
-    photo = bench.test_photo(64)
+    photo = bench.sample_photo(64)
     plugins = [("derain", ref["tpb"], ref["scb"])]
     official = oracle.official_restore(ref["unet"], ref["vae"], ref["clip"], plugins, photo, photo, steps=3)
     ours = bench.diffusers_restore(ref, photo, 3)

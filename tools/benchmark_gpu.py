@@ -10,8 +10,9 @@ and VAE, transformers' CLIP vision and the official TPB/SCB of tools/official_or
 minidiff's models): minidiff eager (restore()), minidiff compiled (restore(compile=True): SCB + UNet as one
 torch.compile graph, static shapes, CUDA graphs), diffusers eager (the official loop) and diffusers compiled
 (the same loop, its SCB + UNet call compiled with the same settings). Per row: latency (median of --runs
-restores after one warm-up, which compiles: compile_s), it/s = (steps - 1) / (latency - latency of a 1-step
-restore) (the denoising loop alone: CLIP, TPB and the VAE cancel), peak GPU memory above the resident weights,
+restores after one warm-up, which compiles: first_s), it/s = (steps - 1) / (latency - latency of a 1-step
+restore) (the denoising loop alone: CLIP, TPB and the VAE cancel), peak GPU memory of the variant's runs
+(warm-up included) above what was allocated before them (weights, earlier rows' CUDA graph pools),
 and the largest difference in 8-bit levels from minidiff's fp32 eager image. Rows go most wanted first (512:
 fp16's 4 variants, then bf16's; then 1024): each is printed (flushed) and --json rewritten as it comes, so a
 run cut short keeps what it measured. Needs diffusers and transformers (the test extras). Not yet run on a
@@ -133,23 +134,22 @@ def timed(fn, device, runs):
 
 def measure(restore_fn, steps, device, runs, fp32_image):
     """One row's figures for restore_fn(steps) -> PIL image."""
-    row = {}
-    row["first_s"], _ = timed(lambda: restore_fn(steps), device, 1)  # compiles, records CUDA graphs, warms up
-    if device.type == "cuda":
+    if device.type == "cuda":  # from before the warm-up: CUDA graphs allocate their memory pool when recorded
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_allocated()  # weights, and the pools of earlier rows' graphs
+    first, _ = timed(lambda: restore_fn(steps), device, 1)  # compiles, records CUDA graphs, warms up
     latency, image = timed(lambda: restore_fn(steps), device, runs)
+    row = {"first_s": round(first, 2)}
     if device.type == "cuda":
         row["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20)
     one_step, _ = timed(lambda: restore_fn(1), device, runs)
     row.update(latency_s=round(latency, 4), it_s=round((steps - 1) / max(latency - one_step, 1e-9), 2))
     diff = np.abs(np.asarray(image, np.int16) - np.asarray(fp32_image, np.int16))
     row.update(max_levels_vs_fp32=int(diff.max()), mean_levels_vs_fp32=round(float(diff.mean()), 3))
-    row["first_s"] = round(row["first_s"], 2)
     return row
 
 
-def test_photo(size, seed=0):
+def sample_photo(size, seed=0):
     """A smooth random photo (low-frequency noise upsampled): the VAE and CLIP see image-like input."""
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 256, (size // 32 + 2, size // 32 + 2, 3), dtype=np.uint8))
@@ -182,7 +182,7 @@ def main(argv=None):
                                       mode="reduce-overhead" if device.type == "cuda" else "default")
     models = {}  # dtype name -> ((sd, clip, plugin), reference models), made on first use
     for size in args.sizes:  # 512 first: the size the targets name
-        photo = test_photo(size)
+        photo = sample_photo(size)
         fp32_image = restore(*ours32[:2], [ours32[2]], photo, steps=args.steps, progress=False)
         for name in args.dtypes:
             if name not in models:
