@@ -85,7 +85,7 @@ def test_inductor_matches_eager():
             assert_close(eps, denoise_step(unet, plugin.scb, x, t, cond, ctx), 1e-5, f"compiled eps t={t}")
     assert counters["stats"]["unique_graphs"] == 1
     eager = restore(sd, None, [plugin], image, steps=4, progress=False, features=feats)
-    # 2e-6 differences through 4 UniPC steps and the VAE stay far below half a level of 8-bit output:
-    # measured 0 levels; a pixel rounding the other way (1 level) is allowed
+    # 1e-6 differences through 4 UniPC steps and the VAE stay far below one level of 8-bit output; a pixel
+    # sitting on a rounding boundary can still flip by one level: measured max 1 level
     print(f"compiled vs eager restore: {max_level_diff(out, eager)} levels")
     assert max_level_diff(out, eager) <= 1
