@@ -51,20 +51,23 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, emb_ch, groups=32):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(),
+        # SiLU in place on the GroupNorm output: one activation-sized buffer less per norm (GroupNorm's backward
+        # needs its input, not its output, so this is safe under autograd too)
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(inplace=True),
                                        nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         # index 2 is Dropout in CompVis (p=0 at inference); kept so that conv stays at out_layers.3
-        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(inplace=True), nn.Dropout(0.0),
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
-        # x: [B, in_ch, H, W], emb: [B, emb_ch] -> [B, out_ch, H, W]
+        # x: [B, in_ch, H, W], emb: [B, emb_ch] -> [B, out_ch, H, W]. The adds go in place into the conv outputs
+        # (a convolution's backward does not need its output), so no extra activation-sized buffers.
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]  # [B, out_ch, 1, 1] broadcast over space
+        h += self.emb_layers(emb)[:, :, None, None]  # [B, out_ch, 1, 1] broadcast over space
         h = self.out_layers(h)
-        return self.skip_connection(x) + h
+        return h.add_(self.skip_connection(x))  # = skip(x) + h: float addition commutes exactly
 
 
 class CrossAttention(nn.Module):
