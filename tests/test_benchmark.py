@@ -136,3 +136,21 @@ def test_oracle_restore_runs_in_bf16_through_the_input_casts(tmp_path):
         image = oracle.official_restore(unet, vae, clip, [("derain", tpb, scb)], photo, photo, steps=2)
         out[dtype] = np.asarray(image, dtype=np.int16)
     assert np.abs(out[torch.float32] - out[torch.bfloat16]).max() <= 8
+
+
+def test_measure_unet_and_vae_on_tiny_networks():
+    """The in-process measurements on tiny minidiff networks (minidiff alone: no max diff): the figures'
+    shape, one timed run per figure, and the FLOPs counted for the network's own config."""
+    from types import SimpleNamespace
+    from minidiff.unet import TINY_UNET, UNet
+    from minidiff.vae import TINY_VAE, AutoencoderKL
+    torch.manual_seed(0)
+    sd = SimpleNamespace(unet=UNet(TINY_UNET).eval(), vae=AutoencoderKL(TINY_VAE).eval())
+    kw = {"unet": [(8, 5)], "vae": 32, "runs": 1, "warmup": 0, "seed": 0, "dtype": "fp32"}
+    with torch.inference_mode():
+        unet = benchmark.measure_unet({"minidiff": {"sd": sd}}, kw, torch.float32)
+        vae = benchmark.measure_vae({"minidiff": {"sd": sd}}, kw, torch.float32)
+    m = unet["8x5"]
+    assert (m["size"], m["tokens"], m["max_diff"]) == (8, 5, None) and len(m["times_s"]["minidiff"]) == 1
+    assert m["flops"] == benchmark.unet_flops(TINY_UNET, 8, 5) > 0
+    assert set(vae) == {"encode", "decode"} and vae["decode"]["size"] == 32
