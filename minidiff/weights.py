@@ -40,7 +40,7 @@ def as_loaded(t, dtype=None, device=None):
 
 
 # Converting on read maps this much of a .safetensors file at a time (see _read_safetensors).
-CAST_WINDOW_BYTES = 256 * 2**20
+CAST_WINDOW_BYTES = 64 * 2**20
 
 
 def _read_safetensors(path, keys, dtype):
