@@ -2,7 +2,7 @@
 """Benchmark minidiff against diffusers/transformers on the same random SD-1.5 weights, one table.
 
     python tools/benchmark.py --json bench.json      # everything, fp32 (+ bf16 where the CPU has it), ~25 min
-    python tools/benchmark.py --quick                # CI-sized: small shapes, one run each (~5 min)
+    python tools/benchmark.py --quick                # CI-sized: small shapes, one run each (~8 min)
     python tools/benchmark.py --only unet,vae --dtypes fp32 --runs 5
     python tools/benchmark.py --only load --checkpoint checkpoints/v1-5-pruned-emaonly.safetensors
     MINIDIFF_ORACLE_PYTHON=... python tools/benchmark.py --only features   # FID/KID features (not default)
@@ -296,9 +296,14 @@ class Context:
 # ------------------------------------------------------------- in one process: unet, vae, restore
 
 def load_pair(kw, dtype):
-    """Both libraries' networks from the same single file in `dtype` -> {lib: {name: network}}."""
+    """Both libraries' networks from the same single file in `dtype` -> {lib: {name: network}}. minidiff's
+    UNet and VAE get their 3x3 conv kernels packed once for oneDNN, as the tools do for CPU inference."""
     import minidiff
-    nets = {"minidiff": {"sd": minidiff.load_stable_diffusion(kw["ckpt"], dtype=dtype)}}
+    from minidiff.prepack import prepack_convs
+    sd = minidiff.load_stable_diffusion(kw["ckpt"], dtype=dtype)
+    prepack_convs(sd.unet)
+    prepack_convs(sd.vae)
+    nets = {"minidiff": {"sd": sd}}
     if "diffusers" in kw["libs"]:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         opts = dict(config=kw["config"], local_files_only=True, torch_dtype=dtype)
@@ -376,6 +381,7 @@ def restore_models(nets, kw, dtype):
     from minidiff.clip import CLIP_VISION_L14, CLIPVisionModel
     from minidiff.plugin import SCB, TPB, TaskPlugin
     from minidiff.plugin_files import build_plugin
+    from minidiff.prepack import prepack_convs
     from minidiff.weights import CLIP_IGNORED, load_strict, scb_from_diffusers
     torch.manual_seed(kw["seed"] + 2)
     if "diffusers" not in nets:  # minidiff alone: its own random init
@@ -390,9 +396,10 @@ def restore_models(nets, kw, dtype):
     clip, tpb, scb = (m.to(dtype).eval() for m in (clip, tpb, scb))
     with torch.device("meta"):
         mini_clip = CLIPVisionModel(replace(CLIP_VISION_L14, projection=None))  # CLIPVisionModel: none
-    nets["minidiff"].update(
-        clip=load_strict(mini_clip, clip.state_dict(), "CLIP vision", ignore=CLIP_IGNORED).eval(),
-        plugin=build_plugin("derain", tpb.state_dict(), scb_from_diffusers(scb.state_dict()), 8))
+    plugin = build_plugin("derain", tpb.state_dict(), scb_from_diffusers(scb.state_dict()), 8)
+    prepack_convs(plugin.scb)  # as for the UNet and VAE (load_pair)
+    clip_mini = load_strict(mini_clip, clip.state_dict(), "CLIP vision", ignore=CLIP_IGNORED).eval()
+    nets["minidiff"].update(clip=clip_mini, plugin=plugin)
     nets["diffusers"].update(clip=clip, plugin=("derain", tpb, scb))
 
 
@@ -509,7 +516,9 @@ def worker_load(kw):
     context = torch.randn(1, 77, 768, generator=g).to(dtype)  # text hidden states [1, 77, 768]
     with torch.inference_mode():
         t = time.perf_counter()
-        if kw["lib"] == "minidiff":
+        if kw["lib"] == "minidiff":  # what the tools run on the CPU: kernels packed once, then the forward
+            from minidiff.prepack import prepack_convs
+            prepack_convs(pipe.unet)
             pipe.unet(x, torch.tensor([500]), context)
         else:
             pipe.unet(x, torch.tensor([500]), encoder_hidden_states=context)
@@ -583,7 +592,8 @@ def bench_load(ctx):
         rows += [row("load", f"load SD-1.5 single file, {dtype}, best (s)", best("seconds"), dtype=dtype),
                  row("load", f"load + read every weight, {dtype}, best (s)", best("ready_seconds"),
                      dtype=dtype),
-                 row("load", f"UNet first forward 64x64, 77 tokens, {dtype}, fresh process (s)",
+                 row("load", f"UNet first forward 64x64, 77 tokens, {dtype}, fresh process (s; minidiff: "
+                     "with prepack_convs)",
                      best("first_forward_s"), dtype=dtype, flops=unet_flops(UNetConfig(), 64, 77)),
                  row("load", f"peak RSS: load + first forward, {dtype} (MiB)",
                      {lib: max(r["peak_rss_mb"] for r in rs) for lib, rs in runs.items()}, unit="MiB",
