@@ -18,7 +18,7 @@ Size: the official code has two rules, both followed by a LANCZOS rescale to mul
 - "demo" (demo.py l.166-173, the prompt-driven entry point): the short side ALWAYS becomes `image_resolution`
   (512 by default, a 512-1024 slider in steps of 64), downscaling included; PIL bicubic, int() sizes;
 - "infer" (infer.py l.96-107, the per-task script): the short side is raised to 512 only when a side is below
-  512; bigger photos run at full size (a 2834x2091 photo runs out of GPU memory).
+  512; bigger photos run at full size (a 2834x2091 photo runs out of GPU memory in the official code).
 `resize_photo` applies either rule unless the result's long side would exceed `max_side`; then it rescales
 the photo once so the long side fits (multiples of 8), and says so. Sides under MIN_SIDE are refused by the
 callers (`check_min_side`).
@@ -32,12 +32,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from minidiff.files import atomic_write
 
-# Default cap on the long side of the processed image. The official demo's largest setting is a short side of
-# 1024 (demo.py `image_resolution` slider 512-1024), i.e. 1536 long for a 3:2 photo. Peak GPU memory of one
-# plugin run (full-size SD-1.5 + plugin, random weights, fp16, measured on an H200): 3.3 GiB at 512x512,
-# 8.1 GiB at 1536x1024, 23.7 GiB at 2048x1536, 75.6 GiB at 2832x2088 (the photo the official code runs
-# out of memory on). 1536 keeps a run within a 12 GB consumer GPU; --max-side 0 removes the cap.
-DEFAULT_MAX_SIDE = 1536
+# Default cap on the long side of the processed image: 3072, so that the photo the official code runs out of
+# memory on (2834x2091; infer.py's rule keeps it at full size) is restored at full size, and the 4:3 size just
+# above it (3072x2304, 7.1 MP) too. It fits because the VAE goes through tiles above 1536x1024
+# (minidiff.vae.TILE_ABOVE) and the UNet's attention runs in SDPA's fused kernels (no tokens x tokens matrix
+# in memory): peak RSS of load + one restore, full-size SD-1.5 + CLIP ViT-L/14 + a plugin, random weights,
+# fp32 on the CPU (tools/bench_memory.py): 8.50 GiB at 1152x864 (one VAE pass), 9.84 GiB for the 2834x2091
+# photo (tiles; the loaded weights alone 5.4 GiB), well inside 24 GiB (untiled, the VAE would add ~2.8 GiB
+# per megapixel). GPU memory was measured
+# before the VAE was tiled (fp16, H200): 3.3 GiB at 512x512, 8.1 GiB at 1536x1024, 23.7 GiB at 2048x1536,
+# 75.6 GiB at 2832x2088; not remeasured since. --max-side 0 removes the cap.
+DEFAULT_MAX_SIDE = 3072
 OFFICIAL_SHORT_SIDE = 512  # infer.py l.96-107; demo.py's `image_resolution` default
 # demo.py's "Image Resolution" slider (l.333): minimum 512, maximum 1024, step 64
 SHORT_SIDES = tuple(range(512, 1024 + 1, 64))
