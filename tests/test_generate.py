@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from minidiff.imageio import DEFAULT_MAX_SIDE
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "generate.py"
 
@@ -64,7 +66,7 @@ def test_txt2img_and_img2img(tmp_path):
 BAD = {  # case -> (arguments, exit code, words of the message)
     "bad size": (["--size", 60], 2, "steps of 8"),
     "size under the smallest": (["--size", 8], 2, "must be at least 64"),
-    "size over the cap": (["--size", 16384], 1, "over --max-side 1536"),
+    "size over the cap": (["--size", 16384], 1, f"over --max-side {DEFAULT_MAX_SIDE}"),
     "nan guidance": (["--guidance", "nan"], 2, "finite"),
     "inf guidance": (["--guidance", "inf"], 2, "finite"),
     "seed too large": (["--seed", 2**63], 2, "must be 0..9223372036854775807"),
