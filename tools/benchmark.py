@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark minidiff against diffusers/transformers on the same random SD-1.5 weights, one table.
 
-    python tools/benchmark.py --json bench.json      # everything, fp32 (+ bf16 where the CPU has it), ~25 min
+    python tools/benchmark.py --json bench.json      # all; fp32 (+ bf16 if the CPU has it); ~25 min, 2 cores
     python tools/benchmark.py --quick                # CI-sized: small shapes, one run each (~8 min)
     python tools/benchmark.py --only unet,vae --dtypes fp32 --runs 5
     python tools/benchmark.py --only load --checkpoint checkpoints/v1-5-pruned-emaonly.safetensors
