@@ -56,7 +56,8 @@ TINY_VAE = replace(VAEConfig(), ch=32, ch_mult=(1, 2), num_res_blocks=1)
 # above TILE_ABOVE pixels: every size the official demo makes (short side 512-1024, up to 1536x1024 for a
 # 3:2 photo) stays one pass, bit-identical to diffusers' plain encode/decode. Above it the VAE's memory stops
 # growing with the photo: fp32 CPU encode + decode peak RSS 4.16 GiB untiled at 1 MP (about +2.8 GiB per
-# MP, so ~18 GiB at 6 MP), tiled 1.50 GiB at 0.25 MP and 1.57 GiB at 1 MP (the same measurement).
+# MP, so ~18 GiB at 6 MP), tiled 1.50 GiB at 0.25 MP and 1.57 GiB at 1 MP (the same measurement); a whole
+# restore at 2 MP peaks at 6.82 GiB tiled, 11.38 GiB untiled (tools/bench_memory.py).
 TILE = 512  # tile side in image pixels (TILE // 8 = 64 latent cells): SD's training size, diffusers' default
 TILE_OVERLAP = 0.25  # fraction of a tile shared with the next one (diffusers' tile_overlap_factor)
 TILE_ABOVE = 1536 * 1024  # images (or latents of images) of more pixels than this go through tiles
