@@ -7,7 +7,8 @@ AutoencoderKL with enable_tiling() on the same weights (tiny config, small tiles
 edges), the algorithm minidiff reproduces.
 Slow (full-size SD-1.5 VAE, random weights): tiled against untiled on a photo where both fit: difference
 bounded, and no seams: the difference along the tile borders is no bigger than inside the tiles.
-Run: cd /work/main && python -m pytest tests/test_vae_tiling.py -q -s --runslow
+Run: cd /work/main && python -m pytest tests/test_vae_tiling.py -q -s --runslow    (one thread: the fast and
+parity tests ~6 s, diffusers' import included; the slow full-size test ~1 min)
 """
 import pytest
 import torch
