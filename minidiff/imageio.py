@@ -39,9 +39,9 @@ from minidiff.files import atomic_write
 # in memory): peak RSS of load + one restore, full-size SD-1.5 + CLIP ViT-L/14 + a plugin, random weights,
 # fp32 on the CPU (tools/bench_memory.py, 1 UNet step; the loaded weights alone 5.4 GiB): 6.38 GiB at
 # 512x512, 8.50 GiB at 1152x864 (both one VAE pass), 6.82 GiB at 1632x1224 (tiles; 11.38 GiB in one pass),
-# 7.96 GiB at 2304x1728 and 9.84 GiB for the 2834x2091 photo (tiles): well inside 24 GiB. GPU memory was measured before the VAE was
-# tiled (fp16, H200): 3.3 GiB at 512x512, 8.1 GiB at 1536x1024, 23.7 GiB at 2048x1536, 75.6 GiB at
-# 2832x2088; not remeasured since. --max-side 0: no cap.
+# 7.96 GiB at 2304x1728 and 9.84 GiB for the 2834x2091 photo (tiles): well inside 24 GiB. GPU memory was
+# measured before the VAE was tiled (fp16, H200): 3.3 GiB at 512x512, 8.1 GiB at 1536x1024, 23.7 GiB at
+# 2048x1536, 75.6 GiB at 2832x2088; not remeasured since. --max-side 0: no cap.
 DEFAULT_MAX_SIDE = 3072
 OFFICIAL_SHORT_SIDE = 512  # infer.py l.96-107; demo.py's `image_resolution` default
 # demo.py's "Image Resolution" slider (l.333): minimum 512, maximum 1024, step 64
