@@ -23,6 +23,7 @@ from minidiff.imageio import DEFAULT_MAX_SIDE, OFFICIAL_SHORT_SIDE, check_min_si
 from minidiff.loading import load_clip_vision, load_stable_diffusion
 from minidiff.plugin import clip_features, restore
 from minidiff.plugin_files import find_plugins, load_plugin, load_selector
+from minidiff.prepack import prepack_convs
 from minidiff.selector import chosen_by_scores, composite_tasks, select
 
 # A rule upscaling the short side more than this many times gets a warning: the result is mostly invented.
@@ -62,6 +63,8 @@ def load_models(sd, clip, plugins, tasks=None, selector=None, dtype=torch.float3
     loaded = {t: load_plugin(found[t], t, **kw) for t in (tasks or found)}
     models = Models(load_stable_diffusion(sd, **kw), load_clip_vision(clip, **kw), loaded,
                     load_selector(selector, **kw) if selector else None)
+    for net in (models.sd.unet, models.sd.vae, *(p.scb for p in loaded.values())):
+        prepack_convs(net)  # CPU inference: 3x3 conv kernels packed once for oneDNN (no-op on the GPU)
     files = {"sd": sd, "clip": clip, **{f"plugin:{t}": found[t] for t in loaded}}
     return models, {**files, **({"selector": selector} if selector else {})}
 
