@@ -112,7 +112,7 @@ def run_row(args, paths, width, height, untiled, out):
 def difference(a_path, b_path):
     """max and mean |tiled - untiled| of the decoded images and of the latents, and mean |untiled|."""
     import torch
-    a, b = torch.load(a_path), torch.load(b_path)
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
     out = {f"{k}_{s}": round(float(getattr((a[k] - b[k]).abs(), s)()), 4)
            for k in ("image", "latent") for s in ("max", "mean")}
     # the untiled values' own size, to read the differences against (random weights are not in [-1, 1])
