@@ -5,24 +5,25 @@ the model code but loads no weights, no vocabulary (the tokenizer reads it when 
 none of the reference libraries the tests compare with (tests/test_import.py checks all three).
 """
 # Stable Diffusion 1.x and CLIP: loaders, networks, tokenizer, preprocessing
-from minidiff.clip import CLIPTextModel, CLIPVisionModel, clip_preprocess
-from minidiff.loading import load_clip_vision, load_stable_diffusion
-from minidiff.tokenizer import CLIPTokenizer
-from minidiff.unet import UNet, UNetConfig
-from minidiff.vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+from minidiff.models.clip import CLIPTextModel, CLIPVisionModel, clip_preprocess
+from minidiff.io.loading import load_clip_vision, load_stable_diffusion
+from minidiff.models.tokenizer import CLIPTokenizer
+from minidiff.models.unet import UNet, UNetConfig
+from minidiff.models.vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 # samplers and the plain SD pipelines
-from minidiff.pipeline import StableDiffusion, img2img, txt2img
-from minidiff.schedulers import DDIMInverse, add_noise, make_sampler
+from minidiff.diffusion.pipeline import img2img, txt2img
+from minidiff.models.stable_diffusion import StableDiffusion
+from minidiff.diffusion.schedulers import DDIMInverse, add_noise, make_sampler
 # Diff-Plugin: the Task-Plugins, their files, the Plugin-Selector, photos in
-from minidiff.imageio import load_image
-from minidiff.plugin import TASKS, TaskPlugin, restore
-from minidiff.plugin_files import load_plugin, load_selector, save_plugin, save_selector
-from minidiff.selector import PluginSelector, select
+from minidiff.io.imageio import load_image
+from minidiff.plugin.plugin import TASKS, TaskPlugin, restore
+from minidiff.plugin.files import load_plugin, load_selector, save_plugin, save_selector
+from minidiff.plugin.selector import PluginSelector, select
 # Training: the Task-Plugin objective (train.py's step) and the Plugin-Selector's Table 5 metrics
-from minidiff.selector_eval import selector_metrics
-from minidiff.training import plugin_loss
+from minidiff.eval.selector_eval import selector_metrics
+from minidiff.train.training import plugin_loss
 # FID / KID
-from minidiff.metrics import frechet_distance, kernel_distance, load_feature_extractor
+from minidiff.eval.metrics import frechet_distance, kernel_distance, load_feature_extractor
 
 __all__ = [
     "CLIPTextModel", "CLIPVisionModel", "clip_preprocess", "load_clip_vision", "load_stable_diffusion",

@@ -26,10 +26,10 @@ from pathlib import Path, PurePath
 
 from tqdm import tqdm
 
-from minidiff.files import sha256_file
-from minidiff.loading import SD_DIFFUSERS_FILES
-from minidiff.plugin import TASKS
-from minidiff.plugin_files import OFFICIAL_BASE_MODEL, find_plugins
+from minidiff.io.files import sha256_file
+from minidiff.io.loading import SD_DIFFUSERS_FILES
+from minidiff.plugin.plugin import TASKS
+from minidiff.plugin.files import OFFICIAL_BASE_MODEL, find_plugins
 
 HF = "https://huggingface.co"
 # Official Diff-Plugin weights live in the code repository itself (pre-trained/<task>/...); pinned to the

@@ -50,15 +50,17 @@ def python_in_subprocess(code, timeout=600):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# tools/ on sys.path: the official-code oracle, tools/official_oracle.py, is shared with tools/benchmark.py
-# (`import official_oracle` in a test needs helpers imported first)
-if os.path.join(REPO, "tools") not in sys.path:
-    sys.path.insert(0, os.path.join(REPO, "tools"))
+# tools/ (the tools' private helpers such as _cli) and tools/bench/ (the benchmarks the tests import) on
+# sys.path; the official-code oracle, tests/official_oracle.py, sits beside the tests and is shared with
+# tools/bench/benchmark.py
+for _path in (os.path.join(REPO, "tools"), os.path.join(REPO, "tools", "bench"), os.path.dirname(__file__)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 def photo_folder():
     """A folder of real photos: the official demo photos beside the checkout (../shared/data/official-demo,
     varied sizes and modes) when present, else the committed examples/ (public-domain photos,
-    tools/make_examples.py)."""
+    tools/bench/make_examples.py)."""
     demo = os.path.join(os.path.dirname(REPO), "shared", "data", "official-demo")
     return demo if os.path.isdir(demo) else os.path.join(REPO, "examples")

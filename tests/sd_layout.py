@@ -1,7 +1,7 @@
 """Test-side writer of the ORIGINAL Stable Diffusion 1.x single-file layout from diffusers/transformers
 modules.
 
-Written independently of minidiff.weights (prefix tables built by walking the block structure, the way the
+Written independently of minidiff.io.weights (prefix tables built by walking the block structure, the way the
 CompVis UNetModel constructor counts its blocks) and proved by test_unet.py: a round trip through diffusers'
 own single-file conversion (diffusers.loaders.single_file_utils) gives back every tensor unchanged.
 Shared by the tests of U1 (UNet), S (pipelines), P1 (plugins) and U2 (VAE) to build original-layout files.
@@ -104,7 +104,7 @@ def original_to_unet(osd, layers_per_block, attention_blocks, blocks):
 
 def vae_to_original(dsd, levels):
     """Diffusers AutoencoderKL state dict -> original CompVis VAE names (no prefix; tensors shared). U2's
-    writer, independent of minidiff.weights.vae_from_diffusers; proved by test_vae.py's round trip through
+    writer, independent of minidiff.io.weights.vae_from_diffusers; proved by test_vae.py's round trip through
     diffusers."""
     out = {}
     for key, t in dsd.items():

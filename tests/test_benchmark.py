@@ -1,4 +1,4 @@
-"""tools/benchmark.py without full-size networks: the CPU description, the alternating timer, the table's
+"""tools/bench/benchmark.py without full-size networks: the CPU description, the alternating timer, the table's
 ratio and GEMM-peak arithmetic, and a whole `main()` run (with --json) on stand-in benchmarks.
 
     python -m pytest tests/test_benchmark.py -q        # ~10 s on one thread (diffusers import, FLOP count)
@@ -95,7 +95,7 @@ def test_unet_flops_equal_diffusers_count():
     minidiff's SD-1.5 UNet and diffusers' count the same 180.1 GFLOP at 32x32 latents, 77 tokens."""
     diffusers = pytest.importorskip("diffusers")
     from torch.utils.flop_counter import FlopCounterMode
-    from minidiff.unet import UNetConfig
+    from minidiff.models.unet import UNetConfig
     with torch.device("meta"):
         ref = diffusers.UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
         with FlopCounterMode(display=False) as counter:
@@ -142,8 +142,8 @@ def test_measure_unet_and_vae_on_tiny_networks():
     """The in-process measurements on tiny minidiff networks (minidiff alone: no max diff): the figures'
     shape, one timed run per figure, and the FLOPs counted for the network's own config."""
     from types import SimpleNamespace
-    from minidiff.unet import TINY_UNET, UNet
-    from minidiff.vae import TINY_VAE, AutoencoderKL
+    from minidiff.models.unet import TINY_UNET, UNet
+    from minidiff.models.vae import TINY_VAE, AutoencoderKL
     torch.manual_seed(0)
     sd = SimpleNamespace(unet=UNet(TINY_UNET).eval(), vae=AutoencoderKL(TINY_VAE).eval())
     kw = {"unet": [(8, 5)], "vae": 32, "runs": 1, "warmup": 0, "seed": 0, "dtype": "fp32"}

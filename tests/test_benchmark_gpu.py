@@ -1,4 +1,4 @@
-"""Tests of tools/benchmark_gpu.py on the CPU: its diffusers loop is the official one
+"""Tests of tools/bench/benchmark_gpu.py on the CPU: its diffusers loop is the official one
 (official_oracle.official_restore) and minidiff on the converted weights gives the same image (tiny models),
 the full-size weights convert at the published sizes (on the meta device), and the whole script runs every
 variant end to end and writes its record (tiny models; torch.compile on dynamo's eager backend here:
@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 import helpers  # noqa: F401  (puts tools/ on sys.path; first)
 import benchmark_gpu as bench  # imports diffusers only when called
 import official_oracle as oracle
-from minidiff.plugin import compiled_denoise_step, restore
+from minidiff.plugin.plugin import compiled_denoise_step, restore
 
 pytestmark = pytest.mark.parity
 

@@ -1,4 +1,4 @@
-"""bf16 on the CPU: --dtype auto and the native-bf16 check (minidiff/cpu.py, tools/_cli.py resolve_device),
+"""bf16 on the CPU: --dtype auto and the native-bf16 check (minidiff/io/cpu.py, tools/_cli.py resolve_device),
 and the error of every network and of a whole restore in bf16 against the same weights in fp32.
 
 Yardstick (@pytest.mark.parity, needs diffusers + transformers): diffusers'/transformers' own bf16-vs-fp32
@@ -23,10 +23,10 @@ import torch
 import sd_layout
 from helpers import assert_close
 import _cli  # tools/, on sys.path through helpers
-from minidiff import cpu
-from minidiff.clip import TINY_CLIP_TEXT
-from minidiff.loading import build_clip_text, build_unet, build_vae, load_clip_vision, load_stable_diffusion
-from minidiff.weights import vae_from_diffusers
+from minidiff.io import cpu
+from minidiff.models.clip import TINY_CLIP_TEXT
+from minidiff.io.loading import build_clip_text, build_unet, build_vae, load_clip_vision, load_stable_diffusion
+from minidiff.io.weights import vae_from_diffusers
 
 BF16 = torch.bfloat16
 
@@ -180,8 +180,8 @@ def test_restore_bf16_close_to_fp32(official):
     Measured: max 5/255, mean 0.81/255 (derain and lowlight plugins alike; the image's std is 42/255). Bounds:
     12/255 max (every network's ~2e-2 bf16 error, carried through 20 steps, moves a few pixels by a few
     levels) and 2/255 mean (what a viewer sees)."""
-    from minidiff.plugin import restore
-    from minidiff.plugin_files import load_plugin
+    from minidiff.plugin.plugin import restore
+    from minidiff.plugin.files import load_plugin
     from PIL import Image
     root, _ = official
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""Tests for minidiff.clip.clip_preprocess (CLIP's image preprocessing).
+"""Tests for minidiff.models.clip.clip_preprocess (CLIP's image preprocessing).
 
 Fast: shapes and dtype for single images, lists and non-RGB modes; inputs left untouched.
 Parity (@pytest.mark.parity, needs transformers 4.x): against transformers' CLIPImageProcessor (the PIL/numpy
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from helpers import assert_close, photo_folder
-from minidiff.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from minidiff.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
 DEMO = photo_folder()
 # (width, height): exact 224, one over (odd crop), smaller than 224, tiny, thin strips, 1 and 3 pixels high

@@ -1,4 +1,4 @@
-"""Tests for the CLIP text tower (minidiff/clip.py CLIPTextModel) and loading.build_clip_text.
+"""Tests for the CLIP text tower (minidiff/models/clip.py CLIPTextModel) and loading.build_clip_text.
 
 Fast: shapes, the causal mask (a later token never changes earlier hidden states), the pooled index (first
 end-of-text), the config read from shapes, the SD 2.x refusal, a checkpoint's position_ids ignored.
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from helpers import assert_close
-from minidiff.clip import CLIP_TEXT_L14, TINY_CLIP_TEXT, CLIPTextModel
-from minidiff.loading import build_clip_text
-from minidiff.weights import CheckpointError, read_state_dict
+from minidiff.models.clip import CLIP_TEXT_L14, TINY_CLIP_TEXT, CLIPTextModel
+from minidiff.io.loading import build_clip_text
+from minidiff.io.weights import CheckpointError, read_state_dict
 
 BOS, EOS = 49406, 49407
 
@@ -78,7 +78,7 @@ def test_causal_mask():
 
 def test_sdpa_matches_explicit_attention(monkeypatch):
     """The SDPA path and the explicit softmax path of layers.attention agree on the causal text tower."""
-    import minidiff.clip as clip
+    import minidiff.models.clip as clip
     model = randomize_(CLIPTextModel(TINY_CLIP_TEXT)).eval()
     ids = make_ids([7, 30])
     fast, _ = model(ids)

@@ -1,4 +1,4 @@
-"""Tests for the CLIP vision tower (minidiff/clip.py CLIPVisionModel) and loading.load_clip_vision.
+"""Tests for the CLIP vision tower (minidiff/models/clip.py CLIPVisionModel) and loading.load_clip_vision.
 
 Fast: output shapes and count, no projection -> image_embeds None, the OpenAI `visual.*` rename table on a
 model-made state dict (and as a file with text-tower keys beside it), one-line CheckpointErrors for a
@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from helpers import assert_close
-from minidiff.clip import (CLIP_VISION_B32, CLIP_VISION_L14, TINY_CLIP_VISION, TINY_CLIP_VISION_B32,
+from minidiff.models.clip import (CLIP_VISION_B32, CLIP_VISION_L14, TINY_CLIP_VISION, TINY_CLIP_VISION_B32,
                            CLIPVisionModel)
-from minidiff.loading import load_clip_vision
-from minidiff.weights import CheckpointError, clip_vision_from_openai
+from minidiff.io.loading import load_clip_vision
+from minidiff.io.weights import CheckpointError, clip_vision_from_openai
 from test_clip_text import hf_model, randomize_
 
 

@@ -1,7 +1,7 @@
-"""Tests of the compiled restore path (minidiff.plugin: denoise_step, compiled_denoise_step,
+"""Tests of the compiled restore path (minidiff.plugin.plugin: denoise_step, compiled_denoise_step,
 restore(compile=True)) on the CPU, with tiny random models: the steps and the plugins of a restore share ONE
 compiled graph (no recompile: the timestep is a tensor input, the weights are inputs), a new image size
-compiles once more (static shapes), and the compiled result matches eager. tools/benchmark_gpu.py measures
+compiles once more (static shapes), and the compiled result matches eager. tools/bench/benchmark_gpu.py measures
 the GPU speed (tests/test_benchmark_gpu.py runs it on the CPU), tests/test_gpu.py checks the compiled path
 on CUDA.
 
@@ -18,10 +18,10 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 from helpers import assert_close
-from minidiff.fake import fake_models
-from minidiff.plugin import SCB, TINY_PLUGIN, TPB, TaskPlugin, compiled_denoise_step, denoise_step, restore
-from minidiff.unet import TINY_UNET, UNet
-from minidiff.vae import TINY_VAE, AutoencoderKL
+from minidiff.plugin.fake import fake_models
+from minidiff.plugin.plugin import SCB, TINY_PLUGIN, TPB, TaskPlugin, compiled_denoise_step, denoise_step, restore
+from minidiff.models.unet import TINY_UNET, UNet
+from minidiff.models.vae import TINY_VAE, AutoencoderKL
 
 
 @pytest.fixture(autouse=True)

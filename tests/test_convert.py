@@ -1,6 +1,6 @@
 """Tests of tools/convert.py: official <-> minidiff plugin and selector files, bit-exact both ways, batch
 conversion of a pre-trained/ folder, one-line errors; and (parity) that exported files load strictly into the
-official module structure rebuilt from diffusers (tools/official_oracle.py).
+official module structure rebuilt from diffusers (tests/official_oracle.py).
 
     python -m pytest tests/test_convert.py -q -s           (a few seconds)
 """
@@ -15,11 +15,11 @@ import torch
 
 import helpers  # noqa: F401  (puts tools/ on sys.path: official_oracle)
 
-from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin
-from minidiff.plugin_files import (export_official_plugin, find_plugins, load_plugin, load_selector,
+from minidiff.plugin.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin
+from minidiff.plugin.files import (export_official_plugin, find_plugins, load_plugin, load_selector,
                                    save_plugin)
-from minidiff.selector import PluginSelector
-from minidiff.weights import CheckpointError
+from minidiff.plugin.selector import PluginSelector
+from minidiff.io.weights import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("convert_tool", os.path.join(ROOT, "tools", "convert.py"))

@@ -1,4 +1,4 @@
-"""Tests for minidiff/degrade.py: seeded determinism, valid images for all eight tasks at odd sizes, the
+"""Tests for minidiff/train/degrade.py: seeded determinism, valid images for all eight tasks at odd sizes, the
 official face pipeline's parameter ranges and kernels, the OpenCV stand-ins' rules, the direction each
 degradation moves a photo, and the unknown-task error. CPU, no files, a few seconds:
 
@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from minidiff.degrade import (DEGRADATIONS, bivariate_gaussian, degrade, face_params, filter2d, jpeg,
+from minidiff.train.degrade import (DEGRADATIONS, bivariate_gaussian, degrade, face_params, filter2d, jpeg,
                               resize_linear)
-from minidiff.plugin import TASKS
+from minidiff.plugin.plugin import TASKS
 
 
 def photo(h=96, w=96, texture=0.0):

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff import metrics
+from minidiff.eval import metrics
 from helpers import assert_close, photo_folder, run_oracle
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of minidiff.files: atomic writes (nothing half-written, no temporary file left behind, on success or
+"""Tests of minidiff.io.files: atomic writes (nothing half-written, no temporary file left behind, on success or
 failure; the image and JSON writers go through them) and the SHA-256 digest.
 
     python -m pytest tests/test_files.py -q
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidiff.files import save_json_atomic, sha256_file
-from minidiff.imageio import save_png_atomic
+from minidiff.io.files import save_json_atomic, sha256_file
+from minidiff.io.imageio import save_png_atomic
 
 
 def test_atomic_writes_and_hash(tmp_path):

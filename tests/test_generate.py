@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidiff.imageio import DEFAULT_MAX_SIDE
+from minidiff.io.imageio import DEFAULT_MAX_SIDE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "generate.py"
@@ -98,7 +98,7 @@ def test_non_finite_result_stops_naming_the_step(tmp_path):
     """A NaN in the UNet's last conv: the first UNet call's output is NaN; nothing is written."""
     import torch
     from safetensors.torch import save_file
-    from minidiff.fake import fake_models
+    from minidiff.plugin.fake import fake_models
     sd = fake_models([], False).sd
     torch.nn.init.constant_(sd.unet.out[-1].bias, float("nan"))
     parts = {"model.diffusion_model.": sd.unet, "first_stage_model.": sd.vae,

@@ -11,9 +11,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from helpers import assert_close
-from minidiff.layers import attention
-from minidiff.plugin import SCB, compiled_denoise_step, denoise_step
-from minidiff.unet import UNet, UNetConfig
+from minidiff.models.layers import attention
+from minidiff.plugin.plugin import SCB, compiled_denoise_step, denoise_step
+from minidiff.models.unet import UNet, UNetConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -110,7 +110,7 @@ def test_compiled_restore_step(full_unet, dtype):
 
 def test_unet_vs_diffusers(full_unet):
     diffusers = pytest.importorskip("diffusers")
-    from minidiff.weights import unet_from_diffusers
+    from minidiff.io.weights import unet_from_diffusers
     torch.manual_seed(0)
     ref_model = diffusers.UNet2DConditionModel(
         sample_size=64, cross_attention_dim=768, attention_head_dim=8,

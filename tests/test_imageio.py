@@ -1,4 +1,4 @@
-"""minidiff.imageio: loading awkward image files, the official size rule and the cap, side-by-side.
+"""minidiff.io.imageio: loading awkward image files, the official size rule and the cap, side-by-side.
 
 Every file is made in tmp_path by the test itself (no downloads). Runs in about a second:
     python -m pytest tests/test_imageio.py -q
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidiff.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_resize,
+from minidiff.io.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_resize,
                               official_size, side_by_side)
 
 
@@ -144,7 +144,7 @@ def test_official_resize_rule():
 @pytest.mark.parametrize("size", [(1, 1), (300, 200), (200, 300), (511, 511), (512, 512), (700, 530),
                                   (900, 301), (2834, 2091)])
 def test_official_size_matches_official_resize(size):
-    from minidiff.imageio import official_resize
+    from minidiff.io.imageio import official_resize
     assert official_resize(Image.new("RGB", size)).size == official_size(*size)
 
 

@@ -15,7 +15,7 @@ from helpers import python_in_subprocess
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = ["diffusers", "transformers", "open_clip", "huggingface_hub", "cleanfid", "pytorch_fid",
              "torchvision", "accelerate", "clip"]
-# tools/benchmark.py times minidiff against diffusers by design (it imports diffusers when it is installed)
+# tools/bench/benchmark.py times minidiff against diffusers by design (it imports diffusers when it is installed)
 TOOLS_ALLOWED_REFERENCE = {"benchmark.py"}
 
 # Run in the subprocess: records every file opened while importing, then reports what got loaded.
@@ -48,7 +48,7 @@ def test_import_minidiff_is_light():
     # plain imports: the public names are ordinary attributes (no module __getattr__), and the tokenizer's
     # vocabulary is read only when a CLIPTokenizer is made (its .gz is among the data files _check refuses)
     result = _run("import minidiff\n"
-                  "from minidiff.tokenizer import VOCAB_PATH\n"
+                  "from minidiff.models.tokenizer import VOCAB_PATH\n"
                   "report(lazy=hasattr(minidiff, '__getattr__'), vocab=str(VOCAB_PATH),\n"
                   "       missing=[n for n in minidiff.__all__ if n not in vars(minidiff)])")
     _check(result, "import minidiff")

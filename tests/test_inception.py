@@ -1,4 +1,4 @@
-"""Tests of minidiff/inception.py, the FID InceptionV3.
+"""Tests of minidiff/eval/inception.py, the FID InceptionV3.
 
 Fast: output shape, strict loading of a pt_inception-style state dict (fc and num_batches_tracked skipped),
 the padding-free average pool. Parity (oracle environment with pytorch-fid; MINIDIFF_ORACLE_PYTHON): features
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from minidiff import inception, metrics
-from minidiff.weights import CheckpointError
+from minidiff.eval import inception, metrics
+from minidiff.io.weights import CheckpointError
 from helpers import assert_close, photo_folder, run_oracle
 
 ORACLE = os.path.join(os.path.dirname(__file__), "oracle")

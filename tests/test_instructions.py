@@ -1,4 +1,4 @@
-"""Tests of minidiff/instructions.py: the packaged instruction corpus (sizes the issue asks for, no
+"""Tests of minidiff/train/instructions.py: the packaged instruction corpus (sizes the issue asks for, no
 duplicates), its train/test split (disjoint, complete, stable across Python versions: committed values),
 adding a task by adding a key, and the seeded combinations of Table 5's settings.
 
@@ -6,8 +6,8 @@ adding a task by adding a key, and the seeded combinations of Table 5's settings
 """
 import json
 
-from minidiff import instructions as ins
-from minidiff.plugin import TASKS
+from minidiff.train import instructions as ins
+from minidiff.plugin.plugin import TASKS
 
 
 def test_corpus_sizes_and_split(tmp_path):

@@ -28,7 +28,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from minidiff.schedulers import DDIMInverse, alphas_cumprod, make_sampler
+from minidiff.diffusion.schedulers import DDIMInverse, alphas_cumprod, make_sampler
 
 STEPS = [1, 2, 10, 20, 50]
 U = 2.0 ** -24  # float32 unit roundoff
@@ -66,7 +66,7 @@ def photo_latent():
     """A real photo (examples/, public domain) at 16x16, encoded by the tiny random VAE (2x downsampling):
     posterior mean x 0.18215, [1, 4, 8, 8]."""
     from pathlib import Path
-    from minidiff.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL
+    from minidiff.models.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL
     path = Path(__file__).resolve().parents[1] / "examples" / "astronaut-lowlight.jpg"
     img = PIL.Image.open(path).convert("RGB").resize((16, 16), PIL.Image.LANCZOS)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].contiguous()
@@ -104,7 +104,7 @@ def test_affine_eps_round_trip_within_lipschitz_bound():
 
 def test_tiny_unet_photo_round_trip():
     from dataclasses import replace
-    from minidiff.unet import TINY_UNET, UNet
+    from minidiff.models.unet import TINY_UNET, UNet
     x0 = photo_latent()
     torch.manual_seed(1)
     cfg = replace(TINY_UNET, channel_mult=(1, 2), num_res_blocks=1)  # two levels: 2N calls stay cheap

@@ -1,4 +1,4 @@
-"""Tests for the SD/UNet sections of minidiff/weights.py and minidiff/loading.py: unet_from_diffusers, the
+"""Tests for the SD/UNet sections of minidiff/io/weights.py and minidiff/io/loading.py: unet_from_diffusers, the
 UNet config read from shapes, one-line errors for other model families and broken files, and
 load_stable_diffusion.
 
@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 
 import sd_layout
 from helpers import assert_close
-from minidiff.unet import TINY_UNET, UNet, UNetConfig
-from minidiff.loading import build_unet, load_stable_diffusion, unet_config_from_state_dict
-from minidiff.weights import CheckpointError, unet_from_diffusers
+from minidiff.models.unet import TINY_UNET, UNet, UNetConfig
+from minidiff.io.loading import build_unet, load_stable_diffusion, unet_config_from_state_dict
+from minidiff.io.weights import CheckpointError, unet_from_diffusers
 
 
 def model_state_dict(cfg, meta=False, seed=0):
@@ -96,8 +96,8 @@ def test_sdxl_and_sd2_markers_named():
 
 def tiny_single_file_dict(seed=0):
     """A tiny SD single file made from minidiff's own modules (names are the original ones already)."""
-    from minidiff.clip import TINY_CLIP_TEXT, CLIPTextModel
-    from minidiff.vae import TINY_VAE, AutoencoderKL
+    from minidiff.models.clip import TINY_CLIP_TEXT, CLIPTextModel
+    from minidiff.models.vae import TINY_VAE, AutoencoderKL
     torch.manual_seed(seed)
     parts = {"model.diffusion_model.": UNet(TINY_UNET), "first_stage_model.": AutoencoderKL(TINY_VAE),
              "cond_stage_model.transformer.": CLIPTextModel(

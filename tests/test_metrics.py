@@ -1,4 +1,4 @@
-"""Tests of minidiff/metrics.py: FID/KID statistics, saved statistics, clean-fid's CLIP preprocessing.
+"""Tests of minidiff/eval/metrics.py: FID/KID statistics, saved statistics, clean-fid's CLIP preprocessing.
 
 Fast: closed-form FID vs scipy sqrtm, KID properties, .npz round trip and feature-type checks.
 Parity (oracle environment with clean-fid + pytorch-fid; MINIDIFF_ORACLE_PYTHON):
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from minidiff import metrics
+from minidiff.eval import metrics
 from helpers import run_oracle
 
 ORACLE = os.path.join(os.path.dirname(__file__), "oracle")
@@ -128,7 +128,7 @@ def test_fid_kid_equal_cleanfid_and_pytorch_fid(tmp_path):
 def test_clip_weights_must_be_b32(tmp_path):
     import torch
     from safetensors.torch import save_file
-    from minidiff.clip import TINY_CLIP_VISION_B32, CLIPVisionModel
+    from minidiff.models.clip import TINY_CLIP_VISION_B32, CLIPVisionModel
     torch.manual_seed(0)
     save_file(CLIPVisionModel(TINY_CLIP_VISION_B32).state_dict(), str(tmp_path / "tiny.safetensors"))
     with pytest.raises(metrics.MetricsError, match="not a CLIP ViT-B/32 vision tower"):

@@ -1,4 +1,4 @@
-"""Tests of minidiff/pipeline.py: txt2img and img2img against diffusers' StableDiffusionPipeline and
+"""Tests of minidiff/diffusion/pipeline.py: txt2img and img2img against diffusers' StableDiffusionPipeline and
 StableDiffusionImg2ImgPipeline on random tiny weights, plus fast checks of the image pre/post-processing.
 
 Parity (@pytest.mark.parity, needs diffusers + transformers): one set of random tiny components (diffusers
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import sd_layout
-from minidiff.imageio import tensor_to_pil
-from minidiff.pipeline import preprocess
+from minidiff.io.imageio import tensor_to_pil
+from minidiff.diffusion.pipeline import preprocess
 from test_schedulers import REFERENCE, SD15_SCHEDULER_CONFIG
 
 # Random weights in fp32 on both sides; the latents agree to ~1e-5 (VAE/UNet summation order, UniPC/DPM alpha
@@ -46,12 +46,12 @@ def test_preprocess_and_postprocess():
 def test_tiny_pipelines_run_seeded():
     """minidiff alone (no reference library): sizes; same seed, same image; another seed, another image."""
     from dataclasses import replace
-    from minidiff.clip import TINY_CLIP_TEXT, CLIPTextModel
-    from minidiff.pipeline import img2img, txt2img
-    from minidiff.tokenizer import CLIPTokenizer
-    from minidiff.unet import TINY_UNET, UNet
-    from minidiff.vae import TINY_VAE, AutoencoderKL
-    from minidiff.pipeline import StableDiffusion
+    from minidiff.models.clip import TINY_CLIP_TEXT, CLIPTextModel
+    from minidiff.diffusion.pipeline import img2img, txt2img
+    from minidiff.models.tokenizer import CLIPTokenizer
+    from minidiff.models.unet import TINY_UNET, UNet
+    from minidiff.models.vae import TINY_VAE, AutoencoderKL
+    from minidiff.models.stable_diffusion import StableDiffusion
     torch.manual_seed(0)
     unet = UNet(replace(TINY_UNET, context_dim=TINY_CLIP_TEXT.width)).eval()
     text, vae = CLIPTextModel(TINY_CLIP_TEXT).eval(), AutoencoderKL(TINY_VAE).eval()
@@ -123,7 +123,7 @@ def compare(mine, ref, what):
 @pytest.mark.parametrize("name,steps", [("ddim", 10), ("ddpm", 10), ("unipc", 10), ("dpmpp2m", 10),
                                         ("euler", 10), ("unipc", 3)])
 def test_txt2img_matches_diffusers(components, name, steps):
-    from minidiff.pipeline import txt2img
+    from minidiff.diffusion.pipeline import txt2img
     sd = components[0]
     prompt, seed = "a photo of a red car", 7
     with torch.no_grad():
@@ -142,7 +142,7 @@ def test_txt2img_matches_diffusers(components, name, steps):
 def test_img2img_matches_diffusers(components, name, strength, guidance):
     """A 67x53 photo, rescaled to 64x48 by LANCZOS on both sides (minidiff's preprocessing must equal
     VaeImageProcessor's exactly); guidance 1.0 runs without the negative half."""
-    from minidiff.pipeline import img2img
+    from minidiff.diffusion.pipeline import img2img
     sd = components[0]
     photo = PIL.Image.open(PHOTO).convert("RGB").resize((67, 53), PIL.Image.BICUBIC)
     prompt, seed, steps = "a cat, oil painting", 3, 10
@@ -160,7 +160,7 @@ def test_img2img_matches_diffusers(components, name, strength, guidance):
 
 @pytest.mark.parity
 def test_negative_prompt_and_bad_arguments(components):
-    from minidiff.pipeline import img2img, txt2img
+    from minidiff.diffusion.pipeline import img2img, txt2img
     sd = components[0]
     with torch.no_grad():
         ref = reference_pipeline(components, "ddim")(

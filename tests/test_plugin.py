@@ -1,4 +1,4 @@
-"""Tests of minidiff.plugin: TPB/SCB shapes and rules, a plugin that does not fit, and parity of the whole
+"""Tests of minidiff.plugin.plugin: TPB/SCB shapes and rules, a plugin that does not fit, and parity of the whole
 restoration loop with the official one rebuilt from diffusers + transformers (official_oracle.py). The plugin
 files are tested in test_plugin_files.py, the resolution rule in test_imageio.py.
 
@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import helpers  # noqa: F401  (puts tools/ on sys.path: official_oracle)
-from minidiff.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin, restore
-from minidiff.plugin_files import load_plugin
+from minidiff.plugin.plugin import TINY_PLUGIN, SCB, TPB, TaskPlugin, restore
+from minidiff.plugin.files import load_plugin
 
 
 def tiny_plugin(task="derain", seed=0):
@@ -73,7 +73,7 @@ def official(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minidiff_models(official):
-    from minidiff.loading import load_clip_vision, load_stable_diffusion
+    from minidiff.io.loading import load_clip_vision, load_stable_diffusion
     _, root, _, _, _, _ = official
     plugins = {t: load_plugin(root / "pre-trained" / t) for t in ["derain", "lowlight", "dehaze"]}
     return load_stable_diffusion(str(root / "sd")), load_clip_vision(str(root / "clip")), plugins
@@ -104,8 +104,8 @@ def test_restore_matches_official_loop(official, minidiff_models, tasks, steps):
 
 def test_mismatched_plugin_is_refused():
     from types import SimpleNamespace
-    from minidiff.clip import TINY_CLIP_VISION
-    from minidiff.unet import TINY_UNET
+    from minidiff.models.clip import TINY_CLIP_VISION
+    from minidiff.models.unet import TINY_UNET
     sd, clip = SimpleNamespace(unet=SimpleNamespace(cfg=TINY_UNET)), SimpleNamespace(cfg=TINY_CLIP_VISION)
     cfg = TINY_PLUGIN.__class__(**{**TINY_PLUGIN.__dict__, "context_dim": 64})
     with torch.device("meta"):

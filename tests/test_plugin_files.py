@@ -1,4 +1,4 @@
-"""Tests of minidiff.plugin_files: the Task-Plugin and Plugin-Selector files, minidiff's one-file format and
+"""Tests of minidiff.plugin.files: the Task-Plugin and Plugin-Selector files, minidiff's one-file format and
 the official layouts (scb/ + tpb.pt, PromptTunner.pt with `module.` prefixes): round trips, the plugin-folder
 scan, and (parity) that a plugin written in the official layout loads into modules that compute what the
 official TPBNet / SCBNet rebuilt from diffusers compute (official_oracle.py). tools/convert.py, which writes
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers import assert_close
-from minidiff import selector as sel
-from minidiff.plugin import TASKS, TINY_PLUGIN, SCB, TPB, TaskPlugin
-from minidiff.plugin_files import find_plugins, load_plugin, load_selector, save_plugin, save_selector
-from minidiff.weights import CheckpointError
+from minidiff.plugin import selector as sel
+from minidiff.plugin.plugin import TASKS, TINY_PLUGIN, SCB, TPB, TaskPlugin
+from minidiff.plugin.files import find_plugins, load_plugin, load_selector, save_plugin, save_selector
+from minidiff.io.weights import CheckpointError
 
 
 def tiny_plugin(task="derain", seed=0):

@@ -1,4 +1,4 @@
-"""Tests for minidiff/prepack.py: 3x3 convolution kernels packed once for oneDNN (CPU inference).
+"""Tests for minidiff/models/prepack.py: 3x3 convolution kernels packed once for oneDNN (CPU inference).
 
 The packed path runs the same oneDNN kernel as F.conv2d on channels-last inputs, so outputs must equal the
 dense model's up to summation-order noise (measured: bit-identical in most layers, <= 1e-5 of max|y| over a
@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 from helpers import assert_close
-from minidiff.clip import TINY_CLIP_VISION, CLIPVisionModel
-from minidiff.prepack import PackedConv2d, prepack_convs
-from minidiff.unet import TINY_UNET, UNet
-from minidiff.vae import TINY_VAE, AutoencoderKL
+from minidiff.models.clip import TINY_CLIP_VISION, CLIPVisionModel
+from minidiff.models.prepack import PackedConv2d, prepack_convs
+from minidiff.models.unet import TINY_UNET, UNet
+from minidiff.models.vae import TINY_VAE, AutoencoderKL
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 

@@ -1,6 +1,6 @@
-"""minidiff.restoration and the tool's run_photo: the official entry points end to end.
+"""minidiff.plugin.restoration and the tool's run_photo: the official entry points end to end.
 
-- The size rules (minidiff.imageio.resize_photo, used by restore_photo) against a transcription of demo.py
+- The size rules (minidiff.io.imageio.resize_photo, used by restore_photo) against a transcription of demo.py
   l.166-173 / infer.py l.96-107 and VaeImageProcessor's LANCZOS to multiples of 8 (official_oracle.py): the
   sizes of the nine official demo photos for every slider value 512..1024, and the pixels of real photos
   (../shared/data/official-demo when present, else examples/).
@@ -23,7 +23,7 @@ from PIL import Image
 
 from helpers import photo_folder  # first: it puts tools/ (official_oracle) on sys.path
 import official_oracle as oracle
-from minidiff.imageio import (SHORT_SIDES, list_images, load_image, resize_photo, resized_size,
+from minidiff.io.imageio import (SHORT_SIDES, list_images, load_image, resize_photo, resized_size,
                               to_multiple_of_8)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -103,9 +103,9 @@ def selectors(root):
 
 @pytest.fixture(scope="module")
 def minidiff_models(official):
-    from minidiff.loading import load_clip_vision, load_stable_diffusion
-    from minidiff.plugin_files import load_plugin, load_selector
-    from minidiff.restoration import Models
+    from minidiff.io.loading import load_clip_vision, load_stable_diffusion
+    from minidiff.plugin.files import load_plugin, load_selector
+    from minidiff.plugin.restoration import Models
     root = official[0]
     refs = selectors(root)
     base = Models(load_stable_diffusion(str(root / "sd")), load_clip_vision(str(root / "clip")),

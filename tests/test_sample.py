@@ -153,8 +153,8 @@ def test_real_loading_path_and_hashes(tmp_path):
     import hashlib
     from safetensors.torch import save_file
 
-    from minidiff.fake import fake_models
-    from minidiff.plugin_files import save_plugin, save_selector
+    from minidiff.plugin.fake import fake_models
+    from minidiff.plugin.files import save_plugin, save_selector
     m = fake_models(["derain", "deblur"])
     parts = {"model.diffusion_model.": m.sd.unet, "first_stage_model.": m.sd.vae,
              "cond_stage_model.transformer.": m.sd.text_encoder}

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from test_sample import ROOT, SCRIPT, photo, sample
-from minidiff.imageio import DEFAULT_MAX_SIDE
+from minidiff.io.imageio import DEFAULT_MAX_SIDE
 
 
 def one_error_line(proc, code):
@@ -31,8 +31,8 @@ def weights(tmp_path_factory):
     """The tiny models as files: an SD single file, CLIP vision, a NaN 'derain' trained on that SD, and a
     'deblur' trained on another one."""
     from safetensors.torch import save_file
-    from minidiff.fake import fake_models
-    from minidiff.plugin_files import save_plugin
+    from minidiff.plugin.fake import fake_models
+    from minidiff.plugin.files import save_plugin
     root = tmp_path_factory.mktemp("weights")
     m = fake_models(["derain", "deblur"], with_selector=False)
     parts = {"model.diffusion_model.": m.sd.unet, "first_stage_model.": m.sd.vae,

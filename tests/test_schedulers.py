@@ -1,4 +1,4 @@
-"""Tests of minidiff/schedulers.py: closed-form checks of the schedule and samplers, and step-for-step
+"""Tests of minidiff/diffusion/schedulers.py: closed-form checks of the schedule and samplers, and step-for-step
 parity with diffusers' schedulers (`<Scheduler>.from_config(SD-1.5 scheduler config)`, UniPC with
 final_sigmas_type="sigma_min").
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from minidiff.schedulers import DDIMInverse, add_noise, alphas_cumprod, make_sampler, predict_x0
+from minidiff.diffusion.schedulers import DDIMInverse, add_noise, alphas_cumprod, make_sampler, predict_x0
 
 # SD-1.5's scheduler/scheduler_config.json (a PNDM config; the other classes take the fields they know).
 SD15_SCHEDULER_CONFIG = {

@@ -1,4 +1,4 @@
-"""Tests of minidiff.selector: the selection rule (threshold, null entry, official order, composite table)
+"""Tests of minidiff.plugin.selector: the selection rule (threshold, null entry, official order, composite table)
 and parity of the scores with the official formula on transformers' CLIPTextModel / CLIPVisionModel
 (official_oracle.py). The selector files are tested in test_plugin_files.py.
 
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from helpers import assert_close
-from minidiff import selector as sel
-from minidiff.plugin_files import load_plugin, load_selector
+from minidiff.plugin import selector as sel
+from minidiff.plugin.files import load_plugin, load_selector
 
 
 def fake_scores(monkeypatch, values):
@@ -66,9 +66,9 @@ def test_scores_match_official(tmp_path):
     transformers = pytest.importorskip("transformers")
     import official_oracle as oracle
     from test_tokenizer import _reference_tokenizer
-    from minidiff.loading import build_clip_text, load_clip_vision
-    from minidiff.weights import read_state_dict
-    from minidiff.tokenizer import CLIPTokenizer
+    from minidiff.io.loading import build_clip_text, load_clip_vision
+    from minidiff.io.weights import read_state_dict
+    from minidiff.models.tokenizer import CLIPTokenizer
     _, _, text, clip = oracle.make_sd_and_clip(str(tmp_path))
     tasks = ["derain", "lowlight", "dehaze", "face"]
     tpbs = [oracle.make_plugin(str(tmp_path / "pre-trained" / t), 20 + i)[0] for i, t in enumerate(tasks)]

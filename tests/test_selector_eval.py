@@ -1,4 +1,4 @@
-"""Tests of minidiff/selector_eval.py: the Table 5 metrics (ZTA, mAP, CP, CR, CF1, OP, OR, OF1) on a
+"""Tests of minidiff/eval/selector_eval.py: the Table 5 metrics (ZTA, mAP, CP, CR, CF1, OP, OR, OF1) on a
 hand-made case with its edge cases (a task with no positive request, requests with no target task, nothing
 positive at all), and against scikit-learn on random cases with ties (parity: scikit-learn is a test extra).
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidiff.selector_eval import selector_metrics
+from minidiff.eval.selector_eval import selector_metrics
 
 
 def test_metrics_hand_made():

@@ -1,4 +1,4 @@
-"""Tests of minidiff/selector_training.py and the selector tools: eq. 6 against a loop-by-loop computation,
+"""Tests of minidiff/train/selector_training.py and the selector tools: eq. 6 against a loop-by-loop computation,
 the batch draws, learning with tiny networks (the loss falls, held-out single-task ZTA rises above chance),
 tools/train_selector.py (bit-identical --resume after SIGKILL; its PromptTunner.pt loaded by the official
 PromptTunnerModel, rebuilt here from modules/prompt.py, scores alike; refusals as one line) and
@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from helpers import assert_close
-from minidiff import instructions as ins, selector_training as st
-from minidiff.plugin import TASKS
-from minidiff.plugin_files import export_official_selector
-from minidiff.fake import fake_models
-from minidiff.selector import PluginSelector
-from minidiff.selector_eval import evaluate
+from minidiff.train import instructions as ins, selector_training as st
+from minidiff.plugin.plugin import TASKS
+from minidiff.plugin.files import export_official_selector
+from minidiff.plugin.fake import fake_models
+from minidiff.plugin.selector import PluginSelector
+from minidiff.eval.selector_eval import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidiff.plugin import TASKS
+from minidiff.plugin.plugin import TASKS
 from web import ROOT, Server
 
 sys.path.insert(0, str(ROOT / "tools"))

@@ -1,4 +1,4 @@
-"""Tests for minidiff/tokenizer.py, the CLIP BPE tokenizer.
+"""Tests for minidiff/models/tokenizer.py, the CLIP BPE tokenizer.
 
 Fast tests: ids of committed strings (written out literally below; they came from transformers' slow
 CLIPTokenizer), start/end ids, end id kept on truncation, padding, the byte map.
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiff.tokenizer import CONTEXT_LENGTH, CLIPTokenizer, bytes_to_unicode
+from minidiff.models.tokenizer import CONTEXT_LENGTH, CLIPTokenizer, bytes_to_unicode
 
 BOS_ID, EOS_ID = 49406, 49407
 

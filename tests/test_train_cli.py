@@ -77,7 +77,7 @@ def reference(photos, tmp_path_factory):
 
 
 def test_run_folder_and_the_trained_plugin(reference, photos, tmp_path):
-    from minidiff.plugin_files import load_plugin
+    from minidiff.plugin.files import load_plugin
     names = sorted(os.listdir(reference))
     assert names == ["checkpoints", "config.json", "deblur.safetensors", "log.csv", "loss.png", "val"]
     assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == ["step-000003", "step-000006",
@@ -107,8 +107,8 @@ def test_run_folder_and_the_trained_plugin(reference, photos, tmp_path):
     assert r.returncode == 0, r.stderr
     assert os.path.isfile(tmp_path / "restored" / "p0.png")
     # sample.py --fake-weights runs its own random plugins, so also run the trained file on the same fakes
-    from minidiff.fake import fake_models
-    from minidiff.plugin import restore
+    from minidiff.plugin.fake import fake_models
+    from minidiff.plugin.plugin import restore
     models = fake_models([], with_selector=False)
     out = restore(models.sd, models.clip_vision, [plugin], Image.open(os.path.join(photos, "p0.png")),
                   steps=2, progress=False)

@@ -1,4 +1,4 @@
-"""minidiff.trainer and minidiff.datasets: run folder, checkpoints, log, sample bookkeeping, data (CPU, <2 s).
+"""minidiff.train.trainer and minidiff.train.datasets: run folder, checkpoints, log, sample bookkeeping, data (CPU, <2 s).
 
 Covers: a half-written checkpoint is never the latest; a checkpoint round trip restores weights, optimizer and
 RNG; log.csv is cut back to the resumed step; loss.png is drawn; the global batch is the same for any number
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff import datasets, trainer
+from minidiff.train import datasets, trainer
 
 
 def test_checkpoints_are_atomic_and_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""minidiff.training: the Task-Plugin training step on tiny random networks (CPU, seconds).
+"""minidiff.train.training: the Task-Plugin training step on tiny random networks (CPU, seconds).
 
 Covers: plugin_loss recomputed by hand from its parts, its draws (generator, per-sample seeds independent
 of how a batch is split), gradients only on TPB/SCB, gradient checkpointing (same loss and gradients),
@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidiff import training
-from minidiff.clip import TINY_CLIP_VISION, CLIPVisionModel
-from minidiff.plugin import SCB, TINY_PLUGIN, TPB, TaskPlugin
-from minidiff.schedulers import add_noise
-from minidiff.unet import TINY_UNET, UNet
-from minidiff.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL
+from minidiff.train import training
+from minidiff.models.clip import TINY_CLIP_VISION, CLIPVisionModel
+from minidiff.plugin.plugin import SCB, TINY_PLUGIN, TPB, TaskPlugin
+from minidiff.diffusion.schedulers import add_noise
+from minidiff.models.unet import TINY_UNET, UNet
+from minidiff.models.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 R = 32  # image side: latents 4x4

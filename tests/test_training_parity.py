@@ -1,4 +1,4 @@
-"""Parity of minidiff.training.plugin_loss with the official training step (train.py l.313-367) rebuilt from
+"""Parity of minidiff.train.training.plugin_loss with the official training step (train.py l.313-367) rebuilt from
 diffusers + transformers (official_oracle.official_training_loss): full-size random SD-1.5 UNet and VAE and
 CLIP ViT-L/14 written in the official layouts, a released-size plugin, 64x64 photos (8x8 latents), batch 2.
 Compared: the loss and the gradient of every TPB and SCB parameter; the frozen networks get no gradient.
@@ -60,10 +60,10 @@ def test_training_step_matches_official(tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     import official_oracle as oracle
-    from minidiff.loading import load_clip_vision, load_stable_diffusion
-    from minidiff.plugin_files import load_plugin
-    from minidiff.training import plugin_loss
-    from minidiff.weights import scb_from_diffusers
+    from minidiff.io.loading import load_clip_vision, load_stable_diffusion
+    from minidiff.plugin.files import load_plugin
+    from minidiff.train.training import plugin_loss
+    from minidiff.io.weights import scb_from_diffusers
 
     unet, vae, clip = oracle.make_full_models(str(tmp_path))
     # released sizes, zero convs made non-zero: with zero convs no gradient would reach the SCB's inside

@@ -1,4 +1,4 @@
-"""Tests for minidiff/unet.py (the SD-1.x UNet) and its diffusers parity.
+"""Tests for minidiff/models/unet.py (the SD-1.x UNet) and its diffusers parity.
 
 Fast: shapes (odd latent sizes too), timestep forms, skip_residuals (zeros change nothing, one residual
 changes the output, bad index refused), inputs left unmutated, SD-1.5 size and key count on the meta device.
@@ -16,9 +16,9 @@ import torch
 
 import sd_layout
 from helpers import assert_close
-from minidiff.unet import TINY_UNET, UNet, UNetConfig
-from minidiff.loading import build_unet
-from minidiff.prepack import prepack_convs
+from minidiff.models.unet import TINY_UNET, UNet, UNetConfig
+from minidiff.io.loading import build_unet
+from minidiff.models.prepack import prepack_convs
 
 # fp32 throughout; the two implementations differ only in summation order (SDPA vs SDPA, conv vs conv), so
 # 1e-4 x max(1, max|ref|) (the issue's bound) leaves room for ~1e-6 relative noise through ~30 layers.
@@ -124,7 +124,7 @@ def test_original_layout_round_trip_through_diffusers(kw):
 def test_eps_parity_tiny(hw, packed):
     dunet = diffusers_unet(**TINY_DIFFUSERS)
     unet = load_original(dunet)
-    if packed:  # CPU inference: 3x3 kernels packed once for oneDNN (minidiff/prepack.py)
+    if packed:  # CPU inference: 3x3 kernels packed once for oneDNN (minidiff/models/prepack.py)
         prepack_convs(unet)
     torch.manual_seed(1)
     x, ctx, t = torch.randn(2, 4, *hw), torch.randn(2, 6, 32), torch.tensor([981, 1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from minidiff.schedulers import alphas_cumprod, make_sampler
+from minidiff.diffusion.schedulers import alphas_cumprod, make_sampler
 from test_schedulers import MU, SD15_SCHEDULER_CONFIG, TOL, fake_eps
 
 

@@ -1,4 +1,4 @@
-"""Tests for minidiff/vae.py (AutoencoderKL) and the VAE sections of minidiff/weights.py and loading.py.
+"""Tests for minidiff/models/vae.py (AutoencoderKL) and the VAE sections of minidiff/io/weights.py and loading.py.
 
 Fast: shapes (odd sizes too), inputs left unmutated, the diffusers rename table (current and legacy attention
 names) on diffusers-made state dicts, a clear error for a non-VAE state dict.
@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from helpers import assert_close
 from sd_layout import vae_to_original
-from minidiff.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL, VAEConfig
-from minidiff.loading import build_vae
-from minidiff.weights import CheckpointError, read_state_dict, vae_from_diffusers
+from minidiff.models.vae import LATENT_SCALE, TINY_VAE, AutoencoderKL, VAEConfig
+from minidiff.io.loading import build_vae
+from minidiff.io.weights import CheckpointError, read_state_dict, vae_from_diffusers
 
 
 # diffusers attention names: current -> legacy (the names of older diffusers files such as SD-1.4's vae/)

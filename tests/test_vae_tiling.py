@@ -1,4 +1,4 @@
-"""Tests for the tiled VAE encode/decode of minidiff/vae.py (vae.tiled, vae.blend, AutoencoderKL's switch).
+"""Tests for the tiled VAE encode/decode of minidiff/models/vae.py (vae.tiled, vae.blend, AutoencoderKL's switch).
 
 Fast: below the size switch the result is bit-identical to the whole-image pass (and the switch is exact);
 tiled shapes on sizes that do not divide into tiles; the blend's weights.
@@ -15,9 +15,9 @@ import torch
 
 from helpers import assert_close
 from test_vae import diffusers_vae, original_file
-from minidiff.loading import build_vae
-from minidiff.vae import TILE, TILE_ABOVE, TILE_OVERLAP, TINY_VAE, AutoencoderKL, VAEConfig, blend
-from minidiff.weights import read_state_dict
+from minidiff.io.loading import build_vae
+from minidiff.models.vae import TILE, TILE_ABOVE, TILE_OVERLAP, TINY_VAE, AutoencoderKL, VAEConfig, blend
+from minidiff.io.weights import read_state_dict
 
 WHOLE = 10**12  # vae.tile_above: never tile
 
@@ -118,7 +118,7 @@ def test_no_seams_on_tile_borders_and_bounded_difference(monkeypatch):
     """Steps across the tile borders of a tiled decode are about those inside the tiles, and the test sees a
     seam: the same tiles cut without blending fail it. Measured (seed 1, 128 px, 32 px tiles): untiled 0.85,
     tiled 1.12, unblended 1.41."""
-    import minidiff.vae as vae_module
+    import minidiff.models.vae as vae_module
     vae = tiny_vae(seed=1)
     with torch.no_grad():
         for p in vae.parameters():

@@ -1,4 +1,4 @@
-"""Tests of minidiff/weights.py's reading: read_state_dict converting while it reads (as_loaded: dtype and
+"""Tests of minidiff/io/weights.py's reading: read_state_dict converting while it reads (as_loaded: dtype and
 channels-last conv kernels), and what that costs in memory, in a fresh process.
 
 The rename tables are tested with their families (test_loading.py, test_vae.py, test_clip_vision.py, ...).
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import python_in_subprocess
-from minidiff.weights import as_loaded, load_strict, read_state_dict
+from minidiff.io.weights import as_loaded, load_strict, read_state_dict
 
 
 def test_read_converts_to_the_model_form_and_load_strict_keeps_it(tmp_path):
@@ -43,7 +43,7 @@ def test_read_converts_to_the_model_form_and_load_strict_keeps_it(tmp_path):
 # growth and whether the file is still mapped.
 PEAK_SCRIPT = """
 import json, torch
-import minidiff.weights as w
+import minidiff.io.weights as w
 def hwm():  # peak RSS of this process image in MiB (ru_maxrss would count the parent's from before exec)
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
 path = {path!r}

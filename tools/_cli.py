@@ -8,7 +8,7 @@ Exit codes of tools/sample.py, generate.py, evaluate.py, convert.py, download.py
     2    the command line does not parse: an unknown flag, a value of the wrong type or outside its range
          (a non-finite number, a seed outside 0..2^63-1, a size under the smallest): one line too
     130  interrupted by Ctrl-C; 143 stopped by SIGTERM. Either way nothing half-written is left behind.
-This module is a helper of the scripts beside it (not a script). Its UsageError is minidiff.trainer's, the
+This module is a helper of the scripts beside it (not a script). Its UsageError is minidiff.train.trainer's, the
 project's one class for a refused request (the training tools exit with 2 on it: see their docstrings).
 """
 import argparse
@@ -20,11 +20,11 @@ import sys
 
 import torch
 
-from minidiff.cpu import native_bf16
-from minidiff.files import probe_writable
-from minidiff.imageio import ImageError
-from minidiff.trainer import NonFiniteLoss, UsageError
-from minidiff.weights import CheckpointError
+from minidiff.io.cpu import native_bf16
+from minidiff.io.files import probe_writable
+from minidiff.io.imageio import ImageError
+from minidiff.train.trainer import NonFiniteLoss, UsageError
+from minidiff.io.weights import CheckpointError
 
 # Seeds: what torch.Generator.manual_seed takes as a non-negative 64-bit signed integer on every torch
 # version (the official code seeds a CPU torch.Generator; negative seeds would alias large ones).
@@ -204,7 +204,7 @@ def add_restoration_weight_flags(a):
 
 def resolve_device(args):
     """args.device "auto" -> "cuda" or "cpu", args.dtype "auto" -> fp16 (CUDA), bf16 (a CPU with native bf16,
-    minidiff.cpu.native_bf16) or fp32; refuse CUDA where there is none, fp16 on the CPU and (where the tool
+    minidiff.io.cpu.native_bf16) or fp32; refuse CUDA where there is none, fp16 on the CPU and (where the tool
     has --compile) compiling on the CPU; warn (stderr) that bf16 on a CPU without native bf16 is slower than
     fp32. Returns the torch dtype of --dtype."""
     if args.device == "auto":

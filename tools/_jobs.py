@@ -27,7 +27,7 @@ class QueueFull(Exception):
 
 
 class StepBar:
-    """The tqdm subset minidiff.plugin.run_plugin calls (update); checks for cancellation at every step."""
+    """The tqdm subset minidiff.plugin.plugin.run_plugin calls (update); checks for cancellation at every step."""
 
     def __init__(self, job):
         self.job = job

@@ -1,17 +1,17 @@
 """tools/sample.py's side of restoration: which photos and instructions, which weight files, and the outputs
 (<stem>.png, <stem>-compare.png, <stem>.json) with the record of what was done. The restoration itself is
-minidiff.restoration.restore_photo; this helper module of the scripts beside it is not a script.
+minidiff.plugin.restoration.restore_photo; this helper module of the scripts beside it is not a script.
 """
 import json
 import os
 
 from _cli import UsageError
 from minidiff.download import base_model_id, default_checkpoint_paths, loader_files_missing
-from minidiff.fake import FAKE_WARNING
-from minidiff.files import remove_stale_temps, save_json_atomic
-from minidiff.imageio import IMAGE_SUFFIXES, list_images, load_image, save_png_atomic, side_by_side
-from minidiff.plugin_files import find_plugins
-from minidiff.restoration import restore_photo
+from minidiff.plugin.fake import FAKE_WARNING
+from minidiff.io.files import remove_stale_temps, save_json_atomic
+from minidiff.io.imageio import IMAGE_SUFFIXES, list_images, load_image, save_png_atomic, side_by_side
+from minidiff.plugin.files import find_plugins
+from minidiff.plugin.restoration import restore_photo
 
 
 def outputs(stem):

@@ -8,7 +8,7 @@ outputs and record. Jobs go through one worker thread (_jobs.JobQueue): one mode
 order, progress and cancel through polled JSON. What a job does: _serve_restore.Restorer.
 
 Safe by default: uploads are capped in bytes and pixels (the header is read before any decoding, so a
-decompression bomb is refused unread), decoded by minidiff.imageio.load_image, and written only to a private
+decompression bomb is refused unread), decoded by minidiff.io.imageio.load_image, and written only to a private
 temporary folder that App.close() removes; no endpoint takes a path from the client (photos, examples and
 results are named by ids the server made); every bad request gets a JSON {"error": ...} with its status.
 
@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from _jobs import JobQueue, QueueFull
 from _restore_cli import outputs, stem_of
 from _serve_restore import RANDOM_SEED_MAX, RESOLUTION, STEPS, ParamError
-from minidiff.imageio import IMAGE_SUFFIXES, ImageError, list_images, load_image
+from minidiff.io.imageio import IMAGE_SUFFIXES, ImageError, list_images, load_image
 
 DEFAULT_PORT = 7860  # Gradio's port, where the official demo is
 # The official demo's eight task buttons (demo.py l.253-268 set the prompt; labels l.296-321), in its order

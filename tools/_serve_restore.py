@@ -2,8 +2,8 @@
 and cancel, and write tools/sample.py's outputs and JSON record. A helper module of tools/serve.py.
 
 The plan the page shows before Run is tools/sample.py's dry run itself (_restore_cli.run_photo with
-dry_run=True: minidiff.restoration.restore_photo's selection, composite table and size rule, then the CLI's
-record). A job then runs that plan's plugins here, one UniPC step at a time through minidiff.plugin.run_plugin
+dry_run=True: minidiff.plugin.restoration.restore_photo's selection, composite table and size rule, then the CLI's
+record). A job then runs that plan's plugins here, one UniPC step at a time through minidiff.plugin.plugin.run_plugin
 (restore() takes no progress bar to report to or stop at), and writes what run_photo writes for a photo:
 <stem>.png, <stem>-compare.png and <stem>.json, the same record with dry_run false, the outputs and the
 restore time. The flow is the official demo's (yuhaoliu7456/Diff-Plugin @ 79e12bb, demo.py l.112-251).
@@ -15,11 +15,11 @@ from PIL import Image
 
 from _cli import SEED_MAX
 from _restore_cli import outputs, run_photo, stem_of
-from minidiff.fake import FAKE_WARNING
-from minidiff.files import save_json_atomic
-from minidiff.imageio import (OFFICIAL_SHORT_SIDE, SHORT_SIDES, check_min_side, resize_photo, resized_size,
+from minidiff.plugin.fake import FAKE_WARNING
+from minidiff.io.files import save_json_atomic
+from minidiff.io.imageio import (OFFICIAL_SHORT_SIDE, SHORT_SIDES, check_min_side, resize_photo, resized_size,
                               save_png_atomic, side_by_side, to_multiple_of_8)
-from minidiff.plugin import check_fits, clip_features, run_plugin
+from minidiff.plugin.plugin import check_fits, clip_features, run_plugin
 
 # demo.py's `image_resolution` slider (short side): min, max, step, default
 RESOLUTION = (SHORT_SIDES[0], SHORT_SIDES[-1], SHORT_SIDES[1] - SHORT_SIDES[0], OFFICIAL_SHORT_SIDE)
@@ -41,7 +41,7 @@ def _int(body, key, lo, hi, default, step=1):
 
 
 class Restorer:
-    """Plans and runs restoration jobs on one set of models (minidiff.restoration.Models)."""
+    """Plans and runs restoration jobs on one set of models (minidiff.plugin.restoration.Models)."""
 
     def __init__(self, models, settings, record):
         """settings: max_side, chain_steps, threshold, device, dtype (the server's flags); record():

@@ -22,11 +22,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _cli, also when loaded by path (tests)
 from _cli import OneLineParser  # noqa: E402
-from minidiff.files import atomic_write  # noqa: E402
-from minidiff.plugin_files import (OFFICIAL_BASE_MODEL, PLUGIN_FORMAT, export_official_plugin,
+from minidiff.io.files import atomic_write  # noqa: E402
+from minidiff.plugin.files import (OFFICIAL_BASE_MODEL, PLUGIN_FORMAT, export_official_plugin,
                                    export_official_selector, find_plugins, load_plugin, load_selector,
                                    read_format, save_plugin, save_selector)  # noqa: E402
-from minidiff.weights import CheckpointError  # noqa: E402
+from minidiff.io.weights import CheckpointError  # noqa: E402
 
 
 def _to_file(write, out, overwrite):

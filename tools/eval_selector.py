@@ -11,7 +11,7 @@ Three settings (Table 5): single-task (every held-out single-task sentence), mul
 multi-task sentences + --combinations random combinations of held-out single-task ones), single+non (each
 held-out single-task sentence joined with a held-out task-irrelevant one; only its task is a target). Each
 request is scored with a photo of one of its tasks from --images (one sub-folder per task), over the plugins
-of those tasks. Metrics: ZTA (eq. 7), mAP, CP, CR, CF1, OP, OR, OF1 (minidiff/selector_eval.py).
+of those tasks. Metrics: ZTA (eq. 7), mAP, CP, CR, CF1, OP, OR, OF1 (minidiff/eval/selector_eval.py).
 --fake-weights: the random tiny networks of tools/train_selector.py --fake-weights (same tasks: same
 networks); without --images, 4 random photos per corpus task, other than the training ones.
 Exit status: 0 done; 1 unreadable weights or I/O; 2 bad command line or data.
@@ -23,7 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
-from minidiff.trainer import UsageError  # noqa: E402
+from minidiff.train.trainer import UsageError  # noqa: E402
 FAKE_PHOTOS = 4  # random photos per task for --fake-weights without --images
 
 
@@ -69,9 +69,10 @@ def check_args(args):
 
 def evaluate_selector(args):
     import torch
-    from minidiff import instructions, selector_eval, selector_training as st
-    from minidiff.plugin_files import load_selector
-    from minidiff.trainer import derive_seed
+    from minidiff.train import instructions, selector_training as st
+    from minidiff.eval import selector_eval
+    from minidiff.plugin.files import load_selector
+    from minidiff.train.trainer import derive_seed
     check_args(args)
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -100,7 +101,7 @@ def evaluate_selector(args):
                                      args.threshold, args.seed)
     print(selector_eval.format_table(results))
     if args.json:
-        from minidiff.files import save_json_atomic
+        from minidiff.io.files import save_json_atomic
         record = {"selector": os.path.abspath(args.selector), "tasks": tasks, "threshold": args.threshold,
                   "seed": args.seed, "photos": {t: len(v) for t, v in photos.items()},
                   "fake_weights": args.fake_weights,  # NaN (an undefined metric) -> null

@@ -34,9 +34,9 @@ if REPO not in sys.path:  # run from a checkout too
     sys.path.insert(0, REPO)
 
 from _cli import OneLineParser, UsageError, check_writable, int_range, one_line, run  # noqa: E402
-from minidiff import metrics  # noqa: E402
-from minidiff.files import save_json_atomic, sha256_path  # noqa: E402
-from minidiff.weights import CheckpointError  # noqa: E402
+from minidiff.eval import metrics  # noqa: E402
+from minidiff.io.files import save_json_atomic, sha256_path  # noqa: E402
+from minidiff.io.weights import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -7,7 +7,7 @@
 
 Writes the PNG and, beside it, <name>.json (prompt, sampler, seed, size, timings, checkpoint hash). Same seed
 and weights give diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline image (one CPU generator
-for every draw, in the pipelines' order; minidiff/pipeline.py). The base defaults to SD-1.5
+for every draw, in the pipelines' order; minidiff/diffusion/pipeline.py). The base defaults to SD-1.5
 (checkpoints/v1-5-pruned-emaonly.safetensors, tools/download.py --only sd15). Diff-Plugin restoration:
 tools/sample.py. Exit codes: tools/_cli.py (0 done, 1 error, 2 bad arguments).
 """
@@ -22,14 +22,14 @@ sys.path.insert(0, ROOT)
 from _cli import (OneLineParser, UsageError, add_device_flags, check_writable, finite_float,  # noqa: E402
                   int_range, minidiff_version, nonblank, resolve_device, run, seed)
 from minidiff.download import default_checkpoint_paths, loader_files_missing, missing_weights_message  # noqa
-from minidiff.fake import FAKE_WARNING, fake_models  # noqa: E402
-from minidiff.files import save_json_atomic, sha256_path  # noqa: E402
-from minidiff.imageio import DEFAULT_MAX_SIDE, MIN_SIDE, cap_size, load_image, save_png_atomic  # noqa: E402
-from minidiff.loading import load_stable_diffusion  # noqa: E402
-from minidiff.prepack import prepack_convs  # noqa: E402
-from minidiff.pipeline import img2img, txt2img  # noqa: E402
-from minidiff.plugin import NonFiniteError  # noqa: E402
-from minidiff.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
+from minidiff.plugin.fake import FAKE_WARNING, fake_models  # noqa: E402
+from minidiff.io.files import save_json_atomic, sha256_path  # noqa: E402
+from minidiff.io.imageio import DEFAULT_MAX_SIDE, MIN_SIDE, cap_size, load_image, save_png_atomic  # noqa: E402
+from minidiff.io.loading import load_stable_diffusion  # noqa: E402
+from minidiff.models.prepack import prepack_convs  # noqa: E402
+from minidiff.diffusion.pipeline import img2img, txt2img  # noqa: E402
+from minidiff.plugin.plugin import NonFiniteError  # noqa: E402
+from minidiff.diffusion.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
 
 SCHEDULERS = ["ddpm", "ddim", "unipc", "dpmpp2m", "euler"]
 

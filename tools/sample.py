@@ -29,15 +29,15 @@ from _cli import (OneLineParser, UsageError, add_device_flags, add_restoration_w
 from _restore_cli import (base_model_check, clean_start, fill_weight_paths, missing_weights,  # noqa: E402
                           plan_inputs, run_photo)
 from minidiff.download import missing_weights_message  # noqa: E402
-from minidiff.fake import fake_models  # noqa: E402
-from minidiff.files import sha256_path  # noqa: E402
-from minidiff.imageio import (DEFAULT_MAX_SIDE, MIN_SIDE, OFFICIAL_SHORT_SIDE, RESIZE_RULES,  # noqa: E402
+from minidiff.plugin.fake import fake_models  # noqa: E402
+from minidiff.io.files import sha256_path  # noqa: E402
+from minidiff.io.imageio import (DEFAULT_MAX_SIDE, MIN_SIDE, OFFICIAL_SHORT_SIDE, RESIZE_RULES,  # noqa: E402
                               SHORT_SIDES, check_min_side, load_image, resized_size)
-from minidiff.plugin import TASKS  # noqa: E402
-from minidiff.plugin_files import find_plugins  # noqa: E402
-from minidiff.restoration import MissingPlugins, load_models  # noqa: E402
-from minidiff.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
-from minidiff.selector import load_composite  # noqa: E402
+from minidiff.plugin.plugin import TASKS  # noqa: E402
+from minidiff.plugin.files import find_plugins  # noqa: E402
+from minidiff.plugin.restoration import MissingPlugins, load_models  # noqa: E402
+from minidiff.diffusion.schedulers import NUM_TRAIN_TIMESTEPS  # noqa: E402
+from minidiff.plugin.selector import load_composite  # noqa: E402
 
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 from _cli import (OneLineParser, UsageError, add_device_flags, add_restoration_weight_flags,  # noqa: E402
                   finite_float, int_range, resolve_device, run)
 from _serve import DEFAULT_PORT, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS  # noqa: E402
-from minidiff.imageio import DEFAULT_MAX_SIDE, MIN_SIDE  # noqa: E402
+from minidiff.io.imageio import DEFAULT_MAX_SIDE, MIN_SIDE  # noqa: E402
 
 # --fake-weights' default cap: random tiny models take ~1-3 s a step at 768x512 on one CPU core, 0.1 s at 256
 FAKE_MAX_SIDE = 256
@@ -65,9 +65,9 @@ def load(args, dtype):
     missing files (as tools/sample.py)."""
     from _restore_cli import fill_weight_paths, missing_weights
     from minidiff.download import missing_weights_message
-    from minidiff.fake import fake_models
-    from minidiff.plugin import TASKS
-    from minidiff.restoration import MissingPlugins, load_models
+    from minidiff.plugin.fake import fake_models
+    from minidiff.plugin.plugin import TASKS
+    from minidiff.plugin.restoration import MissingPlugins, load_models
     kw = dict(dtype=dtype, device=args.device)
     if args.fake_weights:
         return fake_models(TASKS, True, **kw), {}
@@ -88,7 +88,7 @@ def record_fields(args, models, files):
     checkpoint hashes); the hashes are computed in the background, and a real job's record waits for them."""
     from importlib.metadata import PackageNotFoundError, version
     from _restore_cli import base_model_check
-    from minidiff.files import sha256_path
+    from minidiff.io.files import sha256_path
     try:
         ver = version("minidiff")
     except PackageNotFoundError:

@@ -14,7 +14,7 @@ checkpoints/step-NNNNNN/, log.csv, loss.png, val/step-NNNNNN.png (input | output
 Exit status: 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data (one line, nothing
 written); 3 the loss became NaN/inf (the last good checkpoint stays the latest).
 Paper: Liu et al., Diff-Plugin (CVPR 2024); recipe of yuhaoliu7456/Diff-Plugin @ 79e12bb train.py, see
-minidiff/training.py (the step), minidiff/trainer.py (run folder, resume, DDP), minidiff/datasets.py (data).
+minidiff/train/training.py (the step), minidiff/train/trainer.py (run folder, resume, DDP), minidiff/train/datasets.py (data).
 """
 import argparse
 import os
@@ -70,8 +70,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every command-line mistake as a UsageError, before anything is read or written."""
-    from minidiff.plugin import TASKS
-    from minidiff.trainer import UsageError
+    from minidiff.plugin.plugin import TASKS
+    from minidiff.train.trainer import UsageError
     for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "val_steps", "resolution"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -101,15 +101,15 @@ def load_models(args, dist, dtype):
     """Frozen SD + CLIP vision (eval, no gradients) and a fresh TaskPlugin (fp32, train mode)."""
     import torch
     from dataclasses import replace
-    from minidiff.plugin import SCB, TPB, PluginConfig, TaskPlugin, check_fits
-    from minidiff.trainer import UsageError, derive_seed
-    from minidiff.training import init_scb_from_unet
+    from minidiff.plugin.plugin import SCB, TPB, PluginConfig, TaskPlugin, check_fits
+    from minidiff.train.trainer import UsageError, derive_seed
+    from minidiff.train.training import init_scb_from_unet
     if args.fake_weights:
-        from minidiff.fake import fake_models  # the same tiny networks as tools/sample.py --fake-weights
+        from minidiff.plugin.fake import fake_models  # the same tiny networks as tools/sample.py --fake-weights
         models = fake_models([args.task], with_selector=False, device=dist.device, dtype=dtype)
         sd, clip, heads = models.sd, models.clip_vision, models.plugins[args.task].scb.cfg.heads
     else:
-        from minidiff.loading import load_clip_vision, load_stable_diffusion
+        from minidiff.io.loading import load_clip_vision, load_stable_diffusion
         sd = load_stable_diffusion(args.sd, dtype=dtype, device=dist.device)
         clip = load_clip_vision(args.clip, dtype=dtype, device=dist.device)
         heads = PluginConfig().heads
@@ -133,7 +133,7 @@ def load_models(args, dist, dtype):
 def prepare(args):
     """Every check that needs no weights (UsageError), in order: arguments, data listing, run folder, then
     (rank 0, after joining the process group) every image decoded once. Returns what train() needs."""
-    from minidiff import datasets, trainer
+    from minidiff.train import datasets, trainer
     check_args(args)
     dist = trainer.setup_distributed(args.device, args.batch_size, args.grad_accum, join=False)
     pairs = datasets.list_pairs(args.data, args.data_root, args.degrade)
@@ -149,11 +149,11 @@ def prepare(args):
 
 def train(args):
     import torch
-    from minidiff import datasets, trainer, training
+    from minidiff.train import datasets, trainer, training
     from minidiff.download import base_model_id
-    from minidiff.files import sha256_path
-    from minidiff.imageio import save_png_atomic
-    from minidiff.plugin_files import save_plugin
+    from minidiff.io.files import sha256_path
+    from minidiff.io.imageio import save_png_atomic
+    from minidiff.plugin.files import save_plugin
     dist, run, settings, train_pairs, val_pairs = prepare(args)
     lr = args.lr * args.batch_size if args.scale_lr else args.lr  # official: lr x accum x batch x processes
     fake = "  *** FAKE WEIGHTS: random tiny networks ***" if args.fake_weights else ""

@@ -14,7 +14,7 @@ RUN_DIR (--output) gets selector.safetensors (for tools/sample.py --selector), P
 --export-official (the official demo.py loads it), checkpoints/step-NNNNNN/, log.csv, loss.png, config.json.
 --fake-weights: random tiny networks; without --images, 8 random photos per corpus task.
 Exit status: 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data (one line); 3 the loss
-became NaN/inf. Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/selector_training.py.
+became NaN/inf. Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/train/selector_training.py.
 """
 import argparse
 import hashlib
@@ -63,7 +63,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Command-line mistakes as UsageError, before anything is read; fills the default weight paths."""
-    from minidiff.trainer import UsageError
+    from minidiff.train.trainer import UsageError
     for name in ("steps", "batch_size", "negatives", "checkpoint_every"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -84,8 +84,8 @@ def check_args(args):
 
 def prepare(args, run_check):
     """Corpus, tasks, photos, frozen features: everything before the first update."""
-    from minidiff import instructions, selector_training as st
-    from minidiff.trainer import UsageError, derive_seed
+    from minidiff.train import instructions, selector_training as st
+    from minidiff.train.trainer import UsageError, derive_seed
     try:
         corpus = instructions.load_corpus(args.instructions or instructions.CORPUS)
         tasks = st.resolve_tasks(corpus, args.images, args.plugins, args.fake_weights)
@@ -110,9 +110,9 @@ def prepare(args, run_check):
 
 def train(args):
     import torch
-    from minidiff import selector_training as st, trainer
-    from minidiff.plugin_files import export_official_selector, load_selector, save_selector
-    from minidiff.selector import PluginSelector
+    from minidiff.train import selector_training as st, trainer
+    from minidiff.plugin.files import export_official_selector, load_selector, save_selector
+    from minidiff.plugin.selector import PluginSelector
     check_args(args)
     dist = trainer.setup_distributed(args.device)
     if dist.world_size > 1:
