@@ -26,6 +26,7 @@ from pathlib import Path, PurePath
 
 from tqdm import tqdm
 
+from minidiff.errors import DownloadError  # noqa: F401 (raised here, imported from here)
 from minidiff.io.files import sha256_file
 from minidiff.io.loading import SD_DIFFUSERS_FILES
 from minidiff.plugin.plugin import TASKS
@@ -35,10 +36,6 @@ HF = "https://huggingface.co"
 # Official Diff-Plugin weights live in the code repository itself (pre-trained/<task>/...); pinned to the
 # commit the reference notes were taken at.
 DIFF_PLUGIN = "https://github.com/yuhaoliu7456/Diff-Plugin/raw/79e12bb46e01b498215fb385ce88099c75b2a7e5"
-
-
-class DownloadError(RuntimeError):
-    """A download that failed (network, HTTP status, size or hash mismatch), as one line."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff.train import datasets, trainer
+from minidiff.train import datasets, seeding, trainer
 
 
 def test_checkpoints_are_atomic_and_round_trip(tmp_path):
@@ -57,7 +57,7 @@ def test_log_is_cut_back_on_resume_and_plotted(tmp_path):
     assert [s for s, _ in trainer.read_log(tmp_path / "log.csv")] == [1, 2, 3, 4]
     trainer.plot_loss(tmp_path / "log.csv", tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size == (800, 400)
-    with pytest.raises(trainer.NonFiniteLoss, match="at step 3: .*no checkpoint yet"):
+    with pytest.raises(trainer.NonFiniteError, match="at step 3: .*no checkpoint yet"):
         trainer.check_finite(float("nan"), 3, trainer.RunDir(tmp_path, "plugin", "x", False, dist))
 
 
@@ -69,7 +69,7 @@ def test_global_batch_independent_of_processes_and_epochs_cover_the_data():
             assert len(micro) == accum and all(len(m) == 8 // world // accum for m in micro)
             got += [n for m in micro for n in m]
         assert got == list(range(16, 24))
-    items = [trainer.sample_item(0, 5, n) for n in range(10)]
+    items = [seeding.sample_item(0, 5, n) for n in range(10)]
     assert sorted(i for i, e in items[:5]) == list(range(5)) and {e for _, e in items[5:]} == {1}
     assert [i for i, _ in items[:5]] != [i for i, _ in items[5:]]  # each epoch has its own order
 
@@ -106,7 +106,7 @@ def test_a_sample_is_a_function_of_seed_item_and_epoch(tmp_path):
     a, b = data[4], data[4]
     assert all(torch.equal(x, y) for x, y in zip(a[:2], b[:2])) and a[0].shape == (3, 32, 32)
     assert a[0].min() >= -1 and a[0].max() <= 1 and not torch.equal(a[0], a[1])  # degraded != clean
-    item, epoch = trainer.sample_item(7, 3, 4)
+    item, epoch = seeding.sample_item(7, 3, 4)
     again = datasets.PairDataset(pairs, 32, seed=7, augment=True, degrade="deblur").load(item, epoch)
     assert torch.equal(datasets.to_training_tensor(again[0]), a[0])  # any process, the same sample
     later = data.load(item, epoch + 1)  # another epoch: another degradation (and augmentation)

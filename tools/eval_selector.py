@@ -72,7 +72,7 @@ def evaluate_selector(args):
     from minidiff.train import instructions, selector_training as st
     from minidiff.eval import selector_eval
     from minidiff.plugin.files import load_selector
-    from minidiff.train.trainer import derive_seed
+    from minidiff.train.seeding import derive_seed
     check_args(args)
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -102,7 +102,8 @@ def load_models(args, dist, dtype):
     import torch
     from dataclasses import replace
     from minidiff.plugin.plugin import SCB, TPB, PluginConfig, TaskPlugin, check_fits
-    from minidiff.train.trainer import UsageError, derive_seed
+    from minidiff.errors import UsageError
+    from minidiff.train.seeding import derive_seed
     from minidiff.train.training import init_scb_from_unet
     if args.fake_weights:
         from minidiff.plugin.fake import fake_models  # the same tiny networks as tools/sample.py --fake-weights

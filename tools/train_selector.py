@@ -85,7 +85,8 @@ def check_args(args):
 def prepare(args, run_check):
     """Corpus, tasks, photos, frozen features: everything before the first update."""
     from minidiff.train import instructions, selector_training as st
-    from minidiff.train.trainer import UsageError, derive_seed
+    from minidiff.errors import UsageError
+    from minidiff.train.seeding import derive_seed
     try:
         corpus = instructions.load_corpus(args.instructions or instructions.CORPUS)
         tasks = st.resolve_tasks(corpus, args.images, args.plugins, args.fake_weights)
@@ -117,6 +118,7 @@ def train(args):
     dist = trainer.setup_distributed(args.device)
     if dist.world_size > 1:
         raise trainer.UsageError("train_selector runs in one process (the selector is small), "
+    from minidiff.train.seeding import derive_seed
                                  "not under torchrun")
     run = trainer.RunDir(args.output, "selector", None, args.resume, dist)
     tasks, photos, texts, settings = prepare(args, lambda s: run.check(s, FIXED))
@@ -131,7 +133,7 @@ def train(args):
         selector = load_selector(args.init, device=dist.device)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(trainer.derive_seed(args.seed, "selector-init"))
+            torch.manual_seed(derive_seed(args.seed, "selector-init"))
             selector = PluginSelector(text_table.shape[-1])
     if selector.proj_v.in_features != text_table.shape[-1]:
         raise trainer.UsageError(f"--init {args.init}: width {selector.proj_v.in_features}, features "

@@ -23,6 +23,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from minidiff.errors import MetricsError  # noqa: F401 (raised here, imported from here)
 from minidiff.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from minidiff.io.files import atomic_write
 
@@ -33,10 +34,6 @@ EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", 
 CLIP_SIZE = 224
 KID_SUBSETS = 100  # clean-fid kernel_distance defaults
 KID_MAX_SUBSET = 1000
-
-
-class MetricsError(ValueError):
-    """A user-facing problem with the inputs (empty folder, unreadable image, mismatched statistics)."""
 
 
 # ---------------------------------------------------------------- reading folders, as clean-fid does

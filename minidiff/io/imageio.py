@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from minidiff.errors import ImageError  # noqa: F401 (raised here, imported from here)
 from minidiff.io.files import atomic_write
 
 # Default cap on the long side of the processed image: 3072, so that the photo the official code runs out of
@@ -51,10 +52,6 @@ RESIZE_RULES = ("demo", "infer")  # demo.py l.166-173 (short side always N) / in
 # cell (smaller sizes break GroupNorm in small models and carry almost no picture anyway).
 MIN_SIDE = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
-
-
-class ImageError(ValueError):
-    """An image file that cannot be used (one-line message naming the file)."""
 
 
 def _to_8bit(arr, mode):

@@ -12,9 +12,7 @@ import zipfile
 import torch
 from safetensors import safe_open
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable, or not the model it should be (one-line message)."""
+from minidiff.errors import CheckpointError  # noqa: F401 (raised here, imported from here)
 
 
 def _gist(error, limit=160):

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from minidiff.errors import NonFiniteError, PluginMismatchError  # noqa: F401 (raised here, imported from here)
 from minidiff.models.clip import clip_preprocess
 from minidiff.io.imageio import pil_to_tensor, tensor_to_pil, to_multiple_of_8
 from minidiff.models.layers import embed_timesteps
@@ -38,14 +39,6 @@ TASKS = ("derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face"
 # Tasks whose sampling starts from pure noise instead of the re-noised input latent (demo.py l.179-182).
 PURE_NOISE_TASKS = ("lowlight", "highlight")
 RENOISE_FROM = 960  # infer.py `time_threshold`: at every step with t >= this, x = add_noise(cond, noise, t)
-
-
-class NonFiniteError(FloatingPointError):
-    """A sampling run whose latent became NaN or infinite (one line naming the plugin and the step)."""
-
-
-class PluginMismatchError(ValueError):
-    """A plugin whose widths do not fit the loaded UNet / CLIP vision model (one line)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minidiff.errors import MissingPlugins  # noqa: F401 (raised here, imported from here)
 from minidiff.io.imageio import DEFAULT_MAX_SIDE, OFFICIAL_SHORT_SIDE, check_min_side, resize_photo
 from minidiff.io.loading import load_clip_vision, load_stable_diffusion
 from minidiff.plugin.plugin import clip_features, restore
@@ -28,14 +29,6 @@ from minidiff.plugin.selector import chosen_by_scores, composite_tasks, select
 
 # A rule upscaling the short side more than this many times gets a warning: the result is mostly invented.
 BIG_UPSCALE = 4
-
-
-class MissingPlugins(FileNotFoundError):
-    """Plugin files asked for but not in the plugin folder; `paths` lists where they were expected."""
-
-    def __init__(self, paths):
-        super().__init__(f"missing plugins: {', '.join(paths)}")
-        self.paths = paths
 
 
 @dataclass

@@ -14,7 +14,7 @@ Three layouts of --data:
     train.csv                              `image,conditioning_image` rows, paths relative to --data-root
     photos/*.jpg + --degrade TASK          clean photos only: the input is degrade(TASK, photo, seed)
 Every random choice (augmentation, degradation) is a function of (seed, item, epoch), so any process
-loads the same sample for the same global sample number (minidiff.train.trainer.sample_item).
+loads the same sample for the same global sample number (minidiff.train.seeding.sample_item).
 """
 import csv
 import hashlib
@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from minidiff.io.imageio import ImageError, list_images, load_image
-from minidiff.train.trainer import UsageError, derive_seed, sample_item
+from minidiff.errors import UsageError
+from minidiff.train.seeding import derive_seed, sample_item
 
 CSV_HEADER = ["image", "conditioning_image"]  # ground truth, degraded input (dataset.py l.126-127)
 
@@ -152,7 +153,7 @@ def to_training_tensor(image):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Indexed by GLOBAL SAMPLE NUMBER n (see trainer.sample_item): returns (degraded [3, R, R],
+    """Indexed by GLOBAL SAMPLE NUMBER n (see seeding.sample_item): returns (degraded [3, R, R],
     clean [3, R, R], n). The photo pair, its augmentation and degradation depend on (seed, item, epoch)."""
 
     def __init__(self, pairs, resolution, seed, augment=False, degrade=None):

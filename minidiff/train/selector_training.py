@@ -44,7 +44,7 @@ from minidiff.io.files import atomic_write
 from minidiff.train.instructions import combine
 from minidiff.plugin.plugin import clip_features
 from minidiff.plugin.selector import text_embedding
-from minidiff.train.trainer import generator_for
+from minidiff.train.seeding import generator_for
 
 TRAIN_COMBINATIONS = 1000  # random multi-task requests drawn once from the training sentences (sec. 4)
 MULTI_POSITIVE_SHARE = 0.5  # share of positives drawn from multi-task requests naming the photo's task

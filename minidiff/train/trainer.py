@@ -23,7 +23,7 @@ A training tool uses it like this (every rank runs the same code; rank 0 alone w
     model = trainer.wrap_ddp(module, dist)
     for step in range(start + 1, steps + 1):                       # `step` = number of updates done after it
         loss = trainer.all_reduce_mean(loss, dist)                # global-batch mean, same on every rank
-        trainer.check_finite(loss, step, run)                     # NaN/inf -> NonFiniteLoss naming the step
+        trainer.check_finite(loss, step, run)                     # NaN/inf -> NonFiniteError naming the step
         log.write({"step": step, "loss": loss.item()})
         if step % every == 0:
             run.save_checkpoint(step, tensors, optimizer.state_dict(), data_position=step * batch)
@@ -31,13 +31,11 @@ A training tool uses it like this (every rank runs the same code; rank 0 alone w
     trainer.cleanup_distributed(dist)
 
 Sample bookkeeping: the global batch of update `step` holds the global sample numbers
-n = (step - 1) * B ... step * B - 1; `sample_item(seed, n_items, n)` maps n to (dataset item, epoch) through a
-seeded permutation per epoch; `rank_micro_batches` gives each rank its slice, split for gradient accumulation;
-`generator_for(seed, ...)` seeds a torch.Generator from any tuple of ints; `StepBatches` feeds a DataLoader.
+n = (step - 1) * B ... step * B - 1; `seeding.sample_item(seed, n_items, n)` maps n to (dataset item, epoch)
+through a seeded permutation per epoch; `rank_micro_batches` gives each rank its slice, split for
+gradient accumulation; `StepBatches` feeds a DataLoader.
 """
 import csv
-import functools
-import hashlib
 import json
 import os
 import random
@@ -52,46 +50,15 @@ import torch
 import torch.distributed as torch_dist
 from safetensors.torch import load_file, save_file
 
+from minidiff.errors import NonFiniteError, UsageError  # noqa: F401 (the tools imported them from here)
 from minidiff.io.files import probe_writable, save_json_atomic, sha256_file
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")  # finished checkpoints; temporaries start with "."
 
 
-class UsageError(ValueError):
-    """A mistake in the command line or the input data: one line, no traceback. The one such class of the
-    project: the tools import it too (each tool's docstring gives its exit status)."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Deterministic draws: every random choice is a function of (seed, what it is for), never of a global RNG.
+# Sample bookkeeping over processes (the seeded draws themselves are in minidiff/train/seeding.py)
 # ---------------------------------------------------------------------------------------------------------
-
-def derive_seed(*parts):
-    """A 63-bit seed from any tuple of ints/strings (SHA-256 of their text): same parts, same seed."""
-    text = "/".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
-
-
-def generator_for(*parts):
-    """A CPU torch.Generator seeded by derive_seed(*parts): draws on the CPU are the same on any machine."""
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(seed, n_items, epoch):
-    """The order in which `epoch` visits the dataset items: a permutation seeded by (seed, epoch)."""
-    return torch.randperm(n_items, generator=generator_for(seed, "epoch", epoch)).tolist()
-
-
-def sample_item(seed, n_items, n):
-    """Global sample number n -> (dataset item, epoch): epoch e = n // n_items walks epoch_order(e)."""
-    epoch, pos = divmod(n, n_items)
-    return epoch_order(seed, n_items, epoch)[pos], epoch
-
 
 def rank_micro_batches(step, global_batch, grad_accum, dist):
     """Global sample numbers this rank handles in update `step` (1-based), as `grad_accum` micro-batches.
@@ -375,13 +342,13 @@ class RunDir:
 
 
 def check_finite(loss, step, run):
-    """Raise NonFiniteLoss if `loss` (a number or 0-d tensor) is NaN or infinite, naming the step."""
+    """Raise NonFiniteError if `loss` (a number or 0-d tensor) is NaN or infinite, naming the step."""
     value = float(loss)
     if not np.isfinite(value):
         latest = run.latest_checkpoint()
         keep = f"the latest checkpoint, {latest.name}, is the last good one" if latest else \
             "no checkpoint yet"
-        raise NonFiniteLoss(f"loss is {value} at step {step}: training stopped; {keep}")
+        raise NonFiniteError(f"loss is {value} at step {step}: training stopped; {keep}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minidiff.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from minidiff.diffusion.schedulers import NUM_TRAIN_TIMESTEPS, add_noise
-from minidiff.train.trainer import generator_for
+from minidiff.train.seeding import generator_for
 from minidiff.models.vae import LATENT_SCALE
 
 CLIP_TRAIN_SIZE = 224  # train.py l.330: F.interpolate(size=(224, 224)), ViT-L/14's input size
