@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
 # settings that define the run: --resume refuses to change them (--steps and the rest may change)
 FIXED = ("tasks", "images_sha256", "instructions_sha256", "batch_size", "negatives", "lr", "seed", "init",
-         "fake_weights")
+         "fake_weights", "loss")
 LOG_FIELDS = ["step", "loss", "logit_scale", "positive_cos", "negative_cos"]
 FAKE_PHOTOS = 8  # random photos per task for --fake-weights without --images
 
@@ -46,6 +46,10 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=8, help="photos per update, one positive instruction each (paper: 8)")
     a("--negatives", type=int, default=7, help="negative instructions per photo, N of eq. 6 (paper: 7)")
     a("--lr", type=float, default=1e-5, help="constant AdamW learning rate (paper: 1e-5)")
+    a("--loss", choices=["decoupled", "infonce", "supcon"], default="decoupled",
+      help="reading of eq. 6: decoupled (literal: each photo's own texts, positive out of the denominator), "
+           "infonce (all texts of the batch, positive in, same-task texts masked), supcon (all texts of "
+           "the batch, same-task texts are positives); see README")
     a("--seed", type=int, default=0, help="seed of the initial weights, the text combinations, the batches")
     a("--init", help="start from this selector (official PromptTunner.pt or minidiff .safetensors)")
     a("--checkpoint-every", type=int, default=500, help="write a checkpoint every K steps (and at the end)")
@@ -104,7 +108,7 @@ def prepare(args, run_check):
     n_photos = sum(map(len, photos.values()))
     print(f"train selector: {len(tasks)} tasks ({', '.join(tasks)}), {n_photos} photos, "
           f"{len(texts.texts)} training texts; {args.steps} steps of {args.batch_size} photos x "
-          f"(1 + {args.negatives}) texts, lr {args.lr:g} -> {args.output}"
+          f"(1 + {args.negatives}) texts, {args.loss} loss, lr {args.lr:g} -> {args.output}"
           + ("  *** FAKE WEIGHTS: random tiny networks ***" if args.fake_weights else ""), flush=True)
     return tasks, photos, texts, settings
 
@@ -139,7 +143,7 @@ def train(args):
         raise trainer.UsageError(f"--init {args.init}: width {selector.proj_v.in_features}, features "
                                  f"{text_table.shape[-1]}")
     selector.to(dist.device).train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(selector.parameters(), lr=args.lr)  # the paper: AdamW defaults
+    optimizer = st.make_optimizer(selector, args.lr)  # AdamW defaults (paper); no decay on logit_scale
     ckpt = run.load_checkpoint(run.latest_checkpoint()) if args.resume else None
     start = 0 if ckpt is None else ckpt.step
     if ckpt is not None:
@@ -163,7 +167,8 @@ def train(args):
     for step in range(start + 1, args.steps + 1):
         batch = st.draw_batch(args.seed, step, per_task, texts, args.batch_size, args.negatives)
         visual = photo_feats[batch.photos, batch.tasks]  # [B, D]: each photo through its own task's plugin
-        loss, cos = st.batch_loss(selector, visual, text_table[batch.texts], batch.indicator)  # eq. 6
+        loss, cos = st.batch_loss(selector, visual, text_table[batch.texts], batch.indicator, args.loss,
+                                  batch.same)  # eq. 6, read as --loss says
         trainer.check_finite(loss.detach(), step, run)
         st.update(selector, optimizer, loss)
         log.write({"step": step, "loss": loss.item(), "logit_scale": selector.logit_scale.item(),

@@ -20,15 +20,26 @@ irrelevant sentences). For photo i and its texts k = 1 ... N+1 (k = j the positi
     s_ik   = exp(logit_scale) * cos(VP(F^p_i), TP(Enc_T(text_k)))                    [B, N+1]
     l_i,j  = -log( exp(s_ij) / sum_k 1[c_i not in tasks(k)] exp(s_ik) )  (eq. 6)     loss = mean over i
 
-The indicator removes from the denominator every text that asks for the photo's task, the positive itself
-included: the denominator holds the negatives only (the "decoupled" form of InfoNCE), and a text naming
-several tasks counts as "same task" for each of them. logit_scale is clamped to [0, ln 100] after each
-update, as CLIP does: the decoupled loss keeps rewarding a larger scale once positives beat negatives.
+Three readings of the indicator (`loss=`, train_selector.py --loss):
+
+  decoupled  eq. 6 literally, per photo over its own N+1 texts: the indicator removes every text naming the
+             photo's task, the positive included, so the denominator holds the negatives only ("decoupled"
+             contrastive loss). A text naming several tasks counts as "same task" for each of them.
+  infonce    eq. 6 as SimCLR's eq. 1 with the batch as negatives (the footnote ties N = 7 to batch 8; the
+             official PromptTunnerModel scores B photos against T shared texts): each photo against all
+             B(N+1) texts of the batch [B, B(N+1)], the positive kept in the denominator as in CLIP, and the
+             indicator masking other photos' texts of the same task (false negatives).
+  supcon     multi-positive SupCon (Khosla et al. 2020, L_out) over the same [B, B(N+1)] scores: every text
+             of the batch naming the photo's task is a positive, averaged in log-probability.
+
+logit_scale is clamped to [0, ln 100] after each update, as CLIP does (the decoupled loss keeps rewarding a
+larger scale once positives beat negatives), and make_optimizer keeps it out of AdamW's weight decay.
 
     texts = training_texts(load_corpus().part("train").restrict(tasks), seed=0)
     batch = draw_batch(seed, step, photos_per_task, texts, batch=8, negatives=7)
+    optimizer = make_optimizer(selector, lr=1e-5)
     loss, cos = batch_loss(selector, visual[batch.photos, batch.tasks], text_feats[batch.texts],
-                           batch.indicator)
+                           batch.indicator, loss="infonce", same=batch.same)
     update(selector, optimizer, loss)
 """
 import hashlib
@@ -49,6 +60,9 @@ from minidiff.train.seeding import generator_for
 TRAIN_COMBINATIONS = 1000  # random multi-task requests drawn once from the training sentences (sec. 4)
 MULTI_POSITIVE_SHARE = 0.5  # share of positives drawn from multi-task requests naming the photo's task
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp on the learned temperature (1/tau <= 100)
+LOSSES = ("decoupled", "infonce", "supcon")  # readings of eq. 6 (module docstring; train_selector.py --loss)
+DEFAULT_LOSS = "decoupled"  # chosen by the ablation in README (tools/bench/selector_ablation.py)
+WEIGHT_DECAY = 0.01  # AdamW's default (the paper: "default parameters"), on proj_v / proj_t only
 TEXT_CHUNK = 256  # sentences per text-encoder call (and per cache shard)
 PHOTO_CHUNK = 256  # photos per cache shard (a kill loses at most one shard of work)
 
@@ -65,6 +79,13 @@ def pair_scores(selector, visual, text):
     return selector.logit_scale.exp() * torch.einsum("bd,bkd->bk", v, q)  # [B, K]
 
 
+def batch_scores(selector, visual, text):
+    """exp(logit_scale) * cos of every photo with every text: visual [B, D], text [M, D] -> [B, M]."""
+    v = F.normalize(selector.proj_v(visual), dim=-1)  # [B, D]
+    q = F.normalize(selector.proj_t(text), dim=-1)  # [M, D]
+    return selector.logit_scale.exp() * v @ q.T  # [B, M]
+
+
 def indicator(photo_tasks, text_tasks):
     """1[c_i not in tasks(k)] of eq. 6: photo_tasks [B] task names, text_tasks [B][K] task tuples
     -> bool [B, K]."""
@@ -72,8 +93,9 @@ def indicator(photo_tasks, text_tasks):
 
 
 def contrastive_loss(scores, positive, keep):
-    """Eq. 6 averaged over the batch: scores [B, K] (already divided by tau), positive [B] (the index j of
-    each row's positive text), keep [B, K] bool (the indicator) -> 0-d tensor."""
+    """The "decoupled" loss, eq. 6 read literally, averaged over the batch: scores [B, K] (already divided by
+    tau), positive [B] (the index j of each row's positive text), keep [B, K] bool (the indicator) -> 0-d.
+    The denominator holds the kept texts only; with keep = the indicator that is the negatives only."""
     if not bool(keep.any(dim=1).all()):
         raise ValueError("eq. 6: a photo has no text of another task in its denominator")
     pos = scores.gather(1, positive[:, None])[:, 0]  # [B]: s_ij
@@ -81,13 +103,68 @@ def contrastive_loss(scores, positive, keep):
     return (neg - pos).mean()
 
 
-def batch_loss(selector, visual, text, keep):
-    """Eq. 6 on one batch: visual [B, D] pseudo-labels, text [B, 1 + N, D] pooled text embeddings (the
-    positive first), keep [B, 1 + N] the indicator -> (loss, cosines [B, 1 + N] for the log)."""
+def infonce_loss(scores, positive, same):
+    """CLIP / SimCLR InfoNCE over the texts of the whole batch, averaged over the photos.
+
+    scores [B, M]: photo i against every text m of the batch (already divided by tau); positive [B]: the
+    column of photo i's own positive; same [B, M] bool: text m names photo i's task. The denominator holds the
+    positive and every text NOT naming the photo's task: other photos' texts of the same task (false
+    negatives) are masked out, which is the job this reading gives eq. 6's indicator.
+        l_i = -s_i,pos(i) + log sum_m [m == pos(i) or not same_im] exp(s_im)
+    """
+    rows = torch.arange(len(scores), device=scores.device)  # [B]
+    keep = ~same  # [B, M]: texts of other tasks
+    keep = keep.index_put((rows, positive), torch.ones_like(positive, dtype=torch.bool))  # + own positive
+    pos = scores[rows, positive]  # [B]
+    return (scores.masked_fill(~keep, float("-inf")).logsumexp(dim=1) - pos).mean()
+
+
+def supcon_loss(scores, same):
+    """Multi-positive supervised contrastive loss (Khosla et al. 2020, eq. 2, L_out) with photos as anchors
+    and the batch's texts as the contrasted set, averaged over the photos.
+
+    scores [B, M] (already divided by tau); same [B, M] bool: the positives P(i) of photo i are every text
+    naming its task (its own positive, other photos' same-task texts, multi-task texts naming it). The
+    anchor is a photo, not a text, so the denominator holds all M texts (no self-contrast to remove).
+        l_i = -1/|P(i)| sum_{p in P(i)} ( s_ip - log sum_m exp(s_im) )
+    """
+    if not bool(same.any(dim=1).all()):
+        raise ValueError("supcon: a photo has no text of its task in the batch")
+    log_prob = scores - scores.logsumexp(dim=1, keepdim=True)  # [B, M]: log softmax over the texts
+    return (-(log_prob * same).sum(dim=1) / same.sum(dim=1)).mean()
+
+
+def batch_loss(selector, visual, text, keep, loss="decoupled", same=None):
+    """One batch's loss: visual [B, D] pseudo-labels, text [B, K, D] pooled text embeddings (each photo's
+    K = 1 + N texts, the positive first), keep [B, K] eq. 6's indicator -> (loss, cosines [B, K] for the log).
+
+    loss "decoupled": eq. 6 read literally, each photo against its own K texts (contrastive_loss).
+    "infonce" / "supcon": each photo against all B * K texts of the batch (infonce_loss / supcon_loss);
+    they need same [B, B * K] bool, text m (in row-major order of `text`) names photo i's task.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
     scale = selector.logit_scale.detach().exp()  # 1 / tau
-    scores = pair_scores(selector, visual, text)  # [B, 1 + N]
-    positive = torch.zeros(len(scores), dtype=torch.long, device=scores.device)  # text 0 of each row
-    return contrastive_loss(scores, positive, keep.to(scores.device)), scores.detach() / scale
+    b, k = keep.shape
+    if loss == "decoupled":
+        scores = pair_scores(selector, visual, text)  # [B, K]
+        positive = torch.zeros(b, dtype=torch.long, device=scores.device)  # text 0 of each row
+        return contrastive_loss(scores, positive, keep.to(scores.device)), scores.detach() / scale
+    scores = batch_scores(selector, visual, text.reshape(b * k, -1))  # [B, B * K]
+    rows = torch.arange(b, device=scores.device)
+    own = scores.detach().view(b, b, k)[rows, rows] / scale  # [B, K]: each photo with its own texts
+    same = same.to(scores.device)
+    if loss == "infonce":
+        return infonce_loss(scores, rows * k, same), own  # photo i's positive is text i * K
+    return supcon_loss(scores, same), own
+
+
+def make_optimizer(selector, lr, weight_decay=WEIGHT_DECAY):
+    """AdamW with two parameter groups: the heads' weights and biases decay, logit_scale does not (decay would
+    pull ln(1/tau) towards 0, i.e. tau towards 1, whatever the loss says; CLIP and OpenCLIP exclude it too)."""
+    heads = [p for name, p in selector.named_parameters() if name != "logit_scale"]
+    return torch.optim.AdamW([{"params": heads, "weight_decay": weight_decay},
+                              {"params": [selector.logit_scale], "weight_decay": 0.0}], lr=lr)
 
 
 def update(selector, optimizer, loss):
@@ -128,6 +205,7 @@ class Batch:
     tasks: torch.Tensor  # [B] task index (into the trained task list): the plugin of the pseudo-label
     texts: torch.Tensor  # [B, N+1] text index, the positive first
     indicator: torch.Tensor  # [B, N+1] bool, eq. 6's 1[c_i not in tasks(k)]
+    same: torch.Tensor  # [B, B*(N+1)] bool: text m of the batch (texts flattened row-major) names photo i's task
 
 
 def draw_batch(seed, step, photos_per_task, texts, batch, negatives):
@@ -146,8 +224,11 @@ def draw_batch(seed, step, photos_per_task, texts, batch, negatives):
         picked = torch.randperm(len(neg), generator=g)[:negatives].tolist()  # N distinct negatives
         rows.append([pos[int(torch.randint(len(pos), (1,), generator=g))]] + [neg[k] for k in picked])
         task_ids.append(c)
-    keep = indicator([tasks[c] for c in task_ids], [[texts.texts[k][1] for k in row] for row in rows])
-    return Batch(torch.tensor(photos), torch.tensor(task_ids), torch.tensor(rows), keep)
+    photo_tasks = [tasks[c] for c in task_ids]
+    keep = indicator(photo_tasks, [[texts.texts[k][1] for k in row] for row in rows])  # [B, N+1]
+    every = [texts.texts[k][1] for row in rows for k in row]  # B*(N+1) task tuples, row-major
+    same = ~indicator(photo_tasks, [every] * len(rows))  # [B, B*(N+1)]
+    return Batch(torch.tensor(photos), torch.tensor(task_ids), torch.tensor(rows), keep, same)
 
 
 def check_texts(texts, negatives):
@@ -340,13 +421,3 @@ def load_frozen(tasks, fake, sd=None, clip=None, plugins=None, device="cpu"):
     models, files = load_models(sd, clip, plugins, tasks=tasks, device=device)
     plugin_files = [files[f"plugin:{t}"] for t in tasks]
     return models, (f"text-{model_key(sd)}", f"photos-{model_key(clip, *plugin_files, *tasks)}"), files
-
-
-def listing_hash(photos):
-    """SHA-256 of the photo listing ({task: [path]}: task, path and size of every file), config.json's
-    fingerprint of the training data."""
-    digest = hashlib.sha256()
-    for task, paths in photos.items():
-        for p in paths:
-            digest.update(f"{task}\t{p}\t{os.path.getsize(p) if isinstance(p, str) else 'memory'}\n".encode())
-    return digest.hexdigest()
