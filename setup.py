@@ -24,6 +24,8 @@ setup(
         # diffusers 0.35 is the newest that sits beside transformers 4.x (huggingface_hub < 1.0), and
         # transformers 4.x still ships the slow CLIPTokenizer that SD-1.x and Diff-Plugin used.
         # scikit-learn: the selector metrics' reference (average_precision_score, precision/recall).
-        "test": ["pytest", "diffusers==0.35.2", "transformers==4.57.6", "accelerate", "scikit-learn"],
+        # scikit-image: the PSNR/SSIM reference (skimage.metrics).
+        "test": ["pytest", "diffusers==0.35.2", "transformers==4.57.6", "accelerate", "scikit-learn",
+                 "scikit-image"],
     },
 )

@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""FID and KID of a folder of restored images against a reference folder or saved statistics (.npz).
+"""Score a folder of restored images: PSNR/SSIM against paired ground truth, FID/KID against a reference.
+
+    python tools/evaluate.py --restored out/lol --gt data/LOL/eval15/high --task lowlight --json lol.json
+    python tools/evaluate.py --restored out/gopro --pairs data/gopro_test.csv --task deblur \
+        --reference gopro_train_sharp.npz --weights checkpoints/ViT-B-32.pt --json gopro.json   # both
 
     python tools/evaluate.py --restored out/rain --reference data/rain_gt --features clip_vit_b_32 \\
         --weights checkpoints/ViT-B-32.pt --json rain.json             # the paper's CLIP-FID / KID
@@ -12,7 +16,15 @@
 Features: clip_vit_b_32 = clean-fid's CLIP path (the official Diff-Plugin metrics: compute_fid(...,
 model_name="clip_vit_b_32")); inception = pytorch-fid's default FID. Weights: OpenAI ViT-B-32.pt (state dict)
 or a Hugging Face CLIP ViT-B/32 file/folder; pytorch-fid's pt_inception-2015-12-05-6726825d.pth.
-Folders are read as clean-fid reads them: sorted recursive glob of image extensions (other files are
+PSNR/SSIM (--gt DIR or --pairs CSV from tools/prepare_data.py): each result pairs with the ground-truth file
+of the same name without extension (x.png <-> x.jpg; with --pairs, the listing's `name` column); results
+without ground truth are listed on one line and the rest scored. PSNR and SSIM on RGB and on the BT.601 Y
+channel, data range 255 on the uint8 images, --crop-border pixels dropped from each side, SSIM with Wang et
+al.'s 11x11 Gaussian window (sigma 1.5, K1 0.01, K2 0.03), RGB SSIM the mean over channels (conventions:
+minidiff/eval/metrics.py; equal to scikit-image's to 1e-6). A result of another size than its ground truth
+(sample.py returns the processed size) is resized to the ground truth's with PIL bicubic and its record says so
+(--size-mismatch refuse: an error instead). One table per run (--task names it), per-photo values in --json.
+FID/KID (--reference, --weights): Folders are read as clean-fid reads them: sorted recursive glob of image extensions (other files are
 ignored), RGB, no EXIF rotation; a folder tools/sample.py wrote is read by its JSON records: only the results
 count, not the <stem>-compare.png side-by-sides. Every image is checked before any feature is computed.
 KID follows clean-fid: 100 subsets of m = min(n_restored, n_reference, 1000) images (fewer than 1000 images:
@@ -20,8 +32,10 @@ the subsets shrink to the smaller set, as in clean-fid; fewer than 2: refused), 
 (--kid-seed) where clean-fid's is unseeded. The paper prints KID x 100 (`kid_x100`). Exit codes as every
 minidiff tool (tools/_cli.py): 0 done, 1 error, 2 bad arguments, 130 interrupted; a failed run writes nothing.
 """
+import csv
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -42,10 +56,17 @@ from minidiff.io.weights import CheckpointError  # noqa: E402
 def parse_args(argv=None):
     p = OneLineParser(__doc__, prog="evaluate.py")
     p.add_argument("--restored", help="folder of restored images (omit to only --save-stats the reference)")
-    p.add_argument("--reference", required=True, help="folder of reference images, or --save-stats' .npz")
+    p.add_argument("--reference", help="FID/KID: folder of reference images, or --save-stats' .npz")
+    p.add_argument("--gt", help="PSNR/SSIM: folder of ground-truth images, paired with the results by name")
+    p.add_argument("--pairs", help="PSNR/SSIM: a test listing of tools/prepare_data.py (CSV name,input,gt)")
+    p.add_argument("--task", help="the name of the table (default: the --restored folder's name)")
+    p.add_argument("--crop-border", type=int_range(0), default=0, help="PSNR/SSIM: pixels dropped per side")
+    p.add_argument("--size-mismatch", choices=metrics.SIZE_RULES, default="resize",
+                   help="PSNR/SSIM: a result of another size than its ground truth is bicubic-resized to it, "
+                        "or refused")
     p.add_argument("--features", default="clip_vit_b_32", choices=metrics.FEATURE_TYPES,
                    help="feature network")
-    p.add_argument("--weights", required=True, help="weights of the feature network (see the docstring)")
+    p.add_argument("--weights", help="FID/KID: weights of the feature network (see the docstring)")
     p.add_argument("--json", help="write the results here (JSON)")
     p.add_argument("--save-stats", help="write the reference folder's statistics (mu, sigma, feats) here")
     p.add_argument("--batch-size", type=int_range(1), default=32, help="images per forward pass")
@@ -116,13 +137,89 @@ def finite(name, value):
     return value
 
 
+def read_pairs(path):
+    """{name: gt file} of a tools/prepare_data.py test listing (CSV with columns name, input, gt; relative
+    paths are relative to the listing's folder)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise metrics.MetricsError(f"--pairs {path}: cannot read the listing ({one_line(e)})") from None
+    if not rows or not {"name", "gt"} <= set(rows[0]):
+        raise metrics.MetricsError(f"--pairs {path}: not a test listing (CSV with a header name,input,gt and "
+                                   "a row per photo)")
+    folder = os.path.dirname(os.path.abspath(path))
+    return {r["name"]: os.path.join(folder, r["gt"]) for r in rows}
+
+
+def paired_inputs(args, restored):
+    """{stem: (result, gt)} for PSNR/SSIM, after checking every paired image opens; one line names the
+    results without ground truth (they are left out, the rest is scored)."""
+    gt = read_pairs(args.pairs) if args.pairs else metrics.list_images(args.gt)
+    pairs, missing = metrics.pair_by_name(restored, gt)
+    if not pairs:
+        raise metrics.MetricsError(f"none of the {len(restored)} results has a ground-truth file of the same "
+                                   f"name in {args.pairs or args.gt}")
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        print(f"warning: {len(missing)} of {len(restored)} results have no ground truth, not scored: {shown}",
+              file=sys.stderr)
+    absent = [g for _, g in pairs.values() if not os.path.isfile(g)]
+    if absent:
+        raise metrics.MetricsError(f"{absent[0]}: ground truth named by --pairs but missing")
+    check_images([f for pair in pairs.values() for f in pair])
+    args.missing_gt = missing
+    return pairs
+
+
+def paired_scores(args, pairs):
+    """PSNR/SSIM table of the paired results: means, per-photo values, the photos left out or resized.
+    An identical pair's PSNR is infinite: JSON has no infinity, so it is null there, its photo listed."""
+    per_photo = metrics.paired_fidelity(pairs, args.crop_border, args.size_mismatch)
+    means = metrics.fidelity_means(per_photo)
+    infinite = [k for k, p in per_photo.items() if math.isinf(p["psnr_rgb"]) or math.isinf(p["psnr_y"])]
+    for p in per_photo.values():
+        for k in ("psnr_rgb", "psnr_y"):
+            p[k] = None if math.isinf(p[k]) else p[k]
+    task = args.task or os.path.basename(os.path.normpath(args.restored))
+    return {"task": task, "n": len(per_photo), **{k: None if math.isinf(v) else v for k, v in means.items()},
+            "psnr_infinite": infinite, "missing_gt": args.missing_gt,
+            "resized": sorted(k for k, p in per_photo.items() if "resized_from" in p),
+            "crop_border": args.crop_border, "size_mismatch": args.size_mismatch, "data_range": 255,
+            "y_channel": "BT.601: 16 + 65.481 R + 128.553 G + 24.966 B (R, G, B in [0, 1])",
+            "ssim_window": "Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03; RGB = mean over channels",
+            "ground_truth": os.path.abspath(args.pairs or args.gt), "per_photo": per_photo}
+
+
+def paired_table(t):
+    """The PSNR/SSIM table printed for a run."""
+    fmt = lambda v, d: "inf" if v is None else f"{v:.{d}f}"  # noqa: E731
+    notes = [f"{len(t['resized'])} resized to their ground truth (bicubic)"] if t["resized"] else []
+    notes += [f"{len(t['missing_gt'])} without ground truth left out"] if t["missing_gt"] else []
+    return "\n".join([f"{t['task']}: {t['n']} photos" + (f" ({'; '.join(notes)})" if notes else ""),
+                      f"  {'':10}{'RGB':>10}{'Y':>10}",
+                      f"  {'PSNR (dB)':10}{fmt(t['psnr_rgb'], 3):>10}{fmt(t['psnr_y'], 3):>10}",
+                      f"  {'SSIM':10}{fmt(t['ssim_rgb'], 4):>10}{fmt(t['ssim_y'], 4):>10}"])
+
+
 def evaluate(args):
     """Run the evaluation; returns the result dict. Raises MetricsError / CheckpointError on bad input."""
+    paired = args.gt is not None or args.pairs is not None
+    if args.gt is not None and args.pairs is not None:
+        raise metrics.MetricsError("give --gt DIR or --pairs CSV for the ground truth, not both")
     if args.restored is None and not args.save_stats:
         raise metrics.MetricsError("nothing to do: give --restored (with --json) and/or --save-stats")
     if args.restored is not None and not args.json:
         raise metrics.MetricsError("--restored needs --json OUT.json for the results")
-    ref_is_stats = os.path.isfile(args.reference) and args.reference.endswith(".npz")
+    if args.restored is not None and not paired and args.reference is None:
+        raise metrics.MetricsError("nothing to score against: give --gt/--pairs (PSNR, SSIM) and/or "
+                                   "--reference with --weights (FID, KID)")
+    if paired and args.restored is None:
+        raise metrics.MetricsError("--gt/--pairs score results: give --restored")
+    if (args.reference is None) != (args.weights is None):
+        raise metrics.MetricsError("FID/KID need both --reference and --weights")
+    ref_is_stats = args.reference is not None and os.path.isfile(args.reference) and \
+        args.reference.endswith(".npz")
     if args.save_stats and ref_is_stats:
         raise metrics.MetricsError("--save-stats needs a reference folder; this reference is statistics")
     for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
@@ -130,6 +227,10 @@ def evaluate(args):
             check_writable(path, flag, is_file=True)
     # check every input before the slow part
     restored, note = restored_images(args.restored) if args.restored else (None, "")
+    pairs = paired_inputs(args, restored) if paired else None
+    if args.reference is None:  # PSNR/SSIM only
+        print(f"restored: {len(restored)} images{note}")
+        return {"paired": paired_scores(args, pairs)}
     reference = metrics.load_stats(args.reference, args.features) if ref_is_stats else None
     if reference is not None:
         for key in ("mu", "sigma"):
@@ -170,7 +271,8 @@ def evaluate(args):
         m = metrics.kid_subset_size(len(feats), len(reference["feats"]), args.kid_subset_size)
         kid = finite("KID", metrics.kernel_distance(feats, reference["feats"], args.kid_subsets,
                                                     args.kid_subset_size, seed=args.kid_seed))
-    return {"fid": fid, "kid": kid, "kid_x100": None if kid is None else 100 * kid,
+    scores = {"paired": paired_scores(args, pairs)} if paired else {}
+    return {**scores, "fid": fid, "kid": kid, "kid_x100": None if kid is None else 100 * kid,
             "features": args.features, "n_restored": len(feats), "n_reference": reference["count"],
             "kid_subset_size": m, "kid_subsets": args.kid_subsets, "kid_seed": args.kid_seed,
             "restored": os.path.abspath(args.restored), "reference": os.path.abspath(args.reference),
@@ -183,6 +285,12 @@ def main(argv=None):
     try:
         result = evaluate(args)
         if result is None:
+            return 0
+        if "paired" in result:
+            print(paired_table(result["paired"]))
+        if "fid" not in result:
+            save_json_atomic(result, args.json)
+            print(f"wrote {args.json}")
             return 0
         kid = "n/a (reference has no features)" if result["kid"] is None else \
             f"{result['kid']:.6f} (x100: {result['kid_x100']:.4f}, subsets of {result['kid_subset_size']})"

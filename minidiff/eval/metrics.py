@@ -239,3 +239,169 @@ def load_stats(path, feature_type=None):
     count = int(data["count"]) if "count" in data else (len(feats) if feats is not None else None)
     return {"mu": mu, "sigma": sigma, "feats": feats, "feature_type": kind, "count": count}
 
+
+
+# ---------------------------------------------------------------- paired fidelity: PSNR and SSIM
+# Conventions (those of restoration papers and of scikit-image's skimage.metrics, which the tests compare to):
+#   data range  255 for uint8 images, 1.0 for float images (which must then lie in [0, 1]); all sums in float64
+#   border      `crop_border` pixels are dropped from every side of both images first (0: none)
+#   Y channel   ITU-R BT.601 luma of the studio-swing YCbCr, as MATLAB's rgb2ycbcr and BasicSR compute it:
+#               Y = 16 + (65.481 R + 128.553 G + 24.966 B) for R, G, B in [0, 1], kept as float (no rounding),
+#               so Y lies in [16, 235] on the 255 scale; data range 255 (1.0 on floats, with Y / 255)
+#   PSNR        10 log10(L^2 / MSE), the MSE over every pixel and channel; identical images give +inf
+#   SSIM        Wang, Bovik, Sheikh and Simoncelli, "Image Quality Assessment: From Error Visibility to
+#               Structural Similarity" (IEEE TIP 2004): an 11x11 Gaussian window of sigma 1.5, K1 0.01,
+#               K2 0.03, C1 = (K1 L)^2, C2 = (K2 L)^2, population (not sample) variances, the SSIM map over the
+#               positions where the whole window fits ("valid": 5 pixels lost on each side), then its mean.
+#               RGB SSIM is the mean over the three channels of each channel's SSIM. This is
+#               structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False) in
+#               scikit-image, which filters the whole image and then drops the same 5-pixel border.
+SSIM_SIGMA = 1.5
+SSIM_RADIUS = 5  # window 11x11: scikit-image's int(3.5 * sigma + 0.5), Wang et al.'s 11x11
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+BT601_Y = (65.481, 128.553, 24.966)  # RGB in [0, 1] -> Y in [16, 235] (with the offset 16)
+
+
+def _as_float(img):
+    """(float64 array, data range): uint8 -> range 255; float -> range 1.0 (values must lie in [0, 1])."""
+    img = np.asarray(img)
+    if img.dtype == np.uint8:
+        return img.astype(np.float64), 255.0
+    if not np.issubdtype(img.dtype, np.floating):
+        raise MetricsError(f"PSNR/SSIM take uint8 or float images in [0, 1], got {img.dtype}")
+    if img.size and (img.min() < 0 or img.max() > 1):
+        raise MetricsError(f"a float image must lie in [0, 1], got [{img.min():.4g}, {img.max():.4g}]")
+    return img.astype(np.float64), 1.0
+
+
+def _prepare(a, b, crop_border, y_channel):
+    """Both images as float64 [H, W, C] (C = 1 for Y), the border cropped; and the data range."""
+    a, range_a = _as_float(a)
+    b, range_b = _as_float(b)
+    if a.shape != b.shape or range_a != range_b:
+        raise MetricsError(f"PSNR/SSIM need two images of one shape and type, got {a.shape} and {b.shape}")
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]  # grey [H, W] -> [H, W, 1]
+    if crop_border:
+        a, b = (x[crop_border:-crop_border, crop_border:-crop_border] for x in (a, b))
+    if y_channel:
+        if a.shape[2] != 3:
+            raise MetricsError(f"the Y channel needs RGB images, got {a.shape[2]} channel(s)")
+        a, b = (rgb_to_y(x, range_a) for x in (a, b))
+    return a, b, range_a
+
+
+def rgb_to_y(img, data_range=255.0):
+    """BT.601 luma Y of float RGB [H, W, 3] on the scale `data_range` -> [H, W, 1], same scale, unrounded."""
+    rgb = img / data_range  # [0, 1]
+    y = 16.0 + rgb[..., 0] * BT601_Y[0] + rgb[..., 1] * BT601_Y[1] + rgb[..., 2] * BT601_Y[2]  # [16, 235]
+    return (y * (data_range / 255.0))[..., None]
+
+
+def psnr(a, b, crop_border=0, y_channel=False):
+    """PSNR in dB of two images (uint8 or float in [0, 1], [H, W] or [H, W, C]); +inf when identical."""
+    a, b, data_range = _prepare(a, b, crop_border, y_channel)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
+
+
+def _gaussian_window():
+    """The normalised 1-D Gaussian of sigma 1.5 over -5..5; the 11x11 window is its outer product."""
+    x = np.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
+    return g / g.sum()
+
+
+def _filter_valid(x, g):
+    """Separable correlation of [H, W] with the window g (x then y), keeping only the valid positions:
+    [H, W] -> [H - 10, W - 10]. Written as a sum of shifted slices: each output pixel is the weighted sum of the
+    11 x 11 pixels around it."""
+    n = len(g)
+    h, w = x.shape
+    rows = sum(g[k] * x[:, k:w - n + 1 + k] for k in range(n))  # [H, W - 10]
+    return sum(g[k] * rows[k:h - n + 1 + k] for k in range(n))  # [H - 10, W - 10]
+
+
+def _ssim_channel(x, y, data_range):
+    """Mean SSIM of one channel pair [H, W], float64 (Wang et al. 2004, eq. 13, Gaussian-weighted stats)."""
+    g = _gaussian_window()
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    mu_x, mu_y = _filter_valid(x, g), _filter_valid(y, g)
+    # local (population) variances and covariance: E[x^2] - E[x]^2 under the window
+    var_x = _filter_valid(x * x, g) - mu_x * mu_x
+    var_y = _filter_valid(y * y, g) - mu_y * mu_y
+    cov = _filter_valid(x * y, g) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean()
+
+
+def ssim(a, b, crop_border=0, y_channel=False):
+    """SSIM of two images (uint8 or float in [0, 1], [H, W] or [H, W, C]): the mean over channels of each
+    channel's mean SSIM; both sides must be at least 11 pixels after the border crop."""
+    a, b, data_range = _prepare(a, b, crop_border, y_channel)
+    if min(a.shape[:2]) < 2 * SSIM_RADIUS + 1:
+        raise MetricsError(f"SSIM needs images of at least {2 * SSIM_RADIUS + 1}x{2 * SSIM_RADIUS + 1} pixels "
+                           f"(after the border crop), got {a.shape[1]}x{a.shape[0]}")
+    return float(np.mean([_ssim_channel(a[..., c], b[..., c], data_range) for c in range(a.shape[2])]))
+
+
+def fidelity(result, gt, crop_border=0):
+    """{psnr_rgb, psnr_y, ssim_rgb, ssim_y} of a restored image against its ground truth (uint8 RGB)."""
+    return {"psnr_rgb": psnr(result, gt, crop_border), "psnr_y": psnr(result, gt, crop_border, True),
+            "ssim_rgb": ssim(result, gt, crop_border), "ssim_y": ssim(result, gt, crop_border, True)}
+
+
+# ---------------------------------------------------------------- pairing results with their ground truth
+SIZE_RULES = ("resize", "refuse")
+
+
+def stem(path):
+    """A file's name without folder and extension: results pair with ground truth by it (x.png <-> x.jpg)."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def pair_by_name(results, gt):
+    """({stem: (result, gt file)}, [result stems without ground truth]); `gt` is a list of files or a dict
+    {stem: file}. Two ground-truth files of one stem (x.png and x.jpg) are refused: the pairing would guess."""
+    if not isinstance(gt, dict):
+        by_stem = {}
+        for f in gt:
+            if stem(f) in by_stem:
+                raise MetricsError(f"{f} and {by_stem[stem(f)]}: two ground-truth files named {stem(f)}")
+            by_stem[stem(f)] = f
+        gt = by_stem
+    pairs = {stem(r): (r, gt[stem(r)]) for r in results if stem(r) in gt}
+    return pairs, [stem(r) for r in results if stem(r) not in gt]
+
+
+def paired_fidelity(pairs, crop_border=0, size_rule="resize"):
+    """{stem: fidelity(...) + sizes} for {stem: (result file, gt file)}, in stem order.
+
+    A result whose size differs from its ground truth's (tools/sample.py returns the processed size, e.g. a
+    600x400 LOL photo comes back 768x512) is, with size_rule "resize", resized to the ground truth's size with
+    PIL bicubic on the uint8 image (the filter the official scripts resize with) and its record says so
+    ("resized_from"); with "refuse" it is an error naming the file.
+    """
+    if size_rule not in SIZE_RULES:
+        raise MetricsError(f"unknown size rule {size_rule!r} (choose from {', '.join(SIZE_RULES)})")
+    out = {}
+    for name in sorted(pairs):
+        result_path, gt_path = pairs[name]
+        result, gt = read_image(result_path), read_image(gt_path)
+        rec = {"result": os.path.abspath(result_path), "gt": os.path.abspath(gt_path),
+               "size": [gt.shape[1], gt.shape[0]]}
+        if result.shape != gt.shape:
+            if size_rule == "refuse":
+                raise MetricsError(f"{result_path}: {result.shape[1]}x{result.shape[0]}, but its ground truth "
+                                   f"{gt_path} is {gt.shape[1]}x{gt.shape[0]} (--size-mismatch resize scores "
+                                   "it after a bicubic resize)")
+            rec["resized_from"] = [result.shape[1], result.shape[0]]
+            result = np.asarray(Image.fromarray(result).resize((gt.shape[1], gt.shape[0]), Image.BICUBIC))
+        out[name] = {**fidelity(result, gt, crop_border), **rec}
+    return out
+
+
+def fidelity_means(per_photo):
+    """Means over photos of psnr_rgb, psnr_y, ssim_rgb, ssim_y (a PSNR mean is +inf if any pair is identical)."""
+    keys = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y")
+    return {k: float(np.mean([p[k] for p in per_photo.values()])) for k in keys}
