@@ -6,7 +6,7 @@ setup(
     description="Stable Diffusion 1.5 and Diff-Plugin (CVPR 2024) from scratch in plain PyTorch",
     packages=find_packages(include=["minidiff", "minidiff.*"]),
     package_data={"minidiff": ["models/bpe_simple_vocab_16e6.txt.gz", "data/instructions.json",
-                               "data/composite.json", "data/small_photos.json", "data/web/index.html",
+                               "data/composite.json", "data/small_photos.json", "data/datasets.json", "data/web/index.html",
                                "data/web/app.js", "data/web/style.css"]},
     python_requires=">=3.10",
     install_requires=[
