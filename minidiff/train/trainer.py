@@ -54,6 +54,7 @@ from minidiff.errors import NonFiniteError, UsageError  # noqa: F401 (the tools 
 from minidiff.io.files import probe_writable, save_json_atomic, sha256_file
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")  # finished checkpoints; temporaries start with "."
+CHECKPOINT_FILES = ("model.safetensors", "trainer.pt", "state.json")  # what save_checkpoint writes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,11 +128,20 @@ def setup_distributed(device="auto", global_batch=None, grad_accum=1, join=True)
     return dist
 
 
+def backend_options(device):
+    """Everything of the DDP path that depends on the device, in one place: (process-group backend, keyword
+    arguments of DistributedDataParallel). CUDA: NCCL, and the rank's own GPU as device_ids/output_device;
+    CPU: gloo and none. The rest is one code path, so the gloo tests on the CPU run the code NCCL runs."""
+    if device.type == "cuda":
+        return "nccl", {"device_ids": [device.index], "output_device": device.index}
+    return "gloo", {}
+
+
 def join_process_group(dist):
     if dist.device.type == "cuda":
         torch.cuda.set_device(dist.device)
     if dist.world_size > 1 and not torch_dist.is_initialized():
-        backend = "nccl" if dist.device.type == "cuda" else "gloo"
+        backend, _ = backend_options(dist.device)
         torch_dist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
 
 
@@ -177,8 +187,8 @@ def wrap_ddp(module, dist):
     """
     if dist.world_size == 1:
         return module
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    _, options = backend_options(dist.device)
+    return torch.nn.parallel.DistributedDataParallel(module, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,6 +333,8 @@ class RunDir:
         if keep > 0:
             for old in self._finished()[:-keep]:
                 shutil.rmtree(old)
+        if self.config is not None:  # a step written again replaces the folder: record its new hashes
+            self.config["checkpoints"].pop(final.name, None)
         self._sync_checkpoint_hashes()
         return final
 
@@ -339,6 +351,44 @@ class RunDir:
         torch.set_rng_state(extra["rng_torch"])
         return Checkpoint(path, state["step"], load_file(path / "model.safetensors"), extra["optimizer"],
                           state["data_position"], state, extra["rng_torch"])
+
+    def checkpoint_problem(self, path):
+        """None if checkpoint folder `path` holds its three files and each matches the SHA-256 that
+        config.json recorded for it (when recorded), else one line saying what is wrong with it."""
+        recorded = (self.config or {}).get("checkpoints", {}).get(Path(path).name, {})
+        for name in CHECKPOINT_FILES:
+            f = Path(path) / name
+            if not f.is_file():
+                return f"{f}: missing"
+            if name in recorded and sha256_file(f) != recorded[name]:
+                return f"{f}: does not match the SHA-256 recorded in config.json (truncated or changed)"
+        return None
+
+    def resume_checkpoint(self, named=None, say=print):
+        """Load the checkpoint a resumed run continues from (None: no checkpoint yet, start from step 0).
+
+        named: a checkpoint folder (--resume-from); it must be intact, else UsageError. Otherwise the latest
+        intact one: each newer checkpoint that fails its hash check or cannot be read is reported with
+        `say` in one line, and the previous one is taken (UsageError when none is left)."""
+        candidates = [Path(named)] if named else self._finished()[::-1]
+        problems = []
+        for path in candidates:
+            problem = self.checkpoint_problem(path)
+            if problem is None:
+                try:
+                    return self.load_checkpoint(path)
+                except Exception as e:  # a file that passed (or had no recorded hash) but does not parse
+                    first = (str(e).splitlines() or [""])[0][:120]
+                    problem = f"{path}: unreadable ({type(e).__name__}: {first})"
+            if named:
+                raise UsageError(f"--resume-from {problem}")
+            problems.append(problem)
+            if self.dist.is_main:
+                say(f"--resume: skipping a bad checkpoint: {problem}; falling back to the previous one",
+                    flush=True)
+        if problems:
+            raise UsageError(f"--resume: no intact checkpoint in {self.ckpt_dir} (newest: {problems[0]})")
+        return None
 
 
 def check_finite(loss, step, run):
