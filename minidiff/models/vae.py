@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidiff.models.layers import attention
+from minidiff.models.layers import GroupNorm, attention
 
 # SD-1.x latents are the VAE posterior scaled by this factor, chosen by CompVis so that the latents of the
 # training images have about unit variance (configs/stable-diffusion/v1-inference.yaml `scale_factor`).
@@ -104,7 +104,7 @@ def tiled(fn, x, tile, out_tile, overlap=TILE_OVERLAP):
 
 
 def Normalize(channels):
-    return nn.GroupNorm(GROUPS, channels, eps=EPS)
+    return GroupNorm(GROUPS, channels, eps=EPS)  # accurate on channels-last input (models/layers.py)
 
 
 class ResnetBlock(nn.Module):
