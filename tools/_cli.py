@@ -1,30 +1,34 @@
-"""What minidiff's tools share: one-line errors, the exit codes, argument types, the up-front output check.
+"""What minidiff's tools share: one parser, one table of exit statuses, argument types, the up-front output check,
+the dtype table.
 
-Exit codes of tools/sample.py, generate.py, evaluate.py, convert.py, download.py and make_examples.py:
+Every tool in tools/ (and tools/bench/) speaks the same way. A command line that does not parse (an unknown
+flag, a value of the wrong type or out of range, e.g. `--lr -1e-5` or `--threshold nan`) prints ONE line
+"<tool>: error: ... (see <tool> --help)" and exits 2. Anything else that stops a tool prints one line
+"error: ..." (or "interrupted: ..." / "terminated: ...") and exits with the status of EXIT_STATUS below;
+nothing half-written is left behind (outputs are written to a temporary name and renamed):
     0    done
-    1    stopped with one line "error: ..." on stderr: a request the tool refuses (conflicting flags, a
-         combination out of range), a missing or unreadable input, missing weights, a failed download, an
-         output that cannot be written, a non-finite result, out of memory
-    2    the command line does not parse: an unknown flag, a value of the wrong type or outside its range
-         (a non-finite number, a seed outside 0..2^63-1, a size under the smallest): one line too
-    130  interrupted by Ctrl-C; 143 stopped by SIGTERM. Either way nothing half-written is left behind.
-This module is a helper of the scripts beside it (not a script). Its UsageError is minidiff.train.trainer's, the
-project's one class for a refused request (the training tools exit with 2 on it: see their docstrings).
+    1    failed: missing or unreadable weights, a failed download, an I/O error, out of memory
+    2    usage or data: a refused request (UsageError), an unusable image or data set (ImageError,
+         MetricsError), and a command line that does not parse
+    3    a non-finite result: NaN/inf latents or loss (NonFiniteError); training keeps its last good checkpoint
+    130  interrupted by Ctrl-C;  143  stopped by SIGTERM
+The classes are minidiff/errors.py's. An exception of no class below is a bug and keeps its traceback.
+This module is a helper of the scripts beside it (not a script).
 """
 import argparse
 import errno
 import math
 import os
+import re
 import signal
 import sys
 
 import torch
 
+from minidiff.errors import (CheckpointError, DownloadError, ImageError, MetricsError, MissingPlugins,
+                             NonFiniteError, PluginMismatchError, UsageError)
 from minidiff.io.cpu import native_bf16
 from minidiff.io.files import probe_writable
-from minidiff.io.imageio import ImageError
-from minidiff.train.trainer import NonFiniteLoss, UsageError
-from minidiff.io.weights import CheckpointError
 
 # Seeds: what torch.Generator.manual_seed takes as a non-negative 64-bit signed integer on every torch
 # version (the official code seeds a CPU torch.Generator; negative seeds would alias large ones).
@@ -44,15 +48,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# What argparse takes for a negative number (a value, not a flag): its own pattern misses "-1e-5" and "-inf".
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with one line on stderr for a command line that does not parse (exit status 2)."""
+    """The parser of every tool: a command line that does not parse gives ONE line on stderr,
+    "<tool>: error: ... (see <tool> --help)", and exit status 2; negative numbers parse as values (then range
+    checks refuse them in one line); --help shows each default once, none for "not given"."""
 
     def __init__(self, doc="", **kw):
-        kw.setdefault("description", doc.splitlines()[0] if doc else None)  # the script's docstring line
+        kw.setdefault("description", doc.strip().splitlines()[0] if doc else None)  # the docstring's line
         super().__init__(formatter_class=kw.pop("formatter_class", HelpFormatter), **kw)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_float(text):
+    """argparse type: a finite float above 0 (a learning rate: inf or nan would break the run and its JSON)."""
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 def finite_float(text):
@@ -130,64 +149,69 @@ def one_line(e):
     return text[0] if text else type(e).__name__
 
 
-def is_user_error(e):
-    """Errors the user can act on (arguments, files, weights, memory, a non-finite result): one line on
-    stderr instead of a traceback. Anything else is a bug and keeps its traceback."""
-    if isinstance(e, (UsageError, OSError, MemoryError)):
-        return True
+# The exit statuses (the module docstring; README "Exit status"): the first class that matches wins.
+DONE, FAILED, USAGE, NON_FINITE, INTERRUPTED, TERMINATED = 0, 1, 2, 3, 130, 143
+EXIT_STATUS = (
+    (UsageError, USAGE),            # a refused request: flags that conflict, an output that cannot be written
+    (ImageError, USAGE),            # an input photo that cannot be used
+    (MetricsError, USAGE),          # evaluation inputs: empty folder, mismatched or non-finite statistics
+    (NonFiniteError, NON_FINITE),   # NaN/inf latents or loss
+    (CheckpointError, FAILED),      # weights unreadable or not the model they should be
+    (PluginMismatchError, FAILED),  # a plugin for another base model
+    (MissingPlugins, FAILED),       # plugin files not there
+    (DownloadError, FAILED),        # network, HTTP status, size or hash mismatch
+    (OSError, FAILED),              # any other file problem (missing, permission, disk full)
+    (MemoryError, FAILED),          # out of host memory
+    (torch.OutOfMemoryError, FAILED),
+)
+
+
+def exit_status(e):
+    """The exit status of an exception by EXIT_STATUS, or None for a bug (which keeps its traceback). A
+    RuntimeError saying "out of memory" (the CPU allocator's) counts as out of memory."""
+    for cls, code in EXIT_STATUS:
+        if isinstance(e, cls):
+            return code
     memory = ("out of memory", "not enough memory")
     if isinstance(e, RuntimeError) and any(w in str(e).lower() for w in memory):
-        return True  # the CPU allocator's error for a size that does not fit
-    names = {"ImageError", "CheckpointError", "MetricsError", "NonFiniteError", "PluginMismatchError",
-             "OutOfMemoryError", "DownloadError"}
-    return type(e).__name__ in names  # by name: checking needs no import of torch or minidiff
+        return FAILED
+    return None
 
 
 def run(main, argv=None):
-    """Call main(argv) and turn its outcome into the exit codes above; returns the exit status."""
+    """Call main(argv) and turn its outcome into the exit statuses above, each with one line on stderr;
+    returns the exit status. SIGTERM raises Terminated in the main thread, so `finally` blocks and atomic
+    writes clean up as for Ctrl-C."""
     def on_sigterm(signum, frame):
         raise Terminated()
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return main(argv) or 0
+        return main(argv) or DONE
     except KeyboardInterrupt:
         print("interrupted: no partial output was left behind", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except Terminated:
         print("terminated: no partial output was left behind", file=sys.stderr)
-        return 143
+        return TERMINATED
     except Exception as e:
-        if not is_user_error(e):
+        code = exit_status(e)
+        if code is None:
             raise
         memory = "memory" in type(e).__name__.lower() or "memory" in str(e).lower()
         hint = " (try a smaller size or --max-side, or --dtype fp16 on a GPU, bf16 on a CPU)" if memory else ""
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)
-        return 1
-
-
-def training_main(work, args):
-    """Run a training tool's work(args) -> its exit status; errors as one "error: ..." line on stderr and
-    the training tools' codes: 2 the command line or the data (UsageError, ImageError), 3 a non-finite loss
-    (the last good checkpoint stays the latest), 1 unreadable weights or an I/O error."""
-    try:
-        return work(args)
-    except (UsageError, ImageError) as e:
-        code, message = 2, e
-    except NonFiniteLoss as e:
-        code, message = 3, e
-    except (CheckpointError, OSError) as e:
-        code, message = 1, e
-    print(f"error: {message}", file=sys.stderr)
-    return code
+        return code
 
 
 # --dtype names -> torch dtypes (weights and activations of the inference tools)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def add_device_flags(a):
-    """--device and --dtype, as every inference tool takes them (a: parser.add_argument)."""
+def add_device_flags(a, dtype=True):
+    """--device and (dtype: True) --dtype, as every tool takes them (a: parser.add_argument)."""
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    if not dtype:
+        return
     a("--dtype", choices=["auto", *DTYPES], default="fp32",
       help="weights and activations precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16 "
            "(AVX-512 BF16 or AMX), else fp32. fp32 is the default: the same numbers on every machine")
@@ -202,15 +226,21 @@ def add_restoration_weight_flags(a):
     a("--selector", help="plugin selector: official PromptTunner.pt or a minidiff .safetensors")
 
 
+def pick_device(name):
+    """--device "auto" -> "cuda" when available, else "cpu"; "cuda" where there is none: UsageError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    return name
+
+
 def resolve_device(args):
     """args.device "auto" -> "cuda" or "cpu", args.dtype "auto" -> fp16 (CUDA), bf16 (a CPU with native bf16,
     minidiff.io.cpu.native_bf16) or fp32; refuse CUDA where there is none, fp16 on the CPU and (where the tool
     has --compile) compiling on the CPU; warn (stderr) that bf16 on a CPU without native bf16 is slower than
     fp32. Returns the torch dtype of --dtype."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
+    args.device = pick_device(args.device)
     if args.dtype == "auto":
         args.dtype = "fp16" if args.device == "cuda" else "bf16" if native_bf16() else "fp32"
     if args.device == "cpu" and args.dtype == "fp16":

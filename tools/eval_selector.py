@@ -14,22 +14,27 @@ request is scored with a photo of one of its tasks from --images (one sub-folder
 of those tasks. Metrics: ZTA (eq. 7), mAP, CP, CR, CF1, OP, OR, OF1 (minidiff/eval/selector_eval.py).
 --fake-weights: the random tiny networks of tools/train_selector.py --fake-weights (same tasks: same
 networks); without --images, 4 random photos per corpus task, other than the training ones.
-Exit status: 0 done; 1 unreadable weights or I/O; 2 bad command line or data.
+Exit status (tools/_cli.py, README): 0 done; 1 unreadable weights or I/O; 2 bad command line or data.
 """
-import argparse
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
-from minidiff.train.trainer import UsageError  # noqa: E402
+from _cli import (OneLineParser, UsageError, add_device_flags, finite_float, int_range, pick_device,  # noqa: E402
+                  run, seed)
+from minidiff.download import default_checkpoint_paths  # noqa: E402
+from minidiff.eval import selector_eval  # noqa: E402
+from minidiff.io.files import save_json_atomic  # noqa: E402
+from minidiff.plugin.files import load_selector  # noqa: E402
+from minidiff.train import instructions, selector_training as st  # noqa: E402
+from minidiff.train.seeding import derive_seed  # noqa: E402
 FAKE_PHOTOS = 4  # random photos per task for --fake-weights without --images
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(__doc__, prog="eval_selector.py")
     a = p.add_argument
     a("--selector", required=True, help="selector file: minidiff .safetensors or official PromptTunner.pt")
     a("--images", help="folder with one sub-folder of photos per task (held-out photos)")
@@ -37,27 +42,24 @@ def parse_args(argv=None):
     a("--instructions", help="instruction corpus JSON (default: minidiff/data/instructions.json); its "
                              "test part is used")
     a("--cache", help="folder for the frozen CLIP/TPB/text features (shared with train_selector.py)")
-    a("--threshold", type=float, default=0.0, help="a task is selected when its score is above this "
+    a("--threshold", type=finite_float, default=0.0, help="a task is selected when its score is above this "
                                                    "(paper and official demo: 0)")
-    a("--combinations", type=int, default=200,
+    a("--combinations", type=int_range(0), default=200,
       help="random multi-task combinations in the multi-task setting")
-    a("--seed", type=int, default=0,
+    a("--seed", type=seed, default=0,
       help="seed of the combinations and of the photo paired with each request")
     a("--json", help="also write the results to this JSON file")
     a("--sd", help="SD 1.x weights, for its CLIP text encoder (default: checkpoints/ layout)")
     a("--clip", help="CLIP ViT-L/14 vision weights (default: checkpoints/ layout)")
     a("--fake-weights", action="store_true",
       help="random tiny networks instead of checkpoints (trials, tests)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    add_device_flags(a, dtype=False)
     return p.parse_args(argv)
 
 
 def check_args(args):
-    if args.combinations < 0:
-        raise UsageError(f"--combinations must be 0 or more, got {args.combinations}")
     paths = [("--selector", args.selector)]
     if not args.fake_weights:
-        from minidiff.download import default_checkpoint_paths
         defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
         args.sd, args.clip = args.sd or defaults["sd14"], args.clip or defaults["clip"]
         args.plugins = args.plugins or defaults["plugins"]
@@ -68,17 +70,14 @@ def check_args(args):
 
 
 def evaluate_selector(args):
-    import torch
-    from minidiff.train import instructions, selector_training as st
-    from minidiff.eval import selector_eval
-    from minidiff.plugin.files import load_selector
-    from minidiff.train.seeding import derive_seed
     check_args(args)
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
+    device = pick_device(args.device)
+    corpus_file = args.instructions or instructions.CORPUS
     try:
-        corpus = instructions.load_corpus(args.instructions or instructions.CORPUS)
+        corpus = instructions.load_corpus(corpus_file)
+    except (ValueError, OSError) as e:  # not JSON, not a corpus, unreadable: name the file
+        raise UsageError(f"--instructions {corpus_file}: {e}") from None
+    try:
         tasks = st.resolve_tasks(corpus, args.images, args.plugins, args.fake_weights)
         photos = (st.task_photos(args.images, tasks) if args.images else
                   st.fake_photos(tasks, FAKE_PHOTOS, derive_seed(args.seed, "fake-eval-photos")))
@@ -101,7 +100,6 @@ def evaluate_selector(args):
                                      args.threshold, args.seed)
     print(selector_eval.format_table(results))
     if args.json:
-        from minidiff.io.files import save_json_atomic
         record = {"selector": os.path.abspath(args.selector), "tasks": tasks, "threshold": args.threshold,
                   "seed": args.seed, "photos": {t: len(v) for t, v in photos.items()},
                   "fake_weights": args.fake_weights,  # NaN (an undefined metric) -> null
@@ -113,12 +111,8 @@ def evaluate_selector(args):
 
 
 def main(argv=None):
-    from _cli import training_main  # exit codes 0 / 1 / 2 as train_selector.py's
-
-    def run(args):
-        evaluate_selector(args)
-        return 0
-    return training_main(run, parse_args(argv))
+    """Evaluate; returns the exit status (tools/_cli.py: errors as one line)."""
+    return run(lambda argv: evaluate_selector(parse_args(argv)) and 0, argv)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,26 @@ minidiff/data/instructions.json; a new task = a new key there). Only the corpus'
 RUN_DIR (--output) gets selector.safetensors (for tools/sample.py --selector), PromptTunner.pt with
 --export-official (the official demo.py loads it), checkpoints/step-NNNNNN/, log.csv, loss.png, config.json.
 --fake-weights: random tiny networks; without --images, 8 random photos per corpus task.
-Exit status: 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data (one line); 3 the loss
-became NaN/inf. Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/train/selector_training.py.
+Exit status (tools/_cli.py, README): 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data
+(one line); 3 the loss became NaN/inf; 130 Ctrl-C, 143 SIGTERM (the last checkpoint stays the latest). Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/train/selector_training.py.
 """
-import argparse
 import hashlib
 import os
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
+from _cli import OneLineParser, UsageError, add_device_flags, int_range, positive_float, run  # noqa: E402
+from minidiff.download import default_checkpoint_paths  # noqa: E402
+from minidiff.io.files import listing_hash  # noqa: E402
+from minidiff.plugin.files import export_official_selector, load_selector, save_selector  # noqa: E402
+from minidiff.plugin.selector import PluginSelector  # noqa: E402
+from minidiff.train import instructions, selector_training as st, trainer  # noqa: E402
+from minidiff.train.seeding import derive_seed  # noqa: E402
+
 # settings that define the run: --resume refuses to change them (--steps and the rest may change)
 FIXED = ("tasks", "images_sha256", "instructions_sha256", "batch_size", "negatives", "lr", "seed", "init",
          "fake_weights", "loss")
@@ -32,8 +41,7 @@ FAKE_PHOTOS = 8  # random photos per task for --fake-weights without --images
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(__doc__, prog="train_selector.py")
     a = p.add_argument
     a("--output", required=True, help="RUN_DIR: selector file, checkpoints, log.csv, loss.png, config.json")
     a("--images", help="folder with one sub-folder of photos per task (the visual pseudo-labels)")
@@ -41,19 +49,19 @@ def parse_args(argv=None):
                         "checkpoints/ layout of tools/download.py)")
     a("--instructions", help="instruction corpus JSON (default: minidiff/data/instructions.json)")
     a("--cache", help="folder for the frozen CLIP/TPB/text features (computed once, reused by later runs)")
-    a("--steps", type=int, default=5000, help="optimizer updates (paper: not given; 5000 x 8 = one pass "
+    a("--steps", type=int_range(1), default=5000, help="optimizer updates (paper: not given; 5000 x 8 = one pass "
                                               "over its 8 x 5,000 photos)")
-    a("--batch-size", type=int, default=8, help="photos per update, one positive instruction each (paper: 8)")
-    a("--negatives", type=int, default=7, help="negative instructions per photo, N of eq. 6 (paper: 7)")
-    a("--lr", type=float, default=1e-5, help="constant AdamW learning rate (paper: 1e-5)")
+    a("--batch-size", type=int_range(1), default=8, help="photos per update, one positive instruction each (paper: 8)")
+    a("--negatives", type=int_range(1), default=7, help="negative instructions per photo, N of eq. 6 (paper: 7)")
+    a("--lr", type=positive_float, default=1e-5, help="constant AdamW learning rate (paper: 1e-5)")
     a("--loss", choices=["decoupled", "infonce", "supcon"], default="decoupled",
       help="reading of eq. 6: decoupled (literal: each photo's own texts, positive out of the denominator), "
            "infonce (all texts of the batch, positive in, same-task texts masked), supcon (all texts of "
            "the batch, same-task texts are positives); see README")
     a("--seed", type=int, default=0, help="seed of the initial weights, the text combinations, the batches")
     a("--init", help="start from this selector (official PromptTunner.pt or minidiff .safetensors)")
-    a("--checkpoint-every", type=int, default=500, help="write a checkpoint every K steps (and at the end)")
-    a("--keep-checkpoints", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
+    a("--checkpoint-every", type=int_range(1), default=500, help="write a checkpoint every K steps (and at the end)")
+    a("--keep-checkpoints", type=int_range(0), default=0, help="keep only the newest K checkpoints (0: keep all)")
     a("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     a("--export-official", action="store_true",
       help="also write RUN_DIR/PromptTunner.pt, the official format")
@@ -61,23 +69,15 @@ def parse_args(argv=None):
     a("--clip", help="CLIP ViT-L/14 vision weights (default: checkpoints/ layout)")
     a("--fake-weights", action="store_true",
       help="random tiny networks instead of checkpoints (trials, tests)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    add_device_flags(a, dtype=False)
     return p.parse_args(argv)
 
 
 def check_args(args):
-    """Command-line mistakes as UsageError, before anything is read; fills the default weight paths."""
-    from minidiff.train.trainer import UsageError
-    for name in ("steps", "batch_size", "negatives", "checkpoint_every"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.keep_checkpoints < 0:
-        raise UsageError(f"--keep-checkpoints must be 0 or more, got {args.keep_checkpoints}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    """Command-line mistakes as UsageError, before anything is read; fills the default weight paths (the
+    parser already refused values out of range)."""
     if args.fake_weights:
         return
-    from minidiff.download import default_checkpoint_paths
     defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
     args.sd, args.clip = args.sd or defaults["sd14"], args.clip or defaults["clip"]
     args.plugins = args.plugins or defaults["plugins"]
@@ -88,11 +88,12 @@ def check_args(args):
 
 def prepare(args, run_check):
     """Corpus, tasks, photos, frozen features: everything before the first update."""
-    from minidiff.train import instructions, selector_training as st
-    from minidiff.errors import UsageError
-    from minidiff.train.seeding import derive_seed
+    corpus_file = args.instructions or instructions.CORPUS
     try:
-        corpus = instructions.load_corpus(args.instructions or instructions.CORPUS)
+        corpus = instructions.load_corpus(corpus_file)
+    except (ValueError, OSError) as e:  # not JSON, not a corpus, unreadable: name the file
+        raise UsageError(f"--instructions {corpus_file}: {e}") from None
+    try:
         tasks = st.resolve_tasks(corpus, args.images, args.plugins, args.fake_weights)
         photos = (st.task_photos(args.images, tasks) if args.images else
                   st.fake_photos(tasks, FAKE_PHOTOS, derive_seed(args.seed, "fake-photos")))
@@ -100,10 +101,11 @@ def prepare(args, run_check):
         st.check_texts(texts, args.negatives)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    with open(args.instructions or instructions.CORPUS, "rb") as f:
+    with open(corpus_file, "rb") as f:
         corpus_hash = hashlib.sha256(f.read()).hexdigest()
     settings = {k: v for k, v in vars(args).items() if k != "resume"}
-    settings.update(tasks=tasks, images_sha256=st.listing_hash(photos), instructions_sha256=corpus_hash)
+    listing = [(task, photo) for task, paths in photos.items() for photo in paths]
+    settings.update(tasks=tasks, images_sha256=listing_hash(listing, labels=1), instructions_sha256=corpus_hash)
     run_check(settings)
     n_photos = sum(map(len, photos.values()))
     print(f"train selector: {len(tasks)} tasks ({', '.join(tasks)}), {n_photos} photos, "
@@ -113,45 +115,54 @@ def prepare(args, run_check):
     return tasks, photos, texts, settings
 
 
-def train(args):
-    import torch
-    from minidiff.train import selector_training as st, trainer
-    from minidiff.plugin.files import export_official_selector, load_selector, save_selector
-    from minidiff.plugin.selector import PluginSelector
-    check_args(args)
-    dist = trainer.setup_distributed(args.device)
-    if dist.world_size > 1:
-        raise trainer.UsageError("train_selector runs in one process (the selector is small), "
-    from minidiff.train.seeding import derive_seed
-                                 "not under torchrun")
-    run = trainer.RunDir(args.output, "selector", None, args.resume, dist)
-    tasks, photos, texts, settings = prepare(args, lambda s: run.check(s, FIXED))
+def frozen_inputs(args, tasks, photos, texts, device):
+    """The frozen features, computed once (or read from --cache): (photo features [n, tasks, D] on device,
+    {task: photo rows}, text table [n_texts, D] on device, {name: weight file})."""
     models, cache_names, files = st.load_frozen(tasks, args.fake_weights, args.sd, args.clip, args.plugins,
-                                                dist.device)
+                                                device)
     photo_feats, per_task, text_feats = st.frozen_features(models, photos, [t for t, _ in texts.texts],
                                                            args.cache, cache_names)
     del models  # the frozen networks are no longer needed: everything below runs on the features
-    photo_feats = photo_feats.to(dist.device)
-    text_table = torch.stack([text_feats[t] for t, _ in texts.texts]).to(dist.device)  # [n_texts, D]
+    text_table = torch.stack([text_feats[t] for t, _ in texts.texts]).to(device)  # [n_texts, D]
+    return photo_feats.to(device), per_task, text_table, files
+
+
+def initial_selector(args, width, device):
+    """The selector to train (train mode, fp32): --init's, or a fresh one seeded by (seed, "selector-init")."""
     if args.init:
-        selector = load_selector(args.init, device=dist.device)
+        selector = load_selector(args.init, device=device)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(args.seed, "selector-init"))
-            selector = PluginSelector(text_table.shape[-1])
-    if selector.proj_v.in_features != text_table.shape[-1]:
-        raise trainer.UsageError(f"--init {args.init}: width {selector.proj_v.in_features}, features "
-                                 f"{text_table.shape[-1]}")
-    selector.to(dist.device).train().requires_grad_(True)
-    optimizer = st.make_optimizer(selector, args.lr)  # AdamW defaults (paper); no decay on logit_scale
+            selector = PluginSelector(width)
+    if selector.proj_v.in_features != width:
+        raise UsageError(f"--init {args.init}: width {selector.proj_v.in_features}, features {width}")
+    return selector.to(device).train().requires_grad_(True)
+
+
+def resume(args, run, selector, optimizer):
+    """With --resume: the latest checkpoint's weights and optimizer state; returns the step to start after."""
     ckpt = run.load_checkpoint(run.latest_checkpoint()) if args.resume else None
-    start = 0 if ckpt is None else ckpt.step
     if ckpt is not None:
         selector.load_state_dict(ckpt.tensors)
         optimizer.load_state_dict(ckpt.optimizer)
-        print(f"resuming from {ckpt.path}: step {start}", flush=True)
+        print(f"resuming from {ckpt.path}: step {ckpt.step}", flush=True)
     elif args.resume:
         print(f"--resume: no checkpoint in {args.output} yet; starting from step 0", flush=True)
+    return 0 if ckpt is None else ckpt.step
+
+
+def train(args):
+    check_args(args)
+    dist = trainer.setup_distributed(args.device)
+    if dist.world_size > 1:
+        raise UsageError("train_selector runs in one process (the selector is small), not under torchrun")
+    run = trainer.RunDir(args.output, "selector", None, args.resume, dist)
+    tasks, photos, texts, settings = prepare(args, lambda s: run.check(s, FIXED))
+    photo_feats, per_task, text_table, files = frozen_inputs(args, tasks, photos, texts, dist.device)
+    selector = initial_selector(args, text_table.shape[-1], dist.device)
+    optimizer = st.make_optimizer(selector, args.lr)  # AdamW defaults (paper); no decay on logit_scale
+    start = resume(args, run, selector, optimizer)
     run.start(settings, weights={"fake": True} if args.fake_weights else
               {k: os.path.abspath(v) for k, v in files.items()}, texts=len(texts.texts))
     log = trainer.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
@@ -188,8 +199,8 @@ def train(args):
 
 
 def main(argv=None):
-    from _cli import training_main  # exit codes 0 / 1 / 2 / 3 as its docstring says
-    return training_main(train, parse_args(argv))
+    """Train; returns the exit status (tools/_cli.py: errors as one line)."""
+    return run(lambda argv: train(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

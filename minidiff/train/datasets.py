@@ -84,14 +84,6 @@ def _csv_pairs(path, root):
     return pairs
 
 
-def listing_hash(pairs):
-    """SHA-256 of the listing (paths and sizes of every file, in order): config.json's data fingerprint."""
-    h = hashlib.sha256()
-    for inp, gt in pairs:
-        h.update(f"{inp}\t{os.path.getsize(inp)}\t{gt}\t{os.path.getsize(gt)}\n".encode())
-    return h.hexdigest()
-
-
 def check_images(pairs, same_size=False, workers=4):
     """Decode every photo once (threads); UsageError naming the first unreadable one. same_size: also
     require input and gt of a pair to have one size (the paired crop of --augment needs it)."""
