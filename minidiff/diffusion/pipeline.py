@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from minidiff.models.stable_diffusion import StableDiffusion  # noqa: F401  (the bundle the pipelines take)
 from minidiff.io.imageio import pil_to_tensor, tensor_to_pil
 from minidiff.diffusion.schedulers import make_sampler, randn_tensor
-from minidiff.models.vae import LATENT_SCALE
 
 
 def vae_scale_factor(vae):
@@ -80,7 +79,7 @@ def _unet_dtype_device(sd):
 @torch.no_grad()
 def decode(sd, latents):
     """SD latents -> PIL image (first of the batch): undo the latent scale, VAE-decode, to 8-bit RGB."""
-    return tensor_to_pil(sd.vae.decode(latents / LATENT_SCALE))
+    return tensor_to_pil(sd.vae.decode(latents / sd.vae.cfg.latent_scale))
 
 
 @torch.no_grad()
@@ -124,7 +123,7 @@ def img2img(sd, image, prompt, *, strength=0.8, negative_prompt="", steps=50, gu
     x = preprocess(image, vae_scale_factor(sd.vae)).to(device=device, dtype=dtype)
     mean, logvar = sd.vae.encode(x)  # posterior of the photo, each [1, 4, h, w]
     z = mean + torch.exp(0.5 * logvar) * randn_tensor(mean.shape, generator, dtype, device)  # a sample
-    x0 = LATENT_SCALE * z
+    x0 = sd.vae.cfg.latent_scale * z
     noise = randn_tensor(x0.shape, generator, dtype, device)
     latents = sampler.add_noise_at(x0, noise, start)  # x_t at t = timesteps[start]
     latents = denoise(sd, sampler, latents, context, guidance, generator, start, progress)

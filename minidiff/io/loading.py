@@ -264,6 +264,23 @@ def _sd_part(path, part, dtype):
     return state_dict
 
 
+def stored_latent_scale(path):
+    """The VAE's latent scale as the checkpoint states it: the "latent_scale" metadata of a single
+    .safetensors file (minidiff's small family writes it), a diffusers folder's vae/config.json
+    "scaling_factor", else SD 1.x's 0.18215 (the original single files do not state it)."""
+    default = VAEConfig().latent_scale
+    try:
+        if os.path.isdir(path):
+            with open(os.path.join(path, "vae", "config.json")) as f:
+                return float(json.load(f).get("scaling_factor", default))
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                return float((f.metadata() or {}).get("latent_scale", default))
+    except (OSError, ValueError, TypeError):
+        pass  # no or unreadable config: the SD value (the weights themselves were read strictly)
+    return default
+
+
 def load_stable_diffusion(path, dtype=torch.float32, device="cpu"):
     """Tokenizer, CLIP text encoder, UNet and VAE of an SD 1.x checkpoint: the original single file
     (.safetensors, read lazily; .ckpt through torch.load(weights_only=True)) or a diffusers folder
@@ -272,5 +289,6 @@ def load_stable_diffusion(path, dtype=torch.float32, device="cpu"):
         raise CheckpointError(f"{path}: no such file or folder")
     unet = build_unet(_sd_part(path, "unet", dtype), dtype, device, what=f"UNet ({path})")
     vae = build_vae(_sd_part(path, "vae", dtype), dtype, device)
+    vae.cfg = replace(vae.cfg, latent_scale=stored_latent_scale(path))
     text_encoder = build_clip_text(_sd_part(path, "text", dtype), dtype, device)
     return StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae)

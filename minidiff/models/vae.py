@@ -29,7 +29,7 @@ from minidiff.models.layers import GroupNorm, attention
 
 # SD-1.x latents are the VAE posterior scaled by this factor, chosen by CompVis so that the latents of the
 # training images have about unit variance (configs/stable-diffusion/v1-inference.yaml `scale_factor`).
-LATENT_SCALE = 0.18215
+LATENT_SCALE = 0.18215  # SD 1.x's latent_scale (VAEConfig default), exported for callers of SD files
 
 GROUPS = 32  # GroupNorm groups everywhere in the VAE (CompVis Normalize(); diffusers norm_num_groups)
 EPS = 1e-6  # GroupNorm epsilon everywhere in the VAE (not torch's 1e-5 default)
@@ -44,6 +44,9 @@ class VAEConfig:
     ch_mult: tuple = (1, 2, 4, 4)  # one entry per resolution level; len-1 downsamplings -> 8x
     num_res_blocks: int = 2  # ResnetBlocks per encoder level (the decoder has one more per level)
     z_channels: int = 4  # latent channels (the encoder emits 2 * z: mean and log-variance)
+    # latents the UNet sees = latent_scale x VAE latents: 1 / std of the training set's latents, measured
+    # once per VAE (SD's 0.18215; minidiff's small VAE stores its own in its file's metadata)
+    latent_scale: float = 0.18215
 
 
 # A tiny configuration of the same architecture for fast tests (2 levels -> 2x downscale).

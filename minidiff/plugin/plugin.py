@@ -32,7 +32,6 @@ from minidiff.io.imageio import pil_to_tensor, tensor_to_pil, to_multiple_of_8
 from minidiff.models.layers import embed_timesteps
 from minidiff.diffusion.schedulers import add_noise, make_sampler
 from minidiff.models.unet import ResBlock, SpatialTransformer
-from minidiff.models.vae import LATENT_SCALE
 
 # The eight official tasks, in the official demo's order (demo.py l.32): selection and chaining follow it.
 TASKS = ("derain", "desnow", "lowlight", "dehaze", "deblur", "highlight", "face", "demoire")
@@ -102,7 +101,7 @@ class SCB(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(self, cond, t, context):
-        """cond [B, 4, h, w] (LATENT_SCALE x posterior mean of the photo), t (int, 0-d or [B]), context
+        """cond [B, 4, h, w] (latent_scale x posterior mean of the photo), t (int, 0-d or [B]), context
         [B, N, context_dim] (TPB tokens) -> list of 3 residuals [B, channels, h, w]."""
         emb = self.time_embed(embed_timesteps(t, cond, self.cfg.channels))  # [B, 4 * channels]
         h = self.input_blocks[0][0](cond)  # [B, C, h, w]: the official model's `sample`
@@ -181,7 +180,7 @@ def run_plugin(sd, plugin, feats, image, steps, seed, bar=None, compile=False):
     p = next(sd.unet.parameters())
     context = plugin.tpb(feats.to(p.device, p.dtype))  # [1, 256, 768] replaces the text context everywhere
     mean, _ = sd.vae.encode(pil_to_tensor(image).to(p.device, p.dtype))
-    cond = LATENT_SCALE * mean  # [1, 4, H/8, W/8]: posterior mean, no sampling (infer.py l.112)
+    cond = sd.vae.cfg.latent_scale * mean  # [1, 4, H/8, W/8]: posterior mean, no sampling (infer.py l.112)
     # one CPU draw, seeded per plugin, so a seed means what it means in the official code
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((1,) + tuple(cond.shape[1:]), generator=g).to(p.device, p.dtype)  # [1, 4, H/8, W/8]
@@ -200,7 +199,7 @@ def run_plugin(sd, plugin, feats, image, steps, seed, bar=None, compile=False):
                                  f"{len(sampler.timesteps)} (t={int(t)})")
         if bar is not None:
             bar.update(1)
-    return tensor_to_pil(sd.vae.decode(x / LATENT_SCALE))
+    return tensor_to_pil(sd.vae.decode(x / sd.vae.cfg.latent_scale))
 
 
 @torch.no_grad()

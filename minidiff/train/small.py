@@ -1,0 +1,282 @@
+"""The small model family: SD 1.x's architectures at reduced widths, trained from nothing on a CPU.
+
+The published SD + CLIP weights are ~6 GB that a newcomer does not have on the first day. This file holds
+what minidiff needs to train its own small stand-ins, stage by stage (tools/train_small.py runs them):
+
+    photos (short side 256)  --random 64 px crops-->  VAE        (L1 + image-gradient L1 + small KL)
+    photos  --random 128 px crops--> VAE posterior  -> latents   (and the latent scale = 1 / std, as SD's)
+    latents  -->  UNet: epsilon prediction on SD's DDPM schedule, context = the text tower's "" (SD's null)
+    CLIP text and vision towers: random, seeded (not trained; the TPB and the selector learn on top)
+    Task-Plugins (tools/train.py --degrade TASK) and the Plugin-Selector (tools/train_selector.py)
+
+Every network is the SD-1.x / CLIP class minidiff already has; only the widths shrink, so the files load
+with the ordinary loaders (minidiff.io.loading infers every width from the tensor shapes). GroupNorm keeps
+32 groups and the UNet 8 heads (the loaders' fixed SD values), so every width is a multiple of 32.
+
+Why the null context: a Task-Plugin replaces the UNet's cross-attention context by its TPB tokens. The
+UNet is pre-trained, as SD is on its 10% of dropped captions, on the one context the family's text tower
+gives for the empty prompt: its cross-attention weights are then trained on a real tower's output (not
+zeros, which would leave them untouched), it stays an unconditional model for plain sampling (the
+pipeline's "" prompt is exactly that context), and the TPB learns to steer it from there.
+"""
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from minidiff.diffusion.schedulers import NUM_TRAIN_TIMESTEPS, add_noise
+from minidiff.models.clip import CLIP_TEXT_L14, CLIP_VISION_L14, CLIPTextModel, CLIPVisionModel
+from minidiff.models.unet import UNet, UNetConfig
+from minidiff.models.vae import AutoencoderKL, VAEConfig
+from minidiff.plugin.plugin import PluginConfig
+from minidiff.train.datasets import to_training_tensor
+from minidiff.train.seeding import generator_for
+
+# ------------------------------------------------------------------------------------------- the family
+# Sized from measured CPU step times (README "Train the whole stack on a laptop"); widths multiples of 32.
+SIZE = 128  # working resolution: 128 x 128 photos -> 16 x 16 latents
+VAE_CROP = 64  # the VAE is convolutional: it trains on 64 px crops and runs on any multiple of 8
+SMALL_VAE = replace(VAEConfig(), ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1)  # f = 8, 4 latent channels
+# text width = UNet context = TPB output; level 0 at 64 wide (the SCB's width), attention on levels 1-2 only
+SMALL_TEXT = replace(CLIP_TEXT_L14, width=64, layers=2, heads=1, mlp=256)
+SMALL_VISION = replace(CLIP_VISION_L14, image_size=112, patch_size=14, width=64, layers=4, heads=1, mlp=256,
+                       projection=None)  # 8 x 8 = 64 patch tokens for the TPB
+SMALL_UNET = replace(UNetConfig(), model_channels=64, channel_mult=(1, 1, 2), attention_levels=(1, 2),
+                     context_dim=SMALL_TEXT.width)
+SMALL_PLUGIN = replace(PluginConfig(), clip_dim=SMALL_VISION.width, context_dim=SMALL_TEXT.width,
+                       channels=SMALL_UNET.model_channels)
+TOWER_SEED = 1234  # the random CLIP towers: torch.manual_seed(TOWER_SEED + k) before building tower k
+
+# KL weight of the VAE loss: small, as SD's first stage (1e-6 there, beside its perceptual + GAN terms),
+# enough to keep the posterior's log-variance finite and the latent scale meaningful
+KL_WEIGHT = 1e-6
+GRAD_WEIGHT = 0.5  # weight of the L1 on horizontal/vertical image differences (edges: against blur)
+
+
+def random_towers():
+    """The family's CLIP text and vision towers: random, seeded, in eval mode (never trained)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TOWER_SEED)
+        text = CLIPTextModel(SMALL_TEXT)
+        torch.manual_seed(TOWER_SEED + 1)
+        vision = CLIPVisionModel(SMALL_VISION)
+    return text.eval().requires_grad_(False), vision.eval().requires_grad_(False)
+
+
+def new_vae(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(SMALL_VAE)
+
+
+def new_unet(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(SMALL_UNET)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def random_crop(image, size, gen):
+    """A size x size crop at a position drawn from `gen` (a torch.Generator), flipped with p 0.5 ->
+    [3, size, size] in [-1, 1]. image: PIL RGB with both sides >= size."""
+    w, h = image.size
+    left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+    top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+    crop = image.crop((left, top, left + size, top + size))
+    if torch.rand((), generator=gen) < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_training_tensor(crop)
+
+
+def crop_batch(photos, numbers, size, seed):
+    """Global sample numbers -> [B, 3, size, size]: sample n takes photo n % len(photos), a crop seeded by
+    (seed, n); so a batch is a pure function of its numbers (exact resume)."""
+    return torch.stack([random_crop(photos[n % len(photos)], size, generator_for(seed, "crop", n))
+                        for n in numbers])
+
+
+def load_photos(paths, min_side):
+    """PIL RGB photos, each scaled up (bicubic) if its short side is under `min_side`."""
+    photos = []
+    for p in paths:
+        im = Image.open(p).convert("RGB")
+        if min(im.size) < min_side:
+            k = min_side / min(im.size)
+            im = im.resize((max(min_side, round(im.width * k)), max(min_side, round(im.height * k))),
+                           Image.BICUBIC)
+        photos.append(im)
+    return photos
+
+
+# ----------------------------------------------------------------------------------------- the VAE step
+def vae_batch(photos, numbers, size, seed):
+    """Crops [B, 3, size, size] and posterior noises [B, 4, size/8, size/8] of the global sample numbers."""
+    noise = [torch.randn((4, size // 8, size // 8), generator=generator_for(seed, "vae", n)) for n in numbers]
+    return crop_batch(photos, numbers, size, seed), torch.stack(noise)
+
+
+def image_differences(x):
+    """Horizontal and vertical differences of images [B, 3, H, W] (the gradient term's input)."""
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def vae_loss(vae, images, noise):
+    """Reconstruction loss of a batch: L1 + GRAD_WEIGHT * L1 of image differences + KL_WEIGHT * KL.
+
+    images [B, 3, H, W] in [-1, 1]; noise [B, 4, H/8, W/8] for the posterior sample. Returns (loss, parts)."""
+    mean, logvar = vae.encode(images)  # 2 x [B, 4, H/8, W/8]
+    z = mean + torch.exp(0.5 * logvar) * noise  # posterior sample
+    recon = vae.decode(z)  # [B, 3, H, W]
+    l1 = (recon - images).abs().mean()
+    (rx, ry), (ix, iy) = image_differences(recon), image_differences(images)
+    grad = (rx - ix).abs().mean() + (ry - iy).abs().mean()
+    # KL(q(z|x) || N(0, I)), summed over the latent, mean over the batch (CompVis DiagonalGaussian.kl)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
+    loss = l1 + GRAD_WEIGHT * grad + KL_WEIGHT * kl
+    return loss, {"l1": l1.item(), "grad": grad.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def psnr(a, b):
+    """PSNR in dB of images in [-1, 1] (data range 2), per batch element -> [B]."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+# ------------------------------------------------------------------------------------ latents and scale
+@torch.no_grad()
+def encode_crops(vae, photos, per_photo, size, seed, batch=32):
+    """Posterior mean and log-variance of `per_photo` random crops of every photo -> 2 x [N, 4, s/8, s/8]."""
+    numbers = list(range(per_photo * len(photos)))
+    means, logvars = [], []
+    for k in range(0, len(numbers), batch):
+        m, lv = vae.encode(crop_batch(photos, numbers[k:k + batch], size, seed))
+        means.append(m)
+        logvars.append(lv)
+    return torch.cat(means), torch.cat(logvars)
+
+
+def latent_scale(mean, logvar, seed):
+    """SD's rule for its 0.18215: 1 / std of posterior samples of the training data (one draw each)."""
+    noise = torch.randn(mean.shape, generator=generator_for(seed, "scale"))
+    return float(1.0 / (mean + torch.exp(0.5 * logvar) * noise).std())
+
+
+# ----------------------------------------------------------------------------------------- the UNet step
+def ldm_loss(unet, mean, logvar, scale, context, numbers, seed, step):
+    """SD's training loss on pre-encoded latents: a posterior sample x scale, noised at a random t on the
+    DDPM schedule, epsilon predicted (MSE). Draws seeded by (seed, step, sample number).
+
+    mean, logvar: [B, 4, h, w]; context [1, 77, width] (the null context, broadcast over the batch)."""
+    gens = [generator_for(seed, "ldm", step, n) for n in numbers]
+    post = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])  # [B, 4, h, w]
+    noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])
+    t = torch.cat([torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g) for g in gens])  # [B]
+    latents = scale * (mean + torch.exp(0.5 * logvar) * post)
+    eps = unet(add_noise(latents, noise, t), t, context.expand(len(numbers), -1, -1))
+    return F.mse_loss(eps, noise)
+
+
+def to_uint8(x):
+    """[3, H, W] in [-1, 1] -> PIL RGB."""
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+# ------------------------------------------------------------------------------ one stage = one training run
+def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss"), desc="train"):
+    """The training loop of the VAE and UNet stages, on minidiff.train.trainer's machinery: AdamW at a
+    constant lr, a checkpoint every `every` steps (weights, optimizer, RNG) from which --resume continues
+    bit-identically (the batches are pure functions of the step), log.csv, loss.png, a progress bar.
+
+    run: a started trainer.RunDir; batch_loss(step) -> (scalar loss tensor, {log field: number})."""
+    from minidiff.train import trainer
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    ckpt = run.load_checkpoint(run.latest_checkpoint()) if run.resume else None
+    start = 0 if ckpt is None else ckpt.step
+    if ckpt is not None:
+        net.load_state_dict(ckpt.tensors)
+        optimizer.load_state_dict(ckpt.optimizer["adamw"])
+    net.train()
+    log = trainer.CsvLog(run.path / "log.csv", list(fields), start, dist)
+    bar = trainer.progress(steps, start, dist, desc=desc)
+    for step in range(start + 1, steps + 1):
+        loss, parts = batch_loss(step)
+        trainer.check_finite(loss, step, run)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        log.write({"step": step, "loss": loss.item(), **parts})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % every == 0 or step == steps:
+            run.save_checkpoint(step, net.state_dict(), {"adamw": optimizer.state_dict()}, step, keep=2)
+    bar.close()
+    log.close()
+    trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
+    return net.eval()
+
+
+# ------------------------------------------------------------------------------------------ files
+def save_net(net, path):
+    """A stage's finished network: its state dict, fp32, written atomically."""
+    from safetensors.torch import save_file
+    from minidiff.io.files import atomic_write
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def load_net(net, path):
+    """The state dict of `path` into `net` (strict) -> net in eval mode."""
+    from safetensors.torch import load_file
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
+def load_latents(path):
+    """latents.safetensors -> (mean [N, 4, h, w], logvar [N, 4, h, w], latent scale)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("mean"), f.get_tensor("logvar"), float(f.metadata()["latent_scale"])
+
+
+@torch.no_grad()
+def null_context(text):
+    """The text tower's last hidden state for the empty prompt: [1, 77, width] (SD's unconditional)."""
+    from minidiff.models.tokenizer import CLIPTokenizer
+    ids = CLIPTokenizer()([""])  # [1, 77]
+    return text(ids)[0]
+
+
+def save_sd_file(text, unet, vae, scale, path, dtype=torch.float32):
+    """One SD-1.x single file (CompVis names: model.diffusion_model., first_stage_model.,
+    cond_stage_model.transformer.) with the latent scale in its metadata: minidiff.io.loading reads it."""
+    from safetensors.torch import save_file
+    from minidiff.io.files import atomic_write
+    state = {}
+    for prefix, net in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                        ("cond_stage_model.transformer.", text)):
+        state.update({prefix + k: v.detach().to(dtype).contiguous() for k, v in net.state_dict().items()})
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "minidiff-small",
+                                                                   "latent_scale": repr(float(scale))}))
+
+
+def save_vision_file(vision, path, dtype=torch.float32):
+    """The CLIP vision tower with Hugging Face names (vision_model.*), as load_clip_vision reads them."""
+    from safetensors.torch import save_file
+    from minidiff.io.files import atomic_write
+    state = {k: v.detach().to(dtype).contiguous() for k, v in vision.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "minidiff-small"}))
+
+
+def copy_half(src, dest):
+    """A safetensors file with its floating tensors in fp16 (metadata kept): the shipped form."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from minidiff.io.files import atomic_write
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: (t.half() if t.is_floating_point() else t) for k in f.keys() for t in [f.get_tensor(k)]}
+    atomic_write(dest, lambda tmp: save_file(state, tmp, metadata=meta))

@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Train minidiff's small model family from nothing on a CPU: VAE, UNet, Task-Plugins, Plugin-Selector.
+
+    python tools/small_data.py --output data/small                 # the photos (package registries only)
+    python tools/train_small.py --data data/small --output runs/small --ship checkpoints/small
+    python tools/train_small.py --data data/small --output runs/small --resume      # after a stop or kill
+    python tools/train_small.py --data examples --output /tmp/small --quick         # CI-sized, end to end
+
+Stages, in order, each a training run of its own under --output with log.csv, loss.png and checkpoints that
+--resume continues bit-identically (a finished stage is skipped):
+    vae/       SD's AutoencoderKL at reduced widths on random 64 px crops (minidiff.train.small.vae_loss)
+    latents    the VAE posterior of random 128 px crops; the latent scale = 1 / std (SD's rule for 0.18215)
+    unet/      SD's UNet at reduced widths, epsilon prediction on SD's DDPM schedule, null context
+    base/      sd.safetensors (SD single-file layout, latent scale in its metadata) + clip_vision.safetensors
+    plugins/   one Task-Plugin per task: tools/train.py --degrade TASK on the small base
+    selector/  the Plugin-Selector: tools/train_selector.py on degraded photos of each task
+--ship DIR then writes the family, fp16, with manifest.json (sha256 of every file) into DIR.
+Exit status as every tool (README): 0 done, 1 failed, 2 bad command line or data, 3 non-finite loss,
+130 Ctrl-C, 143 SIGTERM.
+"""
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import train as train_tool  # noqa: E402  (tools/train.py: the Task-Plugin stage)
+import train_selector as selector_tool  # noqa: E402  (tools/train_selector.py: the selector stage)
+from _cli import OneLineParser, check_writable, int_range, run  # noqa: E402
+from minidiff.errors import UsageError  # noqa: E402
+from minidiff.io.files import atomic_write, save_json_atomic, sha256_file  # noqa: E402
+from minidiff.io.imageio import ImageError, load_image  # noqa: E402
+from minidiff.plugin.files import load_plugin, load_selector, save_plugin, save_selector  # noqa: E402
+from minidiff.plugin.plugin import TASKS  # noqa: E402
+from minidiff.train import small, trainer  # noqa: E402
+from minidiff.train.degrade import degrade  # noqa: E402
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# The recipe: step counts sized from measured step times on a 2-core CPU (README, "Train the whole stack
+# on a laptop"); quick = the same code paths at tiny sizes, for CI.
+RECIPES = {
+    "full": dict(size=small.SIZE, vae_steps=800, vae_batch=16, vae_crop=small.VAE_CROP, vae_lr=2e-4,
+                 crops_per_photo=24, unet_steps=1500, unet_batch=16, unet_lr=2e-4, every=250,
+                 tasks=TASKS, plugin_steps=200, plugin_batch=8, plugin_lr=2e-4,
+                 selector_photos=24, selector_steps=1500, selector_lr=5e-4),
+    "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4,
+                  crops_per_photo=2, unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
+                  tasks=("deblur", "lowlight"), plugin_steps=2, plugin_batch=2, plugin_lr=2e-4,
+                  selector_photos=4, selector_steps=3, selector_lr=5e-4),
+}
+STAGES = ("vae", "latents", "unet", "base", "plugins", "selector")
+
+
+def parse_args(argv=None):
+    p = OneLineParser(__doc__)
+    a = p.add_argument
+    a("--data", required=True, help="tools/small_data.py's folder (its train split), or a folder of photos")
+    a("--output", required=True, help="recipe folder: one sub-folder per stage")
+    a("--ship", help="write the finished family here (fp16, manifest.json), e.g. checkpoints/small")
+    a("--quick", action="store_true", help="tiny sizes and step counts: proves the recipe runs (CI)")
+    a("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage (the earlier ones run first)")
+    a("--resume", action="store_true", help="continue the recipe in --output (finished stages are skipped)")
+    a("--seed", type=int_range(0), default=0, help="seed of every initialisation, crop and noise")
+    a("--threads", type=int_range(0), default=0, help="torch threads (0: torch's default, all cores)")
+    return p.parse_args(argv)
+
+
+def training_photos(data):
+    """Paths of the training photos: the train split of a tools/small_data.py folder, or every image of a
+    plain folder. One-line UsageError when there are none or the folder is missing."""
+    root = Path(data)
+    if not root.is_dir():
+        raise UsageError(f"--data {data}: no such folder (python tools/small_data.py --output {data} makes it)")
+    if (root / "manifest.json").is_file():
+        from minidiff.train.small_data import photo_paths
+        return [str(p) for p in photo_paths(root, "train")]
+    paths = sorted(str(p) for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not paths:
+        raise UsageError(f"--data {data}: no photos ({', '.join(IMAGE_EXTS)})")
+    return paths
+
+
+def open_photos(paths, min_side):
+    """Decode every photo once, before any training: an unreadable one is refused in one line."""
+    for p in paths:
+        try:
+            load_image(p)
+        except ImageError as e:
+            raise UsageError(str(e)) from None
+    return small.load_photos(paths, min_side)
+
+
+def stage_run(out, name, resume, settings):
+    """The RunDir of one stage, checked and started (config.json written)."""
+    dist = trainer.Dist()
+    run = trainer.RunDir(out / name, "small-" + name, "family", resume and (out / name).exists(), dist)
+    run.check(settings, fixed=tuple(k for k in settings if not k.endswith("_steps")))  # steps may grow
+    run.start(settings)
+    return run, dist
+
+
+def stage_vae(out, photos, r, args):
+    """The VAE on random crops; returns it (eval). vae/vae.safetensors marks the stage done."""
+    vae = small.new_vae(args.seed)
+    done = out / "vae" / "vae.safetensors"
+    if done.exists():
+        return small.load_net(vae, done)
+    settings = {k: r[k] for k in ("vae_steps", "vae_batch", "vae_crop", "vae_lr")} | {"seed": args.seed}
+    run, dist = stage_run(out, "vae", args.resume, settings)
+    def batch_loss(step):
+        numbers = range((step - 1) * r["vae_batch"], step * r["vae_batch"])
+        images, noise = small.vae_batch(photos, numbers, r["vae_crop"], args.seed)
+        return small.vae_loss(vae, images, noise)
+
+    small.fit(run, vae, batch_loss, steps=r["vae_steps"], lr=r["vae_lr"], every=r["every"], dist=dist,
+              fields=("step", "loss", "l1", "grad", "kl"), desc="vae")
+    small.save_net(vae, done)
+    return vae
+
+
+def stage_latents(out, vae, photos, r, args):
+    """Posterior mean/log-variance of random crops, and the latent scale; latents.safetensors."""
+    path = out / "latents.safetensors"
+    if not path.exists():
+        with torch.no_grad():
+            mean, logvar = small.encode_crops(vae, photos, r["crops_per_photo"], r["size"], args.seed)
+        scale = small.latent_scale(mean, logvar, args.seed)
+        atomic_write(path, lambda tmp: save_file({"mean": mean, "logvar": logvar}, tmp,
+                                                 metadata={"latent_scale": repr(scale)}))
+        print(f"latents: {len(mean)} crops of {r['size']} px, latent scale {scale:.5f}", flush=True)
+    return small.load_latents(path)
+
+
+def stage_unet(out, latents, context, r, args):
+    """The UNet on the latents with the null context; unet/unet.safetensors marks the stage done."""
+    mean, logvar, scale = latents
+    unet = small.new_unet(args.seed)
+    done = out / "unet" / "unet.safetensors"
+    if done.exists():
+        return small.load_net(unet, done)
+    settings = {k: r[k] for k in ("unet_steps", "unet_batch", "unet_lr")} | {"seed": args.seed,
+                                                                            "latents": len(mean)}
+    run, dist = stage_run(out, "unet", args.resume, settings)
+
+    def batch_loss(step):
+        numbers = [n % len(mean) for n in range((step - 1) * r["unet_batch"], step * r["unet_batch"])]
+        idx = torch.tensor(numbers)
+        return small.ldm_loss(unet, mean[idx], logvar[idx], scale, context, numbers, args.seed, step), {}
+
+    small.fit(run, unet, batch_loss, steps=r["unet_steps"], lr=r["unet_lr"], every=r["every"], dist=dist,
+              desc="unet")
+    small.save_net(unet, done)
+    return unet
+
+
+def stage_base(out, vae, unet, text, vision, scale):
+    """base/sd.safetensors (SD single-file names, the latent scale in its metadata) and
+    base/clip_vision.safetensors (Hugging Face names): what every tool's --sd / --clip reads."""
+    base = out / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    small.save_sd_file(text, unet, vae, scale, base / "sd.safetensors")
+    small.save_vision_file(vision, base / "clip_vision.safetensors")
+    return base / "sd.safetensors", base / "clip_vision.safetensors"
+
+
+def stage_plugins(out, photos_dir, sd_path, clip_path, r, args):
+    """One Task-Plugin per task through tools/train.py; copies each into base/plugins/<task>.safetensors."""
+    plugins = out / "base" / "plugins"
+    plugins.mkdir(parents=True, exist_ok=True)
+    for task in r["tasks"]:
+        final = plugins / f"{task}.safetensors"
+        if final.exists():
+            continue
+        run_dir = out / "plugins" / task
+        argv = ["--task", task, "--data", str(photos_dir), "--degrade", task, "--output", str(run_dir),
+                "--sd", str(sd_path), "--clip", str(clip_path), "--resolution", str(r["size"]),
+                "--steps", str(r["plugin_steps"]), "--batch-size", str(r["plugin_batch"]),
+                "--lr", str(r["plugin_lr"]), "--seed", str(args.seed), "--augment",
+                "--checkpoint-every", str(max(1, r["plugin_steps"] // 4)), "--keep-checkpoints", "2",
+                "--validate-every", str(r["plugin_steps"]), "--val-pairs", "4", "--num-workers", "0"]
+        if run_dir.exists():
+            argv.append("--resume")
+        code = train_tool.main(argv)
+        if code:
+            sys.exit(code)
+        shutil.copyfile(run_dir / f"{task}.safetensors", final)
+    return plugins
+
+
+def selector_images(out, photo_paths, r, args):
+    """<out>/selector_images/<task>/: degraded copies of the first photos, the selector's pseudo-labels."""
+    root = out / "selector_images"
+    for task in r["tasks"]:
+        folder = root / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, path in enumerate(photo_paths[:r["selector_photos"]]):
+            dest = folder / f"{k:03d}.png"
+            if not dest.exists():
+                image = small.load_photos([path], r["size"])[0]
+                image = image.resize((r["size"], r["size"]))
+                degraded = degrade(task, image, (args.seed, k))
+                atomic_write(dest, lambda tmp: degraded.save(tmp, format="PNG"))
+    return root
+
+
+def stage_selector(out, photo_paths, sd_path, clip_path, plugins, r, args):
+    """The Plugin-Selector through tools/train_selector.py; selector/selector.safetensors."""
+    images = selector_images(out, photo_paths, r, args)
+    run_dir = out / "selector"
+    if (run_dir / "selector.safetensors").exists():
+        return run_dir / "selector.safetensors"
+    argv = ["--output", str(run_dir), "--images", str(images), "--plugins", str(plugins),
+            "--sd", str(sd_path), "--clip", str(clip_path), "--steps", str(r["selector_steps"]),
+            "--lr", str(r["selector_lr"]), "--seed", str(args.seed), "--cache", str(out / "selector-cache"),
+            "--checkpoint-every", str(max(1, r["selector_steps"] // 3)), "--keep-checkpoints", "2"]
+    if run_dir.exists():
+        argv.append("--resume")
+    code = selector_tool.main(argv)
+    if code:
+        sys.exit(code)
+    return run_dir / "selector.safetensors"
+
+
+def ship(dest, sd_path, clip_path, plugins, selector_path, recipe_name):
+    """The family in fp16 into `dest` (sd, clip_vision, plugins/, selector) with manifest.json: the sha256
+    and size of every file, checked at load time (minidiff.plugin.small_family)."""
+    dest = Path(dest)
+    (dest / "plugins").mkdir(parents=True, exist_ok=True)
+    small.copy_half(sd_path, dest / "sd.safetensors")
+    small.copy_half(clip_path, dest / "clip_vision.safetensors")
+    for path in sorted(Path(plugins).glob("*.safetensors")):
+        plugin = load_plugin(str(path), dtype=torch.float16)
+        save_plugin(plugin, dest / "plugins" / path.name, {**plugin.metadata, "base_model": "minidiff-small"})
+    selector = load_selector(str(selector_path), dtype=torch.float16)
+    save_selector(selector, dest / "selector.safetensors", {"base_model": "minidiff-small"})
+    files = sorted(p for p in dest.rglob("*.safetensors"))
+    manifest = {"family": "minidiff-small", "recipe": recipe_name,
+                "files": {str(p.relative_to(dest)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                          for p in files}}
+    save_json_atomic(manifest, dest / "manifest.json")
+    total = sum(v["bytes"] for v in manifest["files"].values())
+    print(f"shipped {len(files)} files, {total / 2**20:.1f} MiB -> {dest}", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = "quick" if args.quick else "full"
+    r = RECIPES[name]
+    out = Path(args.output)
+    check_writable(out)
+    if args.ship:
+        check_writable(args.ship)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise UsageError(f"--output {out} already holds a recipe; add --resume to continue it "
+                         "or choose another --output")
+    paths = training_photos(args.data)
+    photos = open_photos(paths, r["size"])
+    photo_dir = os.path.dirname(paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    save_json_atomic({"recipe": name, "data": args.data, "photos": len(paths), "seed": args.seed,
+                      **{k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}}, out / "recipe.json")
+    print(f"small family: {len(paths)} training photos from {args.data}, recipe {name} -> {out}", flush=True)
+    times_path = out / "times.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    last = STAGES.index(args.until)
+
+    def timed(stage, fn, *a):  # seconds spent per stage, summed over the sessions that ran it
+        t0 = time.time()
+        result = fn(*a)
+        times[stage] = round(times.get(stage, 0.0) + time.time() - t0, 1)
+        save_json_atomic(times, times_path)
+        return result
+
+    text, vision = small.random_towers()
+    vae = timed("vae", stage_vae, out, photos, r, args)
+    latents = timed("latents", stage_latents, out, vae, photos, r, args) if last >= 1 else None
+    unet = timed("unet", stage_unet, out, latents, small.null_context(text), r, args) if last >= 2 else None
+    if last < 3:
+        return 0
+    sd_path, clip_path = stage_base(out, vae, unet, text, vision, latents[2])
+    if last < 4:
+        return 0
+    plugins = timed("plugins", stage_plugins, out, photo_dir, sd_path, clip_path, r, args)
+    if last < 5:
+        return 0
+    selector = timed("selector", stage_selector, out, paths, sd_path, clip_path, plugins, r, args)
+    if args.ship:
+        ship(args.ship, sd_path, clip_path, plugins, selector, name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
