@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from minidiff.io.imageio import (ImageError, cap_size, fit_size, list_images, load_image, official_resize,
-                              official_size, side_by_side)
+                              photo_size, side_by_side)
 
 
 def _png16_rgb(path, arr):
@@ -145,12 +145,12 @@ def test_official_resize_rule():
                                   (900, 301), (2834, 2091)])
 def test_official_size_matches_official_resize(size):
     from minidiff.io.imageio import official_resize
-    assert official_resize(Image.new("RGB", size)).size == official_size(*size)
+    assert official_resize(Image.new("RGB", size)).size == photo_size(*size, max_side=0)[0]
 
 
 def test_fit_size_rule_and_cap():
-    assert official_size(1, 1) == (512, 512) and official_size(300, 200) == (768, 512)
-    assert official_size(2834, 2091) == (2832, 2088)  # the photo the official code runs out of memory on
+    assert photo_size(1, 1)[0] == (512, 512) and photo_size(300, 200)[0] == (768, 512)
+    assert photo_size(2834, 2091)[0] == (2832, 2088)  # the photo the official code runs out of memory on
     out, note = fit_size(Image.new("RGB", (2834, 2091)), max_side=1536)
     assert out.size == (1536, 1128) and "capped" in note
     out, note = fit_size(Image.new("RGB", (100, 2000)), max_side=1536)  # official rule would give 512x10240

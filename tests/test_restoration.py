@@ -23,7 +23,7 @@ from PIL import Image
 
 from helpers import photo_folder  # first: it puts tools/ (official_oracle) on sys.path
 import official_oracle as oracle
-from minidiff.io.imageio import (SHORT_SIDES, list_images, load_image, resize_photo, resized_size,
+from minidiff.io.imageio import (SHORT_SIDES, list_images, load_image, photo_size, resize_photo,
                               to_multiple_of_8)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -46,9 +46,9 @@ class Stub:
 def test_rule_sizes_match_the_official_code(size):
     for n in SHORT_SIDES:
         _, w, h = oracle.demo_resize(Stub(size), n)
-        assert resized_size(*size, "demo", n, max_side=0) == (w - w % 8, h - h % 8), (size, n)
+        assert photo_size(*size, "demo", n, max_side=0)[0] == (w - w % 8, h - h % 8), (size, n)
     _, w, h = oracle.infer_resize(Stub(size))
-    assert resized_size(*size, "infer", max_side=0) == (w - w % 8, h - h % 8), size
+    assert photo_size(*size, "infer", max_side=0)[0] == (w - w % 8, h - h % 8), size
 
 
 @pytest.mark.parametrize("path", list_images(photo_folder()), ids=os.path.basename)

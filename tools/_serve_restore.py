@@ -17,7 +17,7 @@ from _cli import SEED_MAX
 from _restore_cli import outputs, run_photo, stem_of
 from minidiff.plugin.fake import FAKE_WARNING
 from minidiff.io.files import save_json_atomic
-from minidiff.io.imageio import (OFFICIAL_SHORT_SIDE, SHORT_SIDES, check_min_side, resize_photo, resized_size,
+from minidiff.io.imageio import (OFFICIAL_SHORT_SIDE, SHORT_SIDES, check_min_side, photo_size, resize_photo,
                               save_png_atomic, side_by_side, to_multiple_of_8)
 from minidiff.plugin.plugin import check_fits, clip_features, run_plugin
 
@@ -92,7 +92,7 @@ class Restorer:
 
     def check_size(self, image, params):
         """ImageError when the size rule would leave a side under the smallest size (arithmetic only)."""
-        check_min_side(resized_size(*image.size, "demo", params["resolution"], self.settings["max_side"]))
+        check_min_side(photo_size(*image.size, "demo", params["resolution"], self.settings["max_side"])[0])
 
     def _kw(self, params, seed):
         """restore_photo's arguments for a request: the page is the official demo, so its size rule (short

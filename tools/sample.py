@@ -32,7 +32,7 @@ from minidiff.download import missing_weights_message  # noqa: E402
 from minidiff.plugin.fake import fake_models  # noqa: E402
 from minidiff.io.files import sha256_path  # noqa: E402
 from minidiff.io.imageio import (DEFAULT_MAX_SIDE, MIN_SIDE, OFFICIAL_SHORT_SIDE, RESIZE_RULES,  # noqa: E402
-                              SHORT_SIDES, check_min_side, load_image, resized_size)
+                              SHORT_SIDES, check_min_side, load_image, photo_size)
 from minidiff.plugin.plugin import TASKS  # noqa: E402
 from minidiff.plugin.files import find_plugins  # noqa: E402
 from minidiff.plugin.restoration import MissingPlugins, load_models  # noqa: E402
@@ -124,7 +124,7 @@ def plan(args):
         raise UsageError(f"--task {' '.join(args.task)}: unknown or repeated task; known: {', '.join(TASKS)}")
     for path in photos:  # every photo readable and of a usable shape before any weight is loaded
         rule = args.resize or ("demo" if prompts[path] is not None else "infer")
-        check_min_side(resized_size(*load_image(path).size, rule, args.short_side, args.max_side), path)
+        check_min_side(photo_size(*load_image(path).size, rule, args.short_side, args.max_side)[0], path)
     todo, stale = clean_start(out, photos, args.skip_existing)
     return out, photos, prompts, todo, stale
 

@@ -19,8 +19,8 @@ Size: the official code has two rules, both followed by a LANCZOS rescale to mul
   (512 by default, a 512-1024 slider in steps of 64), downscaling included; PIL bicubic, int() sizes;
 - "infer" (infer.py l.96-107, the per-task script): the short side is raised to 512 only when a side is below
   512; bigger photos run at full size (a 2834x2091 photo runs out of GPU memory in the official code).
-`resize_photo` applies either rule unless the result's long side would exceed `max_side`; then it rescales
-the photo once so the long side fits (multiples of 8), and says so. Sides under MIN_SIDE are refused by the
+`photo_size` is the one size rule (either rule, a model working size, the cap, multiples of 8: the size and
+the record's note, by arithmetic); `resize_photo` applies it to a photo. Sides under MIN_SIDE are refused by the
 callers (`check_min_side`).
 """
 import os
@@ -131,43 +131,52 @@ def list_images(folder):
     return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
 
 
-def upscaled_size(width, height):
-    """infer.py l.96-107: when a side is below 512, the size that raises the short side to 512 (int()
-    truncation, ties to the else branch); otherwise the size unchanged."""
-    if width < OFFICIAL_SHORT_SIDE or height < OFFICIAL_SHORT_SIDE:
-        return demo_size(width, height, OFFICIAL_SHORT_SIDE)
-    return width, height
-
-
-def demo_size(width, height, short_side=OFFICIAL_SHORT_SIDE):
-    """demo.py l.166-172: the short side set to `short_side`, up or down; the long side int()-truncated
-    (a square goes to the else branch)."""
+def _rule_size(width, height, rule, short_side, model_side):
+    """The first step of the official rule, before multiples of 8. "demo" (demo.py l.166-172): the short side
+    set to `short_side`, up or down. "infer" (infer.py l.96-107): when a side is below `model_side` (512 for
+    SD 1.5), the short side raised to it; otherwise unchanged. The long side is int()-truncated; a square takes
+    the else branch, as in the official code."""
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize rule {rule!r}; known: {', '.join(RESIZE_RULES)}")
+    if rule == "infer":
+        if width >= model_side and height >= model_side:
+            return width, height
+        short_side = model_side
     if width < height:
         return short_side, int((short_side / width) * height)
     return int((short_side / height) * width), short_side
 
 
-def rule_size(width, height, rule="infer", short_side=OFFICIAL_SHORT_SIDE):
-    """Size after the first step of the official rule `rule` ("demo" or "infer"), before multiples of 8."""
-    if rule == "demo":
-        return demo_size(width, height, short_side)
-    if rule == "infer":
-        return upscaled_size(width, height)
-    raise ValueError(f"unknown resize rule {rule!r}; known: {', '.join(RESIZE_RULES)}")
+def photo_size(width, height, rule="infer", short_side=None, max_side=DEFAULT_MAX_SIDE,
+               model_side=OFFICIAL_SHORT_SIDE):
+    """THE size rule, by arithmetic only: ((w, h) the plugins run at, multiples of 8; the record's one-line note).
 
-
-def official_size(width, height, rule="infer", short_side=OFFICIAL_SHORT_SIDE):
-    """Size the official rule gives (rule_size, then multiples of 8), by arithmetic only: decides on the cap
-    without building a huge image."""
-    width, height = rule_size(width, height, rule, short_side)
-    return width - width % 8, height - height % 8
+    rule "demo": short side always `short_side` (default `model_side`); "infer": short side raised to
+    `model_side` when a side is below it. `model_side` is the model's working short side (SD 1.5: 512; a small
+    model family its own, e.g. 128 or 256). Then multiples of 8, unless the long side would exceed `max_side`
+    (None or 0: no cap, as official); then one rescale of the original so the long side is max_side (multiples
+    of 8). Used alike by the CLI's dry run, the page's plan and the restore path (`resize_photo`).
+    """
+    short_side = model_side if short_side is None else short_side
+    rw, rh = _rule_size(width, height, rule, short_side, model_side)
+    ow, oh = rw - rw % 8, rh - rh % 8
+    name = f"official rule of {rule}.py" + (f" (short side {short_side})" if rule == "demo" else
+                                            f" (short side raised to {model_side} when below)")
+    if not max_side or max(ow, oh) <= max_side:
+        if (ow, oh) == (width, height):
+            return (ow, oh), f"{width}x{height} -> {width}x{height}: unchanged"
+        then = f", then {ow}x{oh} (multiples of 8)" if (rw, rh) != (ow, oh) else ""
+        return (ow, oh), f"{width}x{height} -> {rw}x{rh}: {name}{then}"
+    cw, ch = _rescaled_size(width, height, max_side / max(width, height))
+    return (cw, ch), (f"{width}x{height} -> {cw}x{ch}: capped ({name} gives {ow}x{oh}, long side "
+                      f"over --max-side {max_side}; rescaled so the long side is {max_side})")
 
 
 def official_resize(image, rule="infer", short_side=OFFICIAL_SHORT_SIDE):
-    """The official resolution rule: `rule_size` with PIL bicubic (demo.py l.173 and infer.py l.104 call
+    """The official resolution rule: its first step (`photo_size`) with PIL bicubic (demo.py l.173 and infer.py l.104 call
     `image.resize(size)`, whose default filter for RGB is BICUBIC; the same size is a copy), then the LANCZOS
     rescale to multiples of 8 of diffusers' VaeImageProcessor.preprocess."""
-    size = rule_size(*image.size, rule, short_side)
+    size = _rule_size(*image.size, rule, short_side, OFFICIAL_SHORT_SIDE)
     image = image if size == image.size else image.resize(size, Image.BICUBIC)
     return to_multiple_of_8(image)
 
@@ -216,38 +225,19 @@ def cap_size(image, max_side=DEFAULT_MAX_SIDE):
     return out, f"{w}x{h} -> {out.size[0]}x{out.size[1]}: downscaled to --max-side {max_side} (LANCZOS)"
 
 
-def resized_size(width, height, rule="infer", short_side=OFFICIAL_SHORT_SIDE, max_side=DEFAULT_MAX_SIDE):
-    """The size `resize_photo` gives, then multiples of 8 (the size the plugins run at), by arithmetic."""
-    ow, oh = official_size(width, height, rule, short_side)
-    if not max_side or max(ow, oh) <= max_side:
-        return ow, oh
-    return _rescaled_size(width, height, max_side / max(width, height))
+def resize_photo(image, rule="infer", short_side=None, max_side=DEFAULT_MAX_SIDE, model_side=OFFICIAL_SHORT_SIDE):
+    """`photo_size`'s rule applied to the photo: (photo before the multiples of 8, note).
 
-
-def resize_photo(image, rule="infer", short_side=OFFICIAL_SHORT_SIDE, max_side=DEFAULT_MAX_SIDE):
-    """The photo at the size the plugins run at, before the multiples of 8, and a one-line note saying how.
-
-    The official rule `rule` ("demo": short side always `short_side`; "infer": raised to 512 when below)
-    with PIL bicubic, exactly as the official scripts resize, unless the result's long side (after
-    multiples of 8) would exceed `max_side`; then one rescale so the long side is exactly max_side (multiples
-    of 8): a downscale of a big photo, or, for a small elongated one that the rule would stretch past the
-    cap, a smaller upscale, and the short side may end below the rule's. max_side None or 0 turns the cap
-    off, as in the official code. The plugins then rescale to multiples of 8 (`to_multiple_of_8`).
+    The rule's own size with PIL bicubic, exactly as the official scripts resize; when capped, one rescale
+    (LANCZOS down, BICUBIC up) to the capped size: a downscale of a big photo, or, for a small elongated one
+    that the rule would stretch past the cap, a smaller upscale. The plugins then rescale to multiples of 8
+    (`to_multiple_of_8`).
     """
-    w, h = image.size
-    ow, oh = official_size(w, h, rule, short_side)
-    name = f"official rule of {rule}.py" + (f" (short side {short_side})" if rule == "demo" else
-                                            " (short side raised to 512 when below)")
-    if not max_side or max(ow, oh) <= max_side:
-        rw, rh = rule_size(w, h, rule, short_side)
-        out = image if (rw, rh) == image.size else image.resize((rw, rh), Image.BICUBIC)
-        if (ow, oh) == (w, h):
-            return out, f"{w}x{h} -> {w}x{h}: unchanged"
-        then = f", then {ow}x{oh} (multiples of 8)" if (rw, rh) != (ow, oh) else ""
-        return out, f"{w}x{h} -> {rw}x{rh}: {name}{then}"
-    out = _rescale(image, max_side / max(w, h))
-    return out, (f"{w}x{h} -> {out.size[0]}x{out.size[1]}: capped ({name} gives {ow}x{oh}, long side "
-                 f"over --max-side {max_side}; rescaled so the long side is {max_side})")
+    size, note = photo_size(*image.size, rule, short_side, max_side, model_side)
+    if "capped (" in note:
+        return image.resize(size, Image.LANCZOS if max_side < max(image.size) else Image.BICUBIC), note
+    size = _rule_size(*image.size, rule, model_side if short_side is None else short_side, model_side)
+    return (image if size == image.size else image.resize(size, Image.BICUBIC)), note
 
 
 def fit_size(image, max_side=DEFAULT_MAX_SIDE):

@@ -88,13 +88,14 @@ def prompt_warning(tokenizer, prompt):
 
 def restore_photo(models, image, *, prompt=None, tasks=None, resize=None, short_side=OFFICIAL_SHORT_SIDE,
                   max_side=DEFAULT_MAX_SIDE, steps=20, chain_steps=3, seed=42, threshold=0.0, composite=None,
-                  dry_run=False, progress=True):
+                  dry_run=False, progress=True, model_side=OFFICIAL_SHORT_SIDE):
     """Restore one photo (PIL RGB, as loaded) as the official demo does; returns a Restored.
 
     prompt: the selector chooses the plugins (demo.py); tasks: the plugins to run, in that order (infer.py;
     give one or the other). resize: "demo" (short side always `short_side`) or "infer" (raised to 512 when
     below), default the rule of the official script that matches: demo with a prompt, infer with tasks;
-    `max_side` caps the long side (0: no cap, as official). Later plugins run min(chain_steps, steps) steps.
+    `max_side` caps the long side (0: no cap, as official); `model_side`: the model's working short side (512
+    for SD 1.5; the infer rule raises to it). Later plugins run min(chain_steps, steps) steps.
     composite: a composite table (selector.load_composite; default selector.COMPOSITE, [] for none).
     dry_run: selection and sizes only (no plugin runs; with explicit tasks `models` may be None).
     Raises ImageError when a side would end under MIN_SIDE.
@@ -114,7 +115,8 @@ def restore_photo(models, image, *, prompt=None, tasks=None, resize=None, short_
         warnings.append(prompt_warning(models.sd.tokenizer, prompt))
     tasks = list(tasks)
     clock.append(time.perf_counter())
-    resized, note = resize_photo(image, rule, short_side, max_side)  # demo.py l.166-173 / infer.py l.96-107
+    # the one size rule (imageio.photo_size): demo.py l.166-173 / infer.py l.96-107, the cap, the model's size
+    resized, note = resize_photo(image, rule, short_side, max_side, model_side)
     w, h = resized.size
     check_min_side((w - w % 8, h - h % 8))
     size = (w - w % 8, h - h % 8) if tasks else (w, h)  # the plugins run at multiples of 8
