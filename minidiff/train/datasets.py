@@ -84,6 +84,43 @@ def _csv_pairs(path, root):
     return pairs
 
 
+def identical_pairs(pairs):
+    """How many pairs name the same photo as input and ground truth: the same file (path or link), or two
+    files with the same bytes (SHA-256, read only when the sizes agree). The official face.csv is all such
+    rows; its loader degrades the input only because the run's name contains "face" (dataset.py l.147-149),
+    so read without a degradation such a listing trains an identity mapping."""
+    def digest(path):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.digest()
+    count = 0
+    for inp, gt in pairs:
+        if os.path.realpath(inp) == os.path.realpath(gt):
+            count += 1
+        elif os.path.getsize(inp) == os.path.getsize(gt) and digest(inp) == digest(gt):
+            count += 1
+    return count
+
+
+def resolve_identical_pairs(pairs, task, degrade, data):
+    """The face trap. Pairs whose input is their ground truth, with no --degrade given: for --task face,
+    the official face degradation of every input (as the official loader does) -> ("face", a line to
+    print); for any other task a UsageError naming the count. Otherwise (degrade, None) unchanged."""
+    if degrade is not None:
+        return degrade, None
+    same = identical_pairs(pairs)
+    if not same:
+        return None, None
+    if task == "face":
+        return "face", (f"--task face: {same} of {len(pairs)} pairs have the same photo as input and ground "
+                        "truth (as the official face.csv); every input gets the official face degradation, "
+                        "as the official loader does (dataset.py l.147-149)")
+    raise UsageError(f"--data {data}: {same} of {len(pairs)} pairs have the same photo as input and ground "
+                     f"truth, which trains an identity mapping; add --degrade TASK to make the inputs")
+
+
 def check_images(pairs, same_size=False, workers=4):
     """Decode every photo once (threads); UsageError naming the first unreadable one. same_size: also
     require input and gt of a pair to have one size (the paired crop of --augment needs it)."""

@@ -210,3 +210,31 @@ def validation_sheet(sd, clip_vision, plugin, pairs, steps, seed):
     for k, row in enumerate(rows):
         sheet.paste(row, (0, k * row.height))
     return sheet, sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def photo_sheet(sd, clip_vision, plugin, paths, resolution, steps, seed):
+    """The official `--validation_image`: photos without ground truth, each resized to the training square
+    and restored as in validation_sheet -> one PIL sheet, a row `input | output` per photo."""
+    import copy
+    from PIL import Image, ImageDraw
+    from minidiff.io.imageio import load_image
+    from minidiff.plugin.plugin import restore
+    p = next(sd.unet.parameters())
+    runner = copy.deepcopy(plugin).to(p.device, p.dtype).eval()
+    rows = []
+    for path in paths:
+        inp = load_image(path).resize((resolution, resolution), Image.BILINEAR)
+        out = restore(sd, clip_vision, [runner], inp, steps=steps, seed=seed, progress=False)
+        w, h = out.size
+        row = Image.new("RGB", (2 * w, h + 14), "white")
+        row.paste(inp.resize(out.size), (0, 14))
+        row.paste(out, (w, 14))
+        ImageDraw.Draw(row).text((2, 1), "input | output", fill="black")
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    top = 0
+    for row in rows:
+        sheet.paste(row, (0, top))
+        top += row.height
+    return sheet
