@@ -27,7 +27,8 @@ from _cli import (OneLineParser, UsageError, add_device_flags, add_restoration_w
                   check_writable, finite_float, int_range, minidiff_version, nonblank, resolve_device, run,
                   seed)
 from _restore_cli import (base_model_check, clean_start, fill_weight_paths, missing_weights,  # noqa: E402
-                          plan_inputs, run_photo)
+                          plan_inputs, run_photo, stem_of)
+import _shard  # noqa: E402
 from minidiff.download import missing_weights_message  # noqa: E402
 from minidiff.plugin.fake import fake_models  # noqa: E402
 from minidiff.io.files import sha256_path  # noqa: E402
@@ -111,9 +112,10 @@ def load(args, tasks, need_selector):
     sys.exit(1)
 
 
-def plan(args):
+def plan(args, shard=None):
     """Output folder, photos, {photo: instruction}, the photos still to do and the stale temporaries removed:
-    every check that needs no weights, so that a mistake costs seconds."""
+    every check that needs no weights, so that a mistake costs seconds. Under torchrun (shard) only this
+    rank's share of the sorted photos (tools/_shard.py)."""
     out = args.output or os.path.join("out", "examples" if args.input is None else "")
     photos, prompts = plan_inputs(args.input or os.path.join(ROOT, "examples"), out, args.prompt, args.task,
                                   args.prompts)
@@ -125,6 +127,7 @@ def plan(args):
     for path in photos:  # every photo readable and of a usable shape before any weight is loaded
         rule = args.resize or ("demo" if prompts[path] is not None else "infer")
         check_min_side(photo_size(*load_image(path).size, rule, args.short_side, args.max_side)[0], path)
+    photos = (shard or _shard.Shard()).share(photos)  # every rank checked all: all refuse a bad set alike
     todo, stale = clean_start(out, photos, args.skip_existing)
     return out, photos, prompts, todo, stale
 
@@ -146,18 +149,20 @@ def settings(args, models, files):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    shard = _shard.start(args)  # torchrun: rank, world size, cuda:LOCAL_RANK
     try:
         composite = load_composite(args.composite) if args.composite else None
     except ValueError as e:  # not a list of {"pattern", "tasks", "why"}
         raise UsageError(f"--composite {e}") from None
-    out, photos, prompts, todo, stale = plan(args)
+    out, photos, prompts, todo, stale = plan(args, shard)
     need_selector = any(prompts[p] is not None for p in todo)
-    print(f"restore: {len(todo)} of {len(photos)} photo(s) -> {out}  steps {args.steps}, chain "
+    rank = f"rank {shard.rank} of {shard.world_size}: " if shard.distributed else ""
+    print(f"{rank}restore: {len(todo)} of {len(photos)} photo(s) -> {out}  steps {args.steps}, chain "
           f"{min(args.chain_steps, args.steps)}, seed {args.seed}, resize {args.resize or 'demo/infer'}, "
           f"{args.device} {args.dtype}" + (f"; removed {len(stale)} stale temporary files" if stale else ""))
-    if not todo:
-        return 0
     t0 = time.perf_counter()
+    if not todo:  # under torchrun this rank still joins the summary
+        return 1 if shard.distributed and _shard.finish(shard, 0, [], len(photos), t0) else 0
     models, files = load(args, args.task, need_selector) if need_selector or not args.dry_run else (None, {})
     if args.compile and models is not None:
         models.sd.unet = torch.compile(models.sd.unet)  # inductor: about 1.8x the fp16 eager speed on an H200
@@ -165,17 +170,21 @@ def main(argv=None):
     kw = dict(tasks=args.task, resize=args.resize, short_side=args.short_side, max_side=args.max_side,
               steps=args.steps, chain_steps=args.chain_steps, seed=args.seed, threshold=args.threshold,
               composite=composite, dry_run=args.dry_run, progress=not args.no_progress,
-              record=settings(args, models, files))
-    for path in tqdm(todo, desc="photos", unit="photo", disable=args.no_progress or len(todo) < 2):
+              record={**settings(args, models, files), **shard.record()})
+
+    def restore_one(path):
         rec = run_photo(models, path, out, prompt=prompts[path], **kw)
         for w in rec["warnings"]:
             tqdm.write(f"warning: {os.path.basename(path)}: {w}", file=sys.stderr)
         written = "{png,json}" if not args.dry_run else "json (dry run: no image)"
         tqdm.write(f"{path}: tasks {rec['tasks'] or 'none (no plugin applies)'} -> "
                    f"{os.path.join(out, os.path.splitext(os.path.basename(path))[0])}.{written}")
+    t_run = time.perf_counter()
+    bar = tqdm(todo, desc="photos", unit="photo", disable=args.no_progress or len(todo) < 2)
+    done, failed = _shard.restore_share(shard, bar, restore_one, out, stem_of, tqdm.write)
     if args.fake_weights:
         print("*** FAKE WEIGHTS: random tiny models, the images mean nothing ***")
-    return 0
+    return 1 if _shard.finish(shard, done, failed, len(photos) - len(todo), t_run) else 0
 
 
 if __name__ == "__main__":
