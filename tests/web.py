@@ -31,7 +31,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 class Server:
     """tools/serve.py on a free loopback port (--port 0), one torch thread; `with` gives its URL and stops it
-    with Ctrl-C (SIGINT), checking a clean exit: status 0, no traceback, the private folder removed."""
+    with Ctrl-C (SIGINT), checking a clean exit: status 130, one line, no traceback, the private folder removed."""
 
     def __init__(self, *flags, timeout=120):
         cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--port", "0", *flags]
@@ -54,7 +54,8 @@ class Server:
     def stop(self):
         self.proc.send_signal(signal.SIGINT)
         code, err = self.proc.wait(timeout=30), self.proc.stderr.read()
-        assert code == 0 and "Traceback" not in err, err[-3000:]
+        lines = err.strip().splitlines()  # Ctrl-C: exit status 130 and one line (tools/_cli.py)
+        assert code == 130 and lines[-1].startswith("interrupted: ") and "Traceback" not in err, err[-3000:]
         assert not os.path.exists(self.folder), "the private folder was left behind"
 
     def __enter__(self):

@@ -460,7 +460,8 @@ class Server(ThreadingHTTPServer):
 
 def serve(app, host="127.0.0.1", port=DEFAULT_PORT, verbose=False):
     """Serve until Ctrl-C; then (and on any other exit, SIGTERM included) stop the worker and remove the
-    private folder. An address that cannot be bound raises OSError after the same clean-up."""
+    private folder, and let KeyboardInterrupt / Terminated go on to the tool's exit status (130 / 143, one
+    line). An address that cannot be bound raises OSError after the same clean-up."""
     try:
         server = Server(app, host, port, verbose)
     except OSError as e:  # the port is taken, the address is not this machine's: one line, naming them
@@ -475,6 +476,7 @@ def serve(app, host="127.0.0.1", port=DEFAULT_PORT, verbose=False):
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         print("stopping: cancelling jobs, removing temporary files", flush=True)
+        raise  # tools/_cli.run: exit status 130, one line
     finally:
         server.server_close()
         app.close()

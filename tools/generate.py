@@ -9,7 +9,7 @@ Writes the PNG and, beside it, <name>.json (prompt, sampler, seed, size, timings
 and weights give diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline image (one CPU generator
 for every draw, in the pipelines' order; minidiff/diffusion/pipeline.py). The base defaults to SD-1.5
 (checkpoints/v1-5-pruned-emaonly.safetensors, tools/download.py --only sd15). Diff-Plugin restoration:
-tools/sample.py. Exit codes: tools/_cli.py (0 done, 1 error, 2 bad arguments).
+tools/sample.py. Exit statuses: tools/_cli.py, README "Exit status".
 """
 import os
 import sys

@@ -11,7 +11,7 @@ in order, raw selector scores, sizes and the resize rule, seed, timings, checkpo
 JSON last. Defaults are the official ones (yuhaoliu7456/Diff-Plugin @ 79e12bb): base SD-1.4, UniPC 20 steps,
 seed 42, later plugins 3 steps; with --prompt demo.py's resize rule (short side to --short-side), with --task
 infer.py's (short side raised to 512 when below). Weights default to checkpoints/ (tools/download.py). Plain
-txt2img / img2img: tools/generate.py. Exit codes: tools/_cli.py (0 done, 1 error, 2 bad arguments).
+txt2img / img2img: tools/generate.py. Exit statuses: tools/_cli.py, README "Exit status".
 """
 import os
 import sys

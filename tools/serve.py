@@ -57,6 +57,8 @@ def check_args(args):
         raise UsageError(f"--max-side must be 0 (no cap) or at least {MIN_SIDE}")
     if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
         raise UsageError("--max-upload-mb and --max-megapixels must be positive")
+    if not os.path.isdir(args.examples):
+        raise UsageError(f"--examples {args.examples}: no such folder (the photos the page offers)")
     return resolve_device(args)
 
 

@@ -42,6 +42,23 @@ def read_format(path):
                               f"({str(e).splitlines()[0]})") from None
 
 
+def save_sorted(tensors, path, metadata):
+    """safetensors' save_file, then its metadata rewritten in sorted key order, so that the same tensors and
+    metadata give the same bytes on every run. (save_file keeps the metadata in a Rust HashMap, whose order
+    changes from process to process.) The header's JSON keeps its length, so only the header is rewritten."""
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")  # the header: 8-byte length, then JSON padded with spaces
+        header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for the same keys and values; keep save_file's bytes then
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
 def read_metadata(path):
     """All safetensors metadata of `path` as a dict."""
     with safe_open(path, framework="pt") as f:
@@ -140,7 +157,7 @@ def save_plugin(plugin, path, metadata=None):
     meta.setdefault("base_model", "unknown")
     meta.update(format=PLUGIN_FORMAT, task=plugin.task, heads=str(plugin.scb.cfg.heads))
     tensors = _cpu_contiguous(plugin.state_dict())
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_sorted(tensors, tmp, meta))
 
 
 def _is_plugin_file(path):
@@ -234,7 +251,7 @@ def save_selector(selector, path, metadata=None):
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta["format"] = SELECTOR_FORMAT
     tensors = _cpu_contiguous(selector.state_dict())
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_sorted(tensors, tmp, meta))
 
 
 def export_official_selector(selector, path):

@@ -3,12 +3,13 @@
     python tools/bench/function_lengths.py              # functions over 40 lines, longest first
     python tools/bench/function_lengths.py --over 60    # exit 1 if any function is longer than 60 lines
 """
-import argparse
 import ast
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from _cli import OneLineParser  # noqa: E402 (the tools' one parser)
 
 
 def function_lengths(folder):
@@ -27,7 +28,7 @@ def function_lengths(folder):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(__doc__, prog="function_lengths.py")
     p.add_argument("--folder", default=os.path.join(ROOT, "tools"), help="folder to read")
     p.add_argument("--over", type=int, default=40, help="list functions longer than this many lines")
     args = p.parse_args(argv)
