@@ -168,7 +168,7 @@ def test_cli_output_and_statistics_problems_are_one_line(tmp_path):
                                "--weights", str(tmp_path / "nope.pt"), *map(str, args)],
                               capture_output=True, text=True)
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1 and words in lines[0], proc.stderr
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr  # usage / data
     assert sorted(os.listdir(tmp_path)) == ["file", "nan.npz", "r"]
 
 
