@@ -115,12 +115,16 @@ def null_note(resize):
     return f"{resize}; no plugin applies: the result is the photo at that size, as demo.py returns it"
 
 
-def run_photo(models, path, out_dir, *, record=None, dry_run=False, progress=True, **kw):
+def run_photo(models, path, out_dir, *, record=None, dry_run=False, progress=True, restored=None, **kw):
     """Restore one photo file with restore_photo(**kw) and write its outputs, each atomically, the JSON
-    record last; with dry_run only the JSON. `record`: extra fields (settings, hashes). Returns the record."""
+    record last; with dry_run only the JSON. `record`: extra fields (settings, hashes). `restored`: (image
+    as loaded, input notes, Restored) already made (tools/_batch.py), only written here. Returns the record."""
     notes = []
-    image = load_image(path, notes)
-    out = restore_photo(models, image, dry_run=dry_run, progress=progress, **kw)
+    if restored is None:
+        image = load_image(path, notes)
+        out = restore_photo(models, image, dry_run=dry_run, progress=progress, **kw)
+    else:
+        image, notes, out = restored
     names = outputs(stem_of(path))
     fake = models is not None and models.fake  # None: a dry run with explicit tasks needs no models
     prompt = kw.get("prompt")

@@ -28,6 +28,7 @@ from _cli import (OneLineParser, UsageError, add_device_flags, add_restoration_w
                   seed)
 from _restore_cli import (base_model_check, clean_start, fill_weight_paths, missing_weights,  # noqa: E402
                           plan_inputs, run_photo, stem_of)
+import _batch  # noqa: E402
 import _shard  # noqa: E402
 from minidiff.download import missing_weights_message  # noqa: E402
 from minidiff.plugin.fake import fake_models  # noqa: E402
@@ -80,6 +81,8 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the UNet (GPU only; the first call compiles)")
     a("--dry-run", action="store_true", help="selection and sizes only: writes only the JSON records")
     a("--skip-existing", action="store_true", help="skip photos whose JSON record (written last) exists")
+    a("--batch", type=int_range(1), default=1, help="up to N photos of one processed size (and plugins) in one "
+      "VAE/SCB/UNet batch, each with its own seeded noise: within 1/255 of one at a time (tools/_batch.py)")
     a("--fake-weights", action="store_true", help="random tiny models instead of checkpoints (for tests)")
     a("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -172,8 +175,14 @@ def main(argv=None):
               composite=composite, dry_run=args.dry_run, progress=not args.no_progress,
               record={**settings(args, models, files), **shard.record()})
 
+    ready = {}  # --batch: photos restored with an earlier one's batch, still to write
+
     def restore_one(path):
-        rec = run_photo(models, path, out, prompt=prompts[path], **kw)
+        if args.batch > 1 and not args.dry_run and path not in ready:  # this photo and the next ones, batched
+            window = todo[todo.index(path):][:8 * args.batch]
+            ready.update(_batch.restore_batched(models, window, prompts, args.batch, **{
+                k: v for k, v in kw.items() if k not in ("dry_run", "progress", "record")}))
+        rec = run_photo(models, path, out, prompt=prompts[path], restored=ready.pop(path, None), **kw)
         for w in rec["warnings"]:
             tqdm.write(f"warning: {os.path.basename(path)}: {w}", file=sys.stderr)
         written = "{png,json}" if not args.dry_run else "json (dry run: no image)"
