@@ -189,3 +189,17 @@ def test_select_is_independent_of_the_null_embedding(monkeypatch):
             k: v for k, v in base.items() if k != NULL}
         nulls.add(s[NULL])
     assert len(nulls) == 4  # the null score did change each time
+
+
+def test_train_selector_flag_matches_the_library():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_selector.py")
+    spec = importlib.util.spec_from_file_location("train_selector_for_loss_test", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.parse_args(["--output", "x"]).loss == st.DEFAULT_LOSS == "supcon"
+    assert tool.parse_args(["--output", "x", "--loss", "infonce"]).loss == "infonce"
+    assert "loss" in tool.FIXED  # --resume refuses to switch the loss mid-run
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--output", "x", "--loss", "clip"])

@@ -54,10 +54,10 @@ def parse_args(argv=None):
     a("--batch-size", type=int_range(1), default=8, help="photos per update, one positive instruction each (paper: 8)")
     a("--negatives", type=int_range(1), default=7, help="negative instructions per photo, N of eq. 6 (paper: 7)")
     a("--lr", type=positive_float, default=1e-5, help="constant AdamW learning rate (paper: 1e-5)")
-    a("--loss", choices=["decoupled", "infonce", "supcon"], default="decoupled",
+    a("--loss", choices=["decoupled", "infonce", "supcon"], default="supcon",
       help="reading of eq. 6: decoupled (literal: each photo's own texts, positive out of the denominator), "
            "infonce (all texts of the batch, positive in, same-task texts masked), supcon (all texts of "
-           "the batch, same-task texts are positives); see README")
+           "the batch, same-task texts are positives; the default, by the README's ablation)")
     a("--seed", type=int, default=0, help="seed of the initial weights, the text combinations, the batches")
     a("--init", help="start from this selector (official PromptTunner.pt or minidiff .safetensors)")
     a("--checkpoint-every", type=int_range(1), default=500, help="write a checkpoint every K steps (and at the end)")
