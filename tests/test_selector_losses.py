@@ -158,7 +158,7 @@ def official_demo_selection(scores):
 
 def test_null_score_never_changes_the_plugins_that_run():
     # Why the null entry needs no training: in the official demo null is index 8, selected last, and its
-    # "plugin" returns the current image (l.182-185), so whatever its score the same real plugins run in the
+    # "plugin" returns the current image (l.184-186), so whatever its score the same real plugins run in the
     # same order and the output is the same; minidiff's chosen_by_scores ignores it outright.
     g = torch.Generator().manual_seed(0)
     names = list(TASKS)
