@@ -240,3 +240,28 @@ def test_in_batch_losses_learn_on_tiny_networks(loss):
     assert after["mAP"] > before["mAP"] + 0.3
     if loss == "infonce":  # measured 0.54 (supcon: 0.04, every task above theta = 0; see README)
         assert after["ZTA"] > 1 / 3 + 0.08
+
+
+def test_ablation_summary_and_winner(tmp_path):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench",
+                        "selector_ablation.py")
+    spec = importlib.util.spec_from_file_location("selector_ablation_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(zta, m_ap, cf1):
+        return {"settings": {s: {"ZTA": zta, "mAP": m_ap, "CF1": cf1} for s in bench.SETTINGS}}
+    runs = {"decoupled": [run(0.5, 0.5, 0.5), run(0.3, 0.5, 0.5)],  # mean of the cells 0.4667
+            "infonce": [run(0.0, 0.9, 0.4), run(0.0, 0.7, 0.4)],  # 0.4
+            "supcon": [run(0.2, 0.6, None), run(0.2, 0.6, None)]}  # an undefined metric (null) -> NaN
+    table, winner, score = bench.summarize(runs, list(runs))
+    assert table["decoupled"]["single-task"]["ZTA"] == (pytest.approx(0.4), pytest.approx(math.sqrt(0.02)))
+    assert score["decoupled"] == pytest.approx(1.4 / 3) and score["infonce"] == pytest.approx(0.4)
+    assert math.isnan(score["supcon"]) and winner == "decoupled"  # NaN never wins
+    args = bench.parse_args(["--output", str(tmp_path), "--fake-weights"])
+    text = bench.markdown(table, winner, score, args, {k: [["a"], ["b"]] for k in runs})
+    assert "| decoupled (best) | 0.400 ± 0.141 | 0.500 ± 0.000 |" in text and "Winner" in text
+    with pytest.raises(SystemExit, match="error: without --fake-weights"):
+        bench.main(["--output", str(tmp_path)])

@@ -20,9 +20,9 @@ to the threshold.
 """
 import argparse
 import json
+import math
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 
@@ -121,10 +121,17 @@ def summarize(runs, losses):
             table[loss][setting] = {}
             for m in METRICS:
                 vals = [r["settings"][setting][m] for r in runs[loss]]
-                vals = [float("nan") if v is None else v for v in vals]
-                table[loss][setting][m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
-    score = {loss: statistics.fmean(table[loss][s][m][0] for s in SETTINGS for m in METRICS) for loss in losses}
-    return table, max(losses, key=score.__getitem__), score
+                table[loss][setting][m] = mean_sd([float("nan") if v is None else v for v in vals])
+    score = {loss: mean_sd([table[loss][s][m][0] for s in SETTINGS for m in METRICS])[0] for loss in losses}
+    return table, max(losses, key=lambda loss: -math.inf if math.isnan(score[loss]) else score[loss]), score
+
+
+def mean_sd(values):
+    """Mean and sample standard deviation (0 for one value); NaN in, NaN out (an undefined metric)."""
+    mean = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def markdown(table, winner, score, args, commands):
