@@ -22,19 +22,17 @@ NOTICE = ("note: the published weights are not in {root}; running minidiff's sma
           "fetches the published ones (then --model auto takes them)")
 
 
-def small_paths(root):
-    """{sd, clip, plugins, selector, manifest} of the small family under the checkpoints folder `root`."""
-    base = os.path.join(root, SMALL)
+def small_paths(base):
+    """{sd, clip, plugins, selector, manifest} of the small family in the folder `base` (checkpoints/small)."""
     return {"sd": os.path.join(base, "sd.safetensors"), "clip": os.path.join(base, "clip_vision.safetensors"),
             "plugins": os.path.join(base, "plugins"), "selector": os.path.join(base, "selector.safetensors"),
             "manifest": os.path.join(base, "manifest.json")}
 
 
-def verify_small(root, parts=("sd", "clip", "plugins", "selector")):
-    """Check the small family's files against manifest.json (sha256, size): CheckpointError naming the
-    first bad or missing file. parts: which of them the caller will load."""
-    paths = small_paths(root)
-    base = os.path.dirname(paths["manifest"])
+def verify_small(base, parts=("sd", "clip", "plugins", "selector")):
+    """Check the small family's files in `base` against its manifest.json (sha256, size): CheckpointError
+    naming the first bad or missing file. parts: which of them the caller will load."""
+    paths = small_paths(base)
     try:
         with open(paths["manifest"]) as f:
             files = json.load(f)["files"]
@@ -78,6 +76,6 @@ def choose_model(model, root, parts):
     from minidiff.download import default_checkpoint_paths
     if published_present(default_checkpoint_paths(root), parts):
         return "published", None
-    if os.path.isfile(small_paths(root)["manifest"]):
+    if os.path.isfile(small_paths(os.path.join(root, SMALL))["manifest"]):
         return "small", NOTICE.format(root=root, small=os.path.join(root, SMALL))
     return "published", None

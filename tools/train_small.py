@@ -48,11 +48,11 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RECIPES = {
     "full": dict(size=small.SIZE, vae_steps=800, vae_batch=16, vae_crop=small.VAE_CROP, vae_lr=2e-4,
                  crops_per_photo=24, unet_steps=1500, unet_batch=16, unet_lr=2e-4, every=250,
-                 tasks=TASKS, plugin_steps=200, plugin_batch=8, plugin_lr=2e-4,
+                 tasks=TASKS, plugin_steps=200, plugin_batch=8, plugin_lr=2e-4, val_pairs=4,
                  selector_photos=24, selector_steps=1500, selector_lr=5e-4),
     "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4,
                   crops_per_photo=2, unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
-                  tasks=("deblur", "lowlight"), plugin_steps=2, plugin_batch=2, plugin_lr=2e-4,
+                  tasks=("deblur", "lowlight"), plugin_steps=2, plugin_batch=2, plugin_lr=2e-4, val_pairs=1,
                   selector_photos=4, selector_steps=3, selector_lr=5e-4),
 }
 STAGES = ("vae", "latents", "unet", "base", "plugins", "selector")
@@ -184,7 +184,7 @@ def stage_plugins(out, photos_dir, sd_path, clip_path, r, args):
                 "--steps", str(r["plugin_steps"]), "--batch-size", str(r["plugin_batch"]),
                 "--lr", str(r["plugin_lr"]), "--seed", str(args.seed), "--augment",
                 "--checkpoint-every", str(max(1, r["plugin_steps"] // 4)), "--keep-checkpoints", "2",
-                "--validate-every", str(r["plugin_steps"]), "--val-pairs", "4", "--num-workers", "0"]
+                "--validate-every", str(r["plugin_steps"]), "--val-pairs", str(r["val_pairs"]), "--num-workers", "0"]
         if run_dir.exists():
             argv.append("--resume")
         code = train_tool.main(argv)

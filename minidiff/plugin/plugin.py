@@ -146,7 +146,8 @@ def clip_features(clip_vision, image):
     """CLIP patch tokens the TPB reads: hidden_states[24][:, 1:] of ViT-L/14 (the last layer's output before
     the post-LayerNorm, CLS dropped) -> [1, 256, 1024]. The official code feeds the ORIGINAL photo."""
     p = next(clip_vision.parameters())
-    out = clip_vision(clip_preprocess(image.convert("RGB")).to(p.device, p.dtype))
+    size = getattr(getattr(clip_vision, "cfg", None), "image_size", 224)  # 224 for ViT-L/14
+    out = clip_vision(clip_preprocess(image.convert("RGB"), size).to(p.device, p.dtype))
     return out.hidden_states[-1][:, 1:]  # [-1] == [24] for ViT-L/14 (24 layers); drop CLS -> [1, 256, D]
 
 

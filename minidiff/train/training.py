@@ -26,7 +26,6 @@ from torch.utils.checkpoint import checkpoint
 from minidiff.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from minidiff.diffusion.schedulers import NUM_TRAIN_TIMESTEPS, add_noise
 from minidiff.train.seeding import generator_for
-from minidiff.models.vae import LATENT_SCALE
 
 CLIP_TRAIN_SIZE = 224  # train.py l.330: F.interpolate(size=(224, 224)), ViT-L/14's input size
 # train.py l.58-70 defaults: AdamW betas, weight decay, eps; max_grad_norm (clipped per network, l.357-358)
@@ -50,11 +49,11 @@ def sample_draws(seed, step, indices, latent_shape):
     return tuple(torch.cat(parts) for parts in zip(*draws))
 
 
-def clip_train_input(degraded):
+def clip_train_input(degraded, size=CLIP_TRAIN_SIZE):
     """train.py l.327-335: [B, 3, H, W] in [-1, 1] -> CLIP pixels [B, 3, 224, 224]: (x + 1) / 2, bilinear
     resize without antialias or crop (the aspect ratio is not kept), then OpenAI's mean/std."""
     x = (degraded + 1.0) / 2.0
-    x = F.interpolate(x, size=(CLIP_TRAIN_SIZE, CLIP_TRAIN_SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(OPENAI_CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -83,12 +82,13 @@ def plugin_loss(sd, clip_vision, plugin, degraded, clean, *, noise=None, timeste
             timesteps = drawn[2] if timesteps is None else timesteps
         latent_noise, noise = latent_noise.to(dev, dtype), noise.to(dev, dtype)
         timesteps = timesteps.to(dev)
-        latents = (mean + torch.exp(0.5 * logvar) * latent_noise) * LATENT_SCALE  # posterior sample, scaled
+        latents = (mean + torch.exp(0.5 * logvar) * latent_noise) * sd.vae.cfg.latent_scale  # posterior sample, scaled
         noisy = add_noise(latents, noise, timesteps)  # [B, 4, h, w]: z_t on SD's DDPM schedule
         c = next(clip_vision.parameters())
-        hidden = clip_vision(clip_train_input(degraded.to(c.device, c.dtype))).hidden_states
+        size = getattr(getattr(clip_vision, "cfg", None), "image_size", CLIP_TRAIN_SIZE)  # the tower's input side
+        hidden = clip_vision(clip_train_input(degraded.to(c.device, c.dtype), size)).hidden_states
         feats = hidden[-1][:, 1:]  # [B, 256, clip_dim]: last layer, before the post-LN, CLS dropped
-        cond = LATENT_SCALE * sd.vae.encode(degraded)[0]  # [B, 4, h, w]: posterior MEAN of the input
+        cond = sd.vae.cfg.latent_scale * sd.vae.encode(degraded)[0]  # [B, 4, h, w]: posterior MEAN of the input
     context = plugin.tpb(feats.to(q.device, q.dtype))  # [B, 256, context_dim], in the plugin's dtype
     residuals = plugin.scb(cond.to(q.dtype), timesteps, context)  # 3 x [B, C, h, w]
     skips = {i: r.to(dtype) for i, r in enumerate(residuals)}  # added to the UNet's skips 0, 1, 2
