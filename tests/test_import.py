@@ -1,7 +1,7 @@
 """Importing minidiff stays light: no reference library, no vocabulary, no weights.
 
 Each check runs in a fresh interpreter (a clean sys.modules): `import minidiff`, then every submodule found
-in minidiff/ (pkgutil, so modules added later are covered too), then the command-line tools in tools/.
+in minidiff/ and its layer folders (pkgutil.walk_packages, so modules added later are covered too), then the command-line tools in tools/.
 None of them may pull in the reference libraries used only by the tests (diffusers, transformers, open_clip,
 huggingface_hub, clean-fid, pytorch-fid, torchvision), and importing may open no vocabulary or weight file.
 
@@ -59,13 +59,13 @@ def test_import_minidiff_is_light():
 def test_every_submodule_and_public_name():
     # every public name of minidiff/__init__.py must resolve, and importing every module loads no data
     result = _run("import minidiff\n"
-                  "names = sorted(m.name for m in pkgutil.iter_modules(minidiff.__path__))\n"
+                  "names = sorted(m.name for m in pkgutil.walk_packages(minidiff.__path__, 'minidiff.'))\n"
                   "for name in names:\n"
-                  "    importlib.import_module(f'minidiff.{name}')\n"
+                  "    importlib.import_module(name)\n"
                   "unresolved = [n for n in minidiff.__all__ if not hasattr(minidiff, n)]\n"
                   "report(names=names, unresolved=unresolved)")
     print(f"[import] submodules: {', '.join(result['names'])}")
-    assert "tokenizer" in result["names"]
+    assert "minidiff.models.tokenizer" in result["names"]
     _check(result, "importing every minidiff submodule")
     assert not result["unresolved"], f"minidiff.__all__ names that do not resolve: {result['unresolved']}"
 
