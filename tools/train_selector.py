@@ -13,6 +13,8 @@ minidiff/data/instructions.json; a new task = a new key there). Only the corpus'
 RUN_DIR (--output) gets selector.safetensors (for tools/sample.py --selector), PromptTunner.pt with
 --export-official (the official demo.py loads it), checkpoints/step-NNNNNN/, log.csv, loss.png, config.json.
 --fake-weights: random tiny networks; without --images, 8 random photos per corpus task.
+--loss decoupled|infonce|supcon: the reading of eq. 6 (default supcon, by tools/bench/selector_ablation.py;
+README "Which loss"); logit_scale is kept out of AdamW's weight decay.
 Exit status (tools/_cli.py, README): 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data
 (one line); 3 the loss became NaN/inf; 130 Ctrl-C, 143 SIGTERM (the last checkpoint stays the latest). Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/train/selector_training.py.
 """
