@@ -137,6 +137,9 @@ def test_same_image_and_record_as_sample_py(server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     cli = json.loads((tmp_path / "out" / "photo.json").read_text())
     page = call(server + job["files"]["record.json"])[1]
+    # rank/world_size: the CLI's place in a torchrun run (tools/_shard.py), here one process of one; the
+    # page is one process by design, so its record has no such keys. Everything else is the same record.
+    assert (cli.pop("rank"), cli.pop("world_size")) == (0, 1)
     assert set(page) == set(cli) and page["tasks"]
     for key in set(cli) - {"input", "timings_s"}:  # input: the upload's name, not a path of ours
         assert page[key] == cli[key], key
