@@ -132,9 +132,21 @@ def default_checkpoint_paths(root="checkpoints"):
     return out
 
 
+SMALL_BASE_ID = "minidiff-small"  # the base id of minidiff's small family (its sd file's metadata "format")
+
+
 def base_model_id(name, sha256=None):
     """The Hugging Face id of a Stable Diffusion checkpoint given as a path or an id, when it is one of the
-    registry's (by published sha256, by file or folder name, or by id); otherwise `name` as given."""
+    registry's (by published sha256, by file or folder name, or by id); "minidiff-small" for a file of the
+    small family (tools/train_small.py writes that "format" into its metadata); otherwise `name` as given."""
+    if str(name).endswith(".safetensors") and os.path.isfile(name):
+        from safetensors import safe_open
+        try:
+            with safe_open(name, framework="pt") as f:
+                if (f.metadata() or {}).get("format") == SMALL_BASE_ID:
+                    return SMALL_BASE_ID
+        except Exception:  # noqa: BLE001  SafetensorError or I/O: not this family's; the loaders say more
+            pass
     for key, model_id in BASE_MODELS.items():
         files = CHECKPOINTS[key].files
         if sha256 is not None and len(files) == 1 and files[0].sha256 == sha256:

@@ -54,6 +54,15 @@ def verify_small(base, parts=("sd", "clip", "plugins", "selector")):
                                   f"{paths['manifest']}); restore it with git checkout checkpoints/small")
 
 
+def small_working_size(base):
+    """The short side the family in `base` was trained at: its manifest's "working_size" (default 128)."""
+    try:
+        with open(small_paths(base)["manifest"]) as f:
+            return int(json.load(f).get("working_size", SMALL_WORKING_SIZE))
+    except (OSError, ValueError, TypeError):
+        return SMALL_WORKING_SIZE
+
+
 def published_present(paths, parts):
     """True when every file of `parts` (keys of minidiff.download.default_checkpoint_paths' dict; sd14 for
     restoration, sd for generation) is there."""

@@ -217,6 +217,44 @@ def add_device_flags(a, dtype=True):
            "(AVX-512 BF16 or AMX), else fp32. fp32 is the default: the same numbers on every machine")
 
 
+def checkpoints_root(repo):
+    """The checkpoints folder the tools look in: $MINIDIFF_CHECKPOINTS, else <repo>/checkpoints."""
+    return os.environ.get("MINIDIFF_CHECKPOINTS") or os.path.join(repo, "checkpoints")
+
+
+def default_weights(args, repo, published):
+    """--model and the default weight paths of a tool: `published` maps its flags to the checkpoints/ layout
+    (e.g. {"sd": "sd14", "clip": "clip"}); --model small, or auto without those files, takes the small
+    family instead (checked against its manifest; auto prints one notice line). Flags given on the command
+    line are kept (and mean "published": your own files). Sets args.model ("published" or "small") and
+    args.model_side (the family's working short side)."""
+    from minidiff.download import default_checkpoint_paths
+    from minidiff.family import SMALL, choose_model, small_paths, small_working_size, verify_small
+    root = checkpoints_root(repo)
+    explicit = any(getattr(args, flag, None) for flag in published if flag in ("sd", "clip"))
+    model, notice = ("published", None) if explicit and args.model == "auto" else \
+        choose_model(args.model, root, tuple(published.values()))
+    if model == "small":
+        folder = os.path.join(root, SMALL)
+        verify_small(folder, tuple(published))
+        defaults, args.model_side = small_paths(folder), small_working_size(folder)
+        if notice:
+            print(notice, file=sys.stderr)
+    else:
+        paths = default_checkpoint_paths(root)
+        defaults, args.model_side = {flag: paths[key] for flag, key in published.items()}, 512
+    for flag in published:
+        setattr(args, flag, getattr(args, flag, None) or defaults[flag])
+    args.model = model
+
+
+def add_model_flag(a):
+    """--model auto|small|published (minidiff/family.py): which weights run when --sd/--clip are not given."""
+    a("--model", choices=["auto", "small", "published"], default="auto",
+      help="auto: the published weights when checkpoints/ has them, else minidiff's small family "
+           "(checkpoints/small, trained by tools/train_small.py); small; published")
+
+
 def add_restoration_weight_flags(a):
     """--sd, --clip, --plugins, --selector: the weights of Diff-Plugin restoration (sample.py, serve.py)."""
     a("--sd", help="Stable Diffusion 1.x base, single file or diffusers folder "

@@ -5,11 +5,12 @@ minidiff.plugin.restoration.restore_photo; this helper module of the scripts bes
 import json
 import os
 
-from _cli import UsageError
+from _cli import UsageError, default_weights
 from minidiff.download import base_model_id, default_checkpoint_paths, loader_files_missing
 from minidiff.plugin.fake import FAKE_WARNING
 from minidiff.io.files import remove_stale_temps, save_json_atomic
-from minidiff.io.imageio import IMAGE_SUFFIXES, list_images, load_image, save_png_atomic, side_by_side
+from minidiff.io.imageio import (IMAGE_SUFFIXES, OFFICIAL_SHORT_SIDE, list_images, load_image, save_png_atomic,
+                                 side_by_side)
 from minidiff.plugin.files import find_plugins
 from minidiff.plugin.restoration import restore_photo
 
@@ -64,12 +65,14 @@ def plan_inputs(src, out_dir, prompt=None, tasks=None, prompts_file=None):
     return photos, prompts
 
 
-def fill_weight_paths(args, root):
-    """--sd/--clip/--plugins/--selector default to the checkpoints/ layout; the base is SD-1.4, as the
-    official scripts (infer.py l.22, demo.py l.19)."""
-    defaults = default_checkpoint_paths(root)
-    for flag, key in (("sd", "sd14"), ("clip", "clip"), ("plugins", "plugins"), ("selector", "selector")):
-        setattr(args, flag, getattr(args, flag) or defaults[key])
+def fill_weight_paths(args, repo):
+    """--model and the weight files (_cli.default_weights): --sd/--clip/--plugins/--selector default to the
+    published checkpoints/ layout (the base is SD-1.4, as the official scripts: infer.py l.22, demo.py l.19)
+    or to the small family. Sets args.model ("published", "small" or "fake") and args.model_side."""
+    if args.fake_weights:
+        args.model, args.model_side = "fake", OFFICIAL_SHORT_SIDE
+        return
+    default_weights(args, repo, {"sd": "sd14", "clip": "clip", "plugins": "plugins", "selector": "selector"})
 
 
 def missing_weights(args, tasks, need_selector):

@@ -44,7 +44,8 @@ class Restorer:
     """Plans and runs restoration jobs on one set of models (minidiff.plugin.restoration.Models)."""
 
     def __init__(self, models, settings, record):
-        """settings: max_side, chain_steps, threshold, device, dtype (the server's flags); record():
+        """settings: max_side, chain_steps, threshold, device, dtype (the server's flags), model_side (the
+        small family's working size, else None: the resolution slider rules); record():
         the fields tools/sample.py adds to every record (version, device, base model, checkpoint hashes),
         given dry_run (a dry run's record has no hashes, as the CLI's)."""
         self.models, self.settings, self.record = models, dict(settings), record
@@ -92,14 +93,18 @@ class Restorer:
 
     def check_size(self, image, params):
         """ImageError when the size rule would leave a side under the smallest size (arithmetic only)."""
-        check_min_side(photo_size(*image.size, "demo", params["resolution"], self.settings["max_side"])[0])
+        check_min_side(photo_size(*image.size, "demo", self.short_side(params), self.settings["max_side"])[0])
+
+    def short_side(self, params):
+        """The page's resolution slider, or the small family's working size (it was trained at that size)."""
+        return self.settings.get("model_side") or params["resolution"]
 
     def _kw(self, params, seed):
         """restore_photo's arguments for a request: the page is the official demo, so its size rule (short
         side = the resolution slider) whether the selector picks the plugins or the user does."""
         s = self.settings
         return dict(prompt=params["prompt"], tasks=params["tasks"], resize="demo",
-                    short_side=params["resolution"], max_side=s["max_side"], steps=params["steps"],
+                    short_side=self.short_side(params), max_side=s["max_side"], steps=params["steps"],
                     chain_steps=s["chain_steps"], seed=seed, threshold=s["threshold"])
 
     def plan(self, entry, params, folder):

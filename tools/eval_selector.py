@@ -22,9 +22,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
-from _cli import (OneLineParser, UsageError, add_device_flags, finite_float, int_range, pick_device,  # noqa: E402
-                  run, seed)
-from minidiff.download import default_checkpoint_paths  # noqa: E402
+from _cli import (OneLineParser, UsageError, add_device_flags, add_model_flag, default_weights,  # noqa: E402
+                  finite_float, int_range, pick_device, run, seed)
 from minidiff.eval import selector_eval  # noqa: E402
 from minidiff.io.files import save_json_atomic  # noqa: E402
 from minidiff.plugin.files import load_selector  # noqa: E402
@@ -51,6 +50,7 @@ def parse_args(argv=None):
     a("--json", help="also write the results to this JSON file")
     a("--sd", help="SD 1.x weights, for its CLIP text encoder (default: checkpoints/ layout)")
     a("--clip", help="CLIP ViT-L/14 vision weights (default: checkpoints/ layout)")
+    add_model_flag(a)
     a("--fake-weights", action="store_true",
       help="random tiny networks instead of checkpoints (trials, tests)")
     add_device_flags(a, dtype=False)
@@ -60,9 +60,7 @@ def parse_args(argv=None):
 def check_args(args):
     paths = [("--selector", args.selector)]
     if not args.fake_weights:
-        defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
-        args.sd, args.clip = args.sd or defaults["sd14"], args.clip or defaults["clip"]
-        args.plugins = args.plugins or defaults["plugins"]
+        default_weights(args, ROOT, {"sd": "sd14", "clip": "clip", "plugins": "plugins"})  # --model
         paths += [("--sd", args.sd), ("--clip", args.clip), ("--plugins", args.plugins)]
     for flag, path in paths:
         if not os.path.exists(path):

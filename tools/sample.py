@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _cli import (OneLineParser, UsageError, add_device_flags, add_restoration_weight_flags,  # noqa: E402
+from _cli import (OneLineParser, UsageError, add_device_flags, add_model_flag, add_restoration_weight_flags,  # noqa: E402
                   check_writable, finite_float, int_range, minidiff_version, nonblank, resolve_device, run,
                   seed)
 from _restore_cli import (base_model_check, clean_start, fill_weight_paths, missing_weights,  # noqa: E402
@@ -67,8 +67,9 @@ def parse_args(argv=None):
     a("--composite", help="JSON composite table replacing minidiff/data/composite.json ([] for none)")
     a("--resize", choices=RESIZE_RULES, help="size rule: demo = short side always --short-side (demo.py); "
       "infer = raised to 512 only when below (infer.py). Default: demo with --prompt, infer with --task")
-    a("--short-side", type=int_range(SHORT_SIDES[0], SHORT_SIDES[-1], 64), default=OFFICIAL_SHORT_SIDE,
-      help="demo rule: the short side the photo is scaled to (demo.py's slider: 512-1024, step 64)")
+    a("--short-side", type=int_range(64, SHORT_SIDES[-1], 64),
+      help="demo rule: the short side the photo is scaled to (default: the model's working size, 512 for the "
+           "published weights: demo.py's slider 512-1024, step 64; 128 for the small family)")
     a("--max-side", type=max_side, default=DEFAULT_MAX_SIDE,
       help=f"cap on the processed long side (0: none, as official; else at least {MIN_SIDE})")
     a("--steps", type=steps, default=20, help="UniPC steps of the first plugin")
@@ -76,6 +77,7 @@ def parse_args(argv=None):
       help="steps of every plugin after the first, as the official demo; at most --steps")
     a("--seed", type=seed, default=42, help="noise seed; every photo of a folder uses the same one")
     a("--threshold", type=finite_float, default=0.0, help="selector threshold: plugins scoring above it run")
+    add_model_flag(a)
     add_restoration_weight_flags(a)
     add_device_flags(a)
     a("--compile", action="store_true", help="torch.compile the UNet (GPU only; the first call compiles)")
@@ -93,7 +95,7 @@ def check_args(args):
     if args.prompt is not None and args.task:
         raise UsageError("give --prompt (the selector chooses) or --task (you choose), not both")
     rule = args.resize or ("infer" if args.task else "demo")
-    if rule != "demo" and args.short_side != OFFICIAL_SHORT_SIDE:
+    if rule != "demo" and args.short_side is not None:
         raise UsageError("--short-side belongs to the demo rule; add --resize demo (infer.py raises to 512)")
     args.torch_dtype = resolve_device(args)
 
@@ -115,6 +117,16 @@ def load(args, tasks, need_selector):
     sys.exit(1)
 
 
+def check_sizes(args):
+    """The small family runs every photo at its working size (the demo rule, short side args.model_side)
+    unless --resize says otherwise; the published weights take demo.py's slider, 512-1024."""
+    if args.model == "small" and args.resize is None:
+        args.resize = "demo"
+    if args.short_side is not None and args.short_side < OFFICIAL_SHORT_SIDE and args.model != "small":
+        raise UsageError(f"--short-side {args.short_side}: the published weights run at 512-1024 "
+                         "(demo.py's slider); smaller sizes are for --model small")
+
+
 def plan(args, shard=None):
     """Output folder, photos, {photo: instruction}, the photos still to do and the stale temporaries removed:
     every check that needs no weights, so that a mistake costs seconds. Under torchrun (shard) only this
@@ -123,13 +135,15 @@ def plan(args, shard=None):
     photos, prompts = plan_inputs(args.input or os.path.join(ROOT, "examples"), out, args.prompt, args.task,
                                   args.prompts)
     check_writable(out)
-    fill_weight_paths(args, os.path.join(ROOT, "checkpoints"))
+    fill_weight_paths(args, ROOT)  # --model: sets args.model, args.model_side
+    check_sizes(args)
     found = set(TASKS) | (set(find_plugins(args.plugins)) if args.task else set())  # a trained 'mytask' too
     if args.task and (len(set(args.task)) < len(args.task) or not set(args.task) <= found):
         raise UsageError(f"--task {' '.join(args.task)}: unknown or repeated task; known: {', '.join(TASKS)}")
     for path in photos:  # every photo readable and of a usable shape before any weight is loaded
         rule = args.resize or ("demo" if prompts[path] is not None else "infer")
-        check_min_side(photo_size(*load_image(path).size, rule, args.short_side, args.max_side)[0], path)
+        size = photo_size(*load_image(path).size, rule, args.short_side, args.max_side, args.model_side)[0]
+        check_min_side(size, path)
     photos = (shard or _shard.Shard()).share(photos)  # every rank checked all: all refuse a bad set alike
     todo, stale = clean_start(out, photos, args.skip_existing)
     return out, photos, prompts, todo, stale
@@ -144,7 +158,7 @@ def settings(args, models, files):
         base_model_check(args.sd, models.plugins if models else {}, hashes.get("sd", {}).get("sha256"))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    return {"minidiff_version": minidiff_version(), "mode": "plugin", "device": args.device,
+    return {"minidiff_version": minidiff_version(), "mode": "plugin", "model": args.model, "device": args.device,
             "dtype": args.dtype, "base_model": base, **({"base_model_warning": warning} if warning else {}),
             "checkpoints": hashes}
 
@@ -170,7 +184,8 @@ def main(argv=None):
     if args.compile and models is not None:
         models.sd.unet = torch.compile(models.sd.unet)  # inductor: about 1.8x the fp16 eager speed on an H200
     print(f"models ready in {time.perf_counter() - t0:.1f} s" + "  *** FAKE WEIGHTS ***" * args.fake_weights)
-    kw = dict(tasks=args.task, resize=args.resize, short_side=args.short_side, max_side=args.max_side,
+    kw = dict(tasks=args.task, resize=args.resize, short_side=args.short_side, model_side=args.model_side,
+              max_side=args.max_side,
               steps=args.steps, chain_steps=args.chain_steps, seed=args.seed, threshold=args.threshold,
               composite=composite, dry_run=args.dry_run, progress=not args.no_progress,
               record={**settings(args, models, files), **shard.record()})

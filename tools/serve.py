@@ -17,7 +17,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _cli import (OneLineParser, UsageError, add_device_flags, add_restoration_weight_flags,  # noqa: E402
+from _cli import (OneLineParser, UsageError, add_device_flags, add_model_flag, add_restoration_weight_flags,  # noqa: E402
                   finite_float, int_range, resolve_device, run)
 from _serve import DEFAULT_PORT, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS  # noqa: E402
 from minidiff.io.imageio import DEFAULT_MAX_SIDE, MIN_SIDE  # noqa: E402
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     a("--examples", default=os.path.join(ROOT, "examples"), help="photos (+ prompts.json) the page offers")
     a("--history", type=positive, default=12, help="finished jobs kept (results and records)")
     a("--max-queue", type=positive, default=16, help="jobs that may wait at once")
+    add_model_flag(a)
     a("--fake-weights", action="store_true", help="random tiny models instead of checkpoints (for tests)")
     a("--verbose", action="store_true", help="log every request")
     return p.parse_args(argv)
@@ -72,8 +73,9 @@ def load(args, dtype):
     from minidiff.plugin.restoration import MissingPlugins, load_models
     kw = dict(dtype=dtype, device=args.device)
     if args.fake_weights:
+        args.model, args.model_side = "fake", None
         return fake_models(TASKS, True, **kw), {}
-    fill_weight_paths(args, os.path.join(ROOT, "checkpoints"))
+    fill_weight_paths(args, ROOT)  # --model: sets args.model, args.model_side
     missing = missing_weights(args, None, True)
     try:
         if not missing:
@@ -95,7 +97,8 @@ def record_fields(args, models, files):
         ver = version("minidiff")
     except PackageNotFoundError:
         ver = "unknown"
-    common = {"minidiff_version": ver, "mode": "plugin", "device": args.device, "dtype": args.dtype}
+    common = {"minidiff_version": ver, "mode": "plugin", "model": args.model, "device": args.device,
+              "dtype": args.dtype}
     done = {}
 
     def hash_files():
@@ -129,6 +132,7 @@ def main(argv=None):
     print(f"models ready in {time.perf_counter() - t0:.1f} s: {len(models.plugins)} plugins, "
           f"{args.device} {args.dtype}{fake}", flush=True)
     settings = dict(device=args.device, dtype=args.dtype, max_side=args.max_side,
+                    model_side=args.model_side if getattr(args, "model", None) == "small" else None,
                     chain_steps=args.chain_steps, threshold=args.threshold)
     restorer = Restorer(models, settings, record_fields(args, models, files))
     app = App(restorer, examples=args.examples, max_bytes=int(args.max_upload_mb * 2**20),

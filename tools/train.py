@@ -30,8 +30,9 @@ from dataclasses import replace  # noqa: E402 (imports after the sys.path lines)
 
 import torch  # noqa: E402
 
-from _cli import DTYPES, OneLineParser, UsageError, add_device_flags, positive_float, run  # noqa: E402
-from minidiff.download import base_model_id, default_checkpoint_paths  # noqa: E402
+from _cli import (DTYPES, OneLineParser, UsageError, add_device_flags, add_model_flag,  # noqa: E402
+                  default_weights, positive_float, run)
+from minidiff.download import base_model_id  # noqa: E402
 from minidiff.io.files import listing_hash, sha256_path  # noqa: E402
 from minidiff.io.imageio import save_png_atomic  # noqa: E402
 from minidiff.io.loading import load_clip_vision, load_stable_diffusion  # noqa: E402
@@ -92,6 +93,7 @@ def parse_args(argv=None):
       help="SCB start: official default init, or ControlNet-style copy of the UNet's first level")
     a("--sd", default=None, help="SD 1.x weights (default: checkpoints/ layout of tools/download.py)")
     a("--clip", default=None, help="CLIP ViT-L/14 vision weights (default: checkpoints/ layout)")
+    add_model_flag(a)
     a("--fake-weights", action="store_true", help="random tiny networks instead of checkpoints (for trials)")
     add_device_flags(a, dtype=False)
     a("--num-workers", type=int, default=2, help="data loading processes per training process")
@@ -115,8 +117,7 @@ def check_args(args):
     if args.precision == "fp16" and args.device != "cuda":
         raise UsageError("--precision fp16 needs --device cuda; use fp32 or bf16 on the CPU")
     if not args.fake_weights:
-        defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
-        args.sd, args.clip = args.sd or defaults["sd14"], args.clip or defaults["clip"]
+        default_weights(args, ROOT, {"sd": "sd14", "clip": "clip"})  # --model: published or small base
         for flag, path in (("--sd", args.sd), ("--clip", args.clip)):
             if not os.path.exists(path):
                 raise UsageError(f"{flag} {path}: not found (tools/download.py fetches it; or --fake-weights)")

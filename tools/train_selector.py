@@ -27,8 +27,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # _cli, also when imported by the tests
-from _cli import OneLineParser, UsageError, add_device_flags, int_range, positive_float, run  # noqa: E402
-from minidiff.download import default_checkpoint_paths  # noqa: E402
+from _cli import (OneLineParser, UsageError, add_device_flags, add_model_flag, default_weights,  # noqa: E402
+                  int_range, positive_float, run)
 from minidiff.io.files import listing_hash  # noqa: E402
 from minidiff.plugin.files import export_official_selector, load_selector, save_selector  # noqa: E402
 from minidiff.plugin.selector import PluginSelector  # noqa: E402
@@ -69,6 +69,7 @@ def parse_args(argv=None):
       help="also write RUN_DIR/PromptTunner.pt, the official format")
     a("--sd", help="SD 1.x weights, for its CLIP text encoder (default: checkpoints/ layout)")
     a("--clip", help="CLIP ViT-L/14 vision weights (default: checkpoints/ layout)")
+    add_model_flag(a)
     a("--fake-weights", action="store_true",
       help="random tiny networks instead of checkpoints (trials, tests)")
     add_device_flags(a, dtype=False)
@@ -80,9 +81,7 @@ def check_args(args):
     parser already refused values out of range)."""
     if args.fake_weights:
         return
-    defaults = default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))
-    args.sd, args.clip = args.sd or defaults["sd14"], args.clip or defaults["clip"]
-    args.plugins = args.plugins or defaults["plugins"]
+    default_weights(args, ROOT, {"sd": "sd14", "clip": "clip", "plugins": "plugins"})  # --model
     for flag, path in (("--sd", args.sd), ("--clip", args.clip), ("--plugins", args.plugins)):
         if not os.path.exists(path):
             raise UsageError(f"{flag} {path}: not found (tools/download.py fetches it, or --fake-weights)")
