@@ -19,8 +19,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _cli import (OneLineParser, UsageError, add_device_flags, check_writable, finite_float,  # noqa: E402
-                  int_range, minidiff_version, nonblank, resolve_device, run, seed)
+from _cli import (OneLineParser, UsageError, add_device_flags, add_model_flag, check_writable,  # noqa: E402
+                  checkpoints_root, finite_float, int_range, minidiff_version, nonblank, resolve_device, run,
+                  seed)
+from minidiff.family import choose_model  # noqa: E402
 from minidiff.download import default_checkpoint_paths, loader_files_missing, missing_weights_message  # noqa
 from minidiff.plugin.fake import FAKE_WARNING, fake_models  # noqa: E402
 from minidiff.io.files import save_json_atomic, sha256_path  # noqa: E402
@@ -49,6 +51,7 @@ def parse_args(argv=None):
     a("--max-side", type=int_range(0), default=DEFAULT_MAX_SIDE,
       help="largest side: txt2img refuses bigger sizes, img2img scales the photo down to it (0: no limit)")
     a("--sd", help="Stable Diffusion 1.x, single file or diffusers folder (default: checkpoints/v1-5-...)")
+    add_model_flag(a)
     add_device_flags(a)
     a("--compile", action="store_true", help="torch.compile the UNet (GPU only; the first call compiles)")
     a("--fake-weights", action="store_true", help="random tiny models instead of a checkpoint (for tests)")
@@ -107,6 +110,17 @@ class FiniteUNet:
         return eps
 
 
+def check_not_small(args):
+    """The small family has no text path to generate from: its UNet was trained on the null context only
+    (minidiff/train/small.py), so a prompt would mean nothing. --model small, or auto without SD-1.5 in
+    checkpoints/, is refused in one line."""
+    model, _ = choose_model(args.model, checkpoints_root(ROOT), ("sd",))
+    if model == "small":
+        raise UsageError("generate.py needs the published SD-1.5 (python tools/download.py --only sd15): the "
+                         "small family's UNet is unconditional, trained without text (tools/train_small.py "
+                         "writes its unconditional samples to runs/small/unet/samples.png)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -115,7 +129,9 @@ def main(argv=None):
         image, resize = cap_size(load_image(args.input, notes), args.max_side)
         record = {"input": os.path.abspath(args.input), "input_notes": notes, "resize": resize,
                   "strength": args.strength}
-    args.sd = args.sd or default_checkpoint_paths(os.path.join(ROOT, "checkpoints"))["sd"]
+    if not args.fake_weights and not args.sd:
+        check_not_small(args)
+    args.sd = args.sd or default_checkpoint_paths(checkpoints_root(ROOT))["sd"]
     missing = [] if args.fake_weights else loader_files_missing("sd", args.sd)
     if missing:
         print(missing_weights_message(missing) + "\n(or try it on random weights: --fake-weights)",
