@@ -36,7 +36,9 @@ def one_error_line(proc, code):
     """The run failed with `code`, one line on stderr, no traceback; returns the line."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == code and len(lines) == 1, proc.stderr
-    assert lines[0].startswith(("error: ", "generate.py: error: ")), proc.stderr  # run / command line
+    # a run's refusal / the command line: "<tool>: error:", the tool being the subcommand's parser
+    command_line = tuple(f"generate.py{sub}: error: " for sub in ("", " txt2img", " img2img"))
+    assert lines[0].startswith(("error: ", *command_line)), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
 
