@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,6 +171,43 @@ def stage_base(out, vae, unet, text, vision, scale):
     return base / "sd.safetensors", base / "clip_vision.safetensors"
 
 
+def figures(out, data, vae, unet, text, scale, r):
+    """What the README shows of the base: vae/reconstructions.png (held-out photos: clean | VAE) with the
+    held-out PSNR in vae/heldout.json, and unet/samples.png (unconditional samples, DDIM 50 steps)."""
+    from minidiff.diffusion.pipeline import txt2img
+    from minidiff.models.stable_diffusion import StableDiffusion
+    from minidiff.models.tokenizer import CLIPTokenizer
+    recon_png, samples_png = out / "vae" / "reconstructions.png", out / "unet" / "samples.png"
+    heldout = heldout_photos(data)
+    if heldout and not recon_png.exists():
+        clean = [small.to_tensor_square(p, r["size"]) for p in small.load_photos(heldout, r["size"])]
+        x = torch.stack(clean)  # [N, 3, size, size]
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
+        db = small.psnr(recon, x)
+        save_json_atomic({"photos": len(heldout), "psnr_mean_db": round(float(db.mean()), 3),
+                          "psnr_db": [round(float(v), 3) for v in db]}, out / "vae" / "heldout.json")
+        print(f"vae: held-out reconstruction PSNR {float(db.mean()):.2f} dB over {len(heldout)} photos",
+              flush=True)
+        sheet = small.pairs_sheet([(small.to_uint8(a), small.to_uint8(b)) for a, b in zip(x[:8], recon[:8])])
+        atomic_write(recon_png, lambda tmp: sheet.save(tmp, format="PNG"))
+    if not samples_png.exists():
+        vae.cfg = replace(vae.cfg, latent_scale=scale)
+        sd = StableDiffusion(CLIPTokenizer(), text, unet.eval(), vae)
+        images = [txt2img(sd, "", steps=50, guidance=1.0, seed=k, height=r["size"], width=r["size"],
+                          progress=False) for k in range(8)]
+        sheet = small.pairs_sheet(list(zip(images[:4], images[4:])))
+        atomic_write(samples_png, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+def heldout_photos(data):
+    """The held-out split of a tools/small_data.py folder (never trained on), or [] for a plain folder."""
+    if not (Path(data) / "manifest.json").is_file():
+        return []
+    from minidiff.train.small_data import photo_paths
+    return [str(p) for p in photo_paths(Path(data), "heldout")]
+
+
 def stage_plugins(out, photos_dir, sd_path, clip_path, r, args):
     """One Task-Plugin per task through tools/train.py; copies each into base/plugins/<task>.safetensors."""
     plugins = out / "base" / "plugins"
@@ -287,6 +325,7 @@ def main(argv=None):
     if last < 3:
         return 0
     sd_path, clip_path = stage_base(out, vae, unet, text, vision, latents[2])
+    timed("figures", figures, out, args.data, vae, unet, text, latents[2], r)
     if last < 4:
         return 0
     plugins = timed("plugins", stage_plugins, out, photo_dir, sd_path, clip_path, r, args)

@@ -179,6 +179,24 @@ def ldm_loss(unet, mean, logvar, scale, context, numbers, seed, step):
     return F.mse_loss(eps, noise)
 
 
+def to_tensor_square(image, size):
+    """PIL photo -> its centre square, resized to size x size (bicubic) -> [3, size, size] in [-1, 1]."""
+    w, h = image.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    return to_training_tensor(image.crop(box).resize((size, size), Image.BICUBIC))
+
+
+def pairs_sheet(pairs):
+    """[(left, right)] PIL images of one size -> one sheet, a row per pair."""
+    w, h = pairs[0][0].size
+    sheet = Image.new("RGB", (2 * w, h * len(pairs)), "white")
+    for k, (a, b) in enumerate(pairs):
+        sheet.paste(a, (0, k * h))
+        sheet.paste(b, (w, k * h))
+    return sheet
+
+
 def to_uint8(x):
     """[3, H, W] in [-1, 1] -> PIL RGB."""
     arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -204,7 +222,7 @@ def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss")
     bar = trainer.progress(steps, start, dist, desc=desc)
     for step in range(start + 1, steps + 1):
         loss, parts = batch_loss(step)
-        trainer.check_finite(loss, step, run)
+        trainer.check_finite(loss.detach(), step, run)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
