@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from helpers import assert_close, photo_folder, run_oracle
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+import _cli  # noqa: E402
 import evaluate  # noqa: E402
 
 DEMO = Path(photo_folder())
@@ -54,7 +56,13 @@ def fake_features(monkeypatch):
 
 
 def run(argv, capsys):
-    rc = evaluate.main([*map(str, argv), "--no-progress"])
+    """evaluate.py as its __main__ runs it: main under _cli.run, which turns errors into the exit statuses
+    (README "Exit status") with one line each; the test process's SIGTERM handler is put back after."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        rc = _cli.run(evaluate.main, [*map(str, argv), "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
     return rc, capsys.readouterr()
 
 
@@ -101,7 +109,8 @@ def test_bad_input(tmp_path, capsys, fake_features, case):
     argv = [x for k, v in args.items() if v is not None for x in (k, tmp_path / v)]
     argv += ["--features", "inception"]
     rc, out = run(argv, capsys)
-    assert rc == 1 and out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
+    code = 1 if case == "missing weights" else 2  # CheckpointError: failed; MetricsError/UsageError: data/usage
+    assert rc == code and out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
     assert BAD[case][1] in out.err and not (tmp_path / "out.json").exists()
 
 
@@ -147,11 +156,11 @@ def test_problems_found_before_any_feature(tmp_path, capsys, monkeypatch, fake_f
     args = ["--restored", tmp_path / "r", "--reference", tmp_path / "g", "--weights", tmp_path / "w.pt",
             "--json", tmp_path / "o.json", "--features", "inception"]
     rc, out = run(args, capsys)
-    assert rc == 1 and "9.png: cannot read image" in out.err and calls == []  # no reference features first
+    assert rc == 2 and "9.png: cannot read image" in out.err and calls == []  # no reference features first
     (tmp_path / "r" / "9.png").unlink()
     monkeypatch.setattr(metrics, "files_features", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     rc, out = run(args + ["--save-stats", tmp_path / "new" / "g.npz"], capsys)
-    assert rc == 130 and out.err.strip().splitlines() == ["interrupted: no partial file was left behind"]
+    assert rc == 130 and out.err.strip().splitlines() == ["interrupted: no partial output was left behind"]
     assert not (tmp_path / "o.json").exists() and not (tmp_path / "new").exists()
 
 

@@ -47,7 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout too
     sys.path.insert(0, REPO)
 
-from _cli import OneLineParser, UsageError, check_writable, int_range, one_line, run  # noqa: E402
+from _cli import OneLineParser, check_writable, int_range, one_line, run  # noqa: E402
 from minidiff.eval import metrics  # noqa: E402
 from minidiff.io.files import save_json_atomic, sha256_path  # noqa: E402
 from minidiff.io.weights import CheckpointError  # noqa: E402
@@ -282,27 +282,21 @@ def evaluate(args):
 def main(argv=None):
     args = parse_args(argv)
     print("evaluate:", ", ".join(f"{k}={v}" for k, v in vars(args).items()))
-    try:
-        result = evaluate(args)
-        if result is None:
-            return 0
-        if "paired" in result:
-            print(paired_table(result["paired"]))
-        if "fid" not in result:
-            save_json_atomic(result, args.json)
-            print(f"wrote {args.json}")
-            return 0
-        kid = "n/a (reference has no features)" if result["kid"] is None else \
-            f"{result['kid']:.6f} (x100: {result['kid_x100']:.4f}, subsets of {result['kid_subset_size']})"
-        print(f"{result['features']}: FID {result['fid']:.5f}  KID {kid}  "
-              f"({result['n_restored']} restored vs {result['n_reference']} reference images)")
+    # errors: tools/_cli.run's exit statuses (README "Exit status"), one line each
+    result = evaluate(args)
+    if result is None:
+        return 0
+    if "paired" in result:
+        print(paired_table(result["paired"]))
+    if "fid" not in result:
         save_json_atomic(result, args.json)
-    except (metrics.MetricsError, CheckpointError, UsageError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no partial file was left behind", file=sys.stderr)
-        return 130
+        print(f"wrote {args.json}")
+        return 0
+    kid = "n/a (reference has no features)" if result["kid"] is None else \
+        f"{result['kid']:.6f} (x100: {result['kid_x100']:.4f}, subsets of {result['kid_subset_size']})"
+    print(f"{result['features']}: FID {result['fid']:.5f}  KID {kid}  "
+          f"({result['n_restored']} restored vs {result['n_reference']} reference images)")
+    save_json_atomic(result, args.json)
     print(f"wrote {args.json}")
     return 0
 
