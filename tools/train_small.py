@@ -53,7 +53,7 @@ RECIPES = {
                  selector_photos=24, selector_steps=1500, selector_lr=5e-4),
     "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4,
                   crops_per_photo=2, unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
-                  tasks=("deblur", "lowlight"), plugin_steps=2, plugin_batch=2, plugin_lr=2e-4, val_pairs=1,
+                  tasks=small.QUICK_TASKS, plugin_steps=2, plugin_batch=2, plugin_lr=2e-4, val_pairs=1,
                   selector_photos=4, selector_steps=3, selector_lr=5e-4),
 }
 STAGES = ("vae", "latents", "unet", "base", "plugins", "selector")
@@ -266,7 +266,7 @@ def stage_selector(out, photo_paths, sd_path, clip_path, plugins, r, args):
     return run_dir / "selector.safetensors"
 
 
-def ship(dest, sd_path, clip_path, plugins, selector_path, recipe_name):
+def ship(dest, sd_path, clip_path, plugins, selector_path, recipe_name, working_size):
     """The family in fp16 into `dest` (sd, clip_vision, plugins/, selector) with manifest.json: the sha256
     and size of every file, checked at load time (minidiff.plugin.small_family)."""
     dest = Path(dest)
@@ -279,7 +279,7 @@ def ship(dest, sd_path, clip_path, plugins, selector_path, recipe_name):
     selector = load_selector(str(selector_path), dtype=torch.float16)
     save_selector(selector, dest / "selector.safetensors", {"base_model": "minidiff-small"})
     files = sorted(p for p in dest.rglob("*.safetensors"))
-    manifest = {"family": "minidiff-small", "recipe": recipe_name,
+    manifest = {"family": "minidiff-small", "recipe": recipe_name, "working_size": working_size,
                 "files": {str(p.relative_to(dest)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                           for p in files}}
     save_json_atomic(manifest, dest / "manifest.json")
@@ -333,7 +333,7 @@ def main(argv=None):
         return 0
     selector = timed("selector", stage_selector, out, paths, sd_path, clip_path, plugins, r, args)
     if args.ship:
-        ship(args.ship, sd_path, clip_path, plugins, selector, name)
+        ship(args.ship, sd_path, clip_path, plugins, selector, name, r["size"])
     return 0
 
 

@@ -47,6 +47,7 @@ SMALL_UNET = replace(UNetConfig(), model_channels=64, channel_mult=(1, 1, 2), at
                      context_dim=SMALL_TEXT.width)
 SMALL_PLUGIN = replace(PluginConfig(), clip_dim=SMALL_VISION.width, context_dim=SMALL_TEXT.width,
                        channels=SMALL_UNET.model_channels)
+QUICK_TASKS = ("deblur", "lowlight")  # the plugins of tools/train_small.py --quick (CI-sized)
 TOWER_SEED = 1234  # the random CLIP towers: torch.manual_seed(TOWER_SEED + k) before building tower k
 
 # KL weight of the VAE loss: small, as SD's first stage (1e-6 there, beside its perceptual + GAN terms),

@@ -1,0 +1,167 @@
+"""The small model family (issue 18): the recipe end to end at --quick sizes, its exact resume, the shipped
+format (SD single file with the latent scale in its metadata, manifest hashes checked at load), --model.
+
+The quick recipe trains on examples/ (4 CC0 photos in the repository) so that nothing is downloaded; it
+proves the code paths, not the quality (tests/test_small_quality.py asserts the shipped family's figures).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minidiff.family import choose_model, small_paths, verify_small
+from minidiff.errors import CheckpointError
+from minidiff.io.loading import load_stable_diffusion
+from minidiff.train import small
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = [sys.executable, str(ROOT / "tools" / "train_small.py")]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def quick_family(tmp_path_factory):
+    """The --quick recipe, end to end, shipped into <tmp>/checkpoints/small."""
+    tmp = tmp_path_factory.mktemp("small")
+    ship = tmp / "checkpoints" / "small"
+    proc = run(RECIPE + ["--data", "examples", "--output", str(tmp / "run"), "--quick", "--ship", str(ship),
+                         "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_quick_recipe_writes_every_stage_and_ships_a_verified_family(quick_family):
+    run_dir, ship = quick_family / "run", quick_family / "checkpoints" / "small"
+    for stage in ("vae", "unet"):  # each a training run of the trainer's machinery
+        assert (run_dir / stage / "log.csv").is_file() and (run_dir / stage / "loss.png").is_file()
+        assert list((run_dir / stage / "checkpoints").glob("step-*"))
+    assert (run_dir / "unet" / "samples.png").is_file()
+    for task in small.QUICK_TASKS:
+        assert (ship / "plugins" / f"{task}.safetensors").is_file()
+    manifest = json.loads((ship / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"sd.safetensors", "clip_vision.safetensors", "selector.safetensors",
+                                      *(f"plugins/{t}.safetensors" for t in small.QUICK_TASKS)}
+    verify_small(ship)  # every hash matches
+    # the shipped form is fp16, and the latent scale travels in the SD file's metadata
+    assert all(t.dtype == torch.float16 for t in load_file(ship / "sd.safetensors").values())
+    latents = small.load_latents(run_dir / "latents.safetensors")
+    sd = load_stable_diffusion(str(ship / "sd.safetensors"))
+    assert sd.vae.cfg.latent_scale == pytest.approx(latents[2], rel=1e-12)
+    assert sd.unet.cfg.model_channels == small.SMALL_UNET.model_channels
+
+
+@pytest.mark.slow
+def test_sample_runs_the_small_family_by_default_and_names_it(quick_family, tmp_path):
+    env = {**os.environ, "MINIDIFF_CHECKPOINTS": str(quick_family / "checkpoints")}
+    proc = run([sys.executable, "tools/sample.py", "--input", "examples/coffee-rain.jpg", "--task", "lowlight",
+                "--steps", "2", "--output", str(tmp_path), "--no-progress"], env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "small family" in proc.stderr  # auto's one notice line
+    record = json.loads((tmp_path / "coffee-rain.json").read_text())
+    assert record["model"] == "small" and record["base_model"]["id"] == "minidiff-small"
+    working = json.loads((quick_family / "checkpoints" / "small" / "manifest.json").read_text())["working_size"]
+    assert min(record["processed_size"]) == working  # the family's working size (the demo rule)
+
+
+@pytest.mark.slow
+def test_a_corrupt_shipped_file_is_refused_in_one_line(quick_family, tmp_path):
+    bad = tmp_path / "checkpoints"
+    shutil.copytree(quick_family / "checkpoints", bad)
+    target = bad / "small" / "plugins" / f"{small.QUICK_TASKS[0]}.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    env = {**os.environ, "MINIDIFF_CHECKPOINTS": str(bad)}
+    proc = run([sys.executable, "tools/sample.py", "--input", "examples/coffee-rain.jpg", "--task", "lowlight",
+                "--model", "small", "--steps", "1", "--output", str(tmp_path / "out")], env=env)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(target.name) in lines[0] and "corrupt" in lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_a_stage_resumed_after_a_kill_is_bit_identical(quick_family, tmp_path):
+    """A kill -9 after the step-2 checkpoint of the VAE stage: what is on disk then is the run folder up to
+    that checkpoint. Resuming from it must give the uninterrupted run's weights, bit for bit."""
+    full = quick_family / "run"
+    cut = tmp_path / "run"
+    cut.mkdir()
+    shutil.copy(full / "recipe.json", cut / "recipe.json")
+    shutil.copytree(full / "vae", cut / "vae")
+    (cut / "vae" / "vae.safetensors").unlink()
+    for ckpt in (cut / "vae" / "checkpoints").glob("step-*"):
+        if ckpt.name != "step-000002":
+            shutil.rmtree(ckpt)
+    cfg = json.loads((cut / "vae" / "config.json").read_text())  # the hashes of what is left
+    cfg["checkpoints"] = {k: v for k, v in cfg["checkpoints"].items() if k == "step-000002"}
+    (cut / "vae" / "config.json").write_text(json.dumps(cfg))
+    proc = run(RECIPE + ["--data", "examples", "--output", str(cut), "--quick", "--resume", "--until", "vae",
+                         "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = load_file(full / "vae" / "vae.safetensors"), load_file(cut / "vae" / "vae.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_data_is_refused_before_training(tmp_path):
+    proc = run(RECIPE + ["--data", str(tmp_path / "nope"), "--output", str(tmp_path / "run"), "--quick"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "small_data.py" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_recipe_needs_resume(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.json").write_text("{}")
+    proc = run(RECIPE + ["--data", "examples", "--output", str(tmp_path / "run"), "--quick"])
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_auto_takes_the_small_family_only_without_the_published_weights(tmp_path):
+    assert choose_model("auto", str(tmp_path), ("sd14", "clip", "plugins")) == ("published", None)
+    folder = tmp_path / "small"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"files": {}}))
+    model, notice = choose_model("auto", str(tmp_path), ("sd14", "clip", "plugins"))
+    assert model == "small" and "download.py" in notice
+    assert choose_model("published", str(tmp_path), ("sd14",)) == ("published", None)
+
+
+def test_verify_small_names_a_missing_or_altered_file(tmp_path):
+    (tmp_path / "sd.safetensors").write_bytes(b"abc")
+    files = {"sd.safetensors": {"sha256": "0" * 64, "bytes": 3},
+             "plugins/derain.safetensors": {"sha256": "0" * 64, "bytes": 1}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files}))
+    with pytest.raises(CheckpointError, match="sd.safetensors: corrupt"):
+        verify_small(str(tmp_path), ("sd",))
+    with pytest.raises(CheckpointError, match="derain.safetensors: missing"):
+        verify_small(str(tmp_path), ("plugins",))
+    assert small_paths("x")["clip"] == os.path.join("x", "clip_vision.safetensors")
+
+
+def test_latent_scale_is_one_over_the_std_of_posterior_samples():
+    mean = torch.randn(64, 4, 4, 4) * 3.0
+    logvar = torch.full_like(mean, -20.0)  # (almost) deterministic posterior: the std is that of the means
+    assert small.latent_scale(mean, logvar, seed=0) == pytest.approx(1 / float(mean.std()), rel=1e-4)
+
+
+def test_vae_loss_parts_and_the_batches_are_pure_functions_of_their_numbers():
+    from PIL import Image
+    photos = [Image.new("RGB", (80, 72), (10 * k, 50, 90)) for k in range(3)]
+    a, na = small.vae_batch(photos, [0, 5], 64, seed=1)
+    b, nb = small.vae_batch(photos, [0, 5], 64, seed=1)
+    assert torch.equal(a, b) and torch.equal(na, nb) and a.shape == (2, 3, 64, 64) and na.shape == (2, 4, 8, 8)
+    vae = small.new_vae(0)
+    loss, parts = small.vae_loss(vae, a, na)
+    expected = parts["l1"] + small.GRAD_WEIGHT * parts["grad"] + small.KL_WEIGHT * parts["kl"]
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
