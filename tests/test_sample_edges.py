@@ -51,7 +51,7 @@ def weights(tmp_path_factory):
 BAD_VALUES = {  # flag values that cannot be stored or run -> words of the one-line message (exit 2)
     "--threshold nan": "finite", "--seed 9223372036854775808": "must be 0..9223372036854775807",
     "--max-side 8": "0 (no cap) or at least 64", "--max-side -1": "0 (no cap) or at least 64",
-    "--short-side 500": "512..1024 in steps of 64", "--steps 0": "must be 1..1000",
+    "--short-side 500": "64..1024 in steps of 64", "--steps 0": "must be 1..1000",  # 64: the small family
 }
 
 

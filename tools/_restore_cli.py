@@ -5,7 +5,7 @@ minidiff.plugin.restoration.restore_photo; this helper module of the scripts bes
 import json
 import os
 
-from _cli import UsageError, default_weights
+from _cli import UsageError, checkpoints_root, default_weights
 from minidiff.download import base_model_id, default_checkpoint_paths, loader_files_missing
 from minidiff.plugin.fake import FAKE_WARNING
 from minidiff.io.files import remove_stale_temps, save_json_atomic
@@ -69,10 +69,14 @@ def fill_weight_paths(args, repo):
     """--model and the weight files (_cli.default_weights): --sd/--clip/--plugins/--selector default to the
     published checkpoints/ layout (the base is SD-1.4, as the official scripts: infer.py l.22, demo.py l.19)
     or to the small family. Sets args.model ("published", "small" or "fake") and args.model_side."""
-    if args.fake_weights:
+    published = {"sd": "sd14", "clip": "clip", "plugins": "plugins", "selector": "selector"}
+    if args.fake_weights:  # no family to choose; the paths stay those of checkpoints/ (plan lists its plugins)
         args.model, args.model_side = "fake", OFFICIAL_SHORT_SIDE
+        paths = default_checkpoint_paths(checkpoints_root(repo))
+        for flag, key in published.items():
+            setattr(args, flag, getattr(args, flag) or paths[key])
         return
-    default_weights(args, repo, {"sd": "sd14", "clip": "clip", "plugins": "plugins", "selector": "selector"})
+    default_weights(args, repo, published)
 
 
 def missing_weights(args, tasks, need_selector):
@@ -118,6 +122,11 @@ def null_note(resize):
     return f"{resize}; no plugin applies: the result is the photo at that size, as demo.py returns it"
 
 
+def demo_short_side(kw):
+    """The short side the demo rule used (imageio.photo_size): --short-side, else the model's working size."""
+    return kw.get("short_side") or kw.get("model_side") or OFFICIAL_SHORT_SIDE
+
+
 def run_photo(models, path, out_dir, *, record=None, dry_run=False, progress=True, restored=None, **kw):
     """Restore one photo file with restore_photo(**kw) and write its outputs, each atomically, the JSON
     record last; with dry_run only the JSON. `record`: extra fields (settings, hashes). `restored`: (image
@@ -138,7 +147,7 @@ def run_photo(models, path, out_dir, *, record=None, dry_run=False, progress=Tru
            **({"warning": FAKE_WARNING} if fake else {}), "dry_run": dry_run, "outputs": None,
            "input_size": list(image.size), "input_notes": notes, "processed_size": list(out.size),
            "resize": out.resize if out.tasks else null_note(out.resize), "resize_rule": out.rule,
-           "short_side": kw.get("short_side") if out.rule == "demo" else None, "max_side": kw.get("max_side"),
+           "short_side": demo_short_side(kw) if out.rule == "demo" else None, "max_side": kw.get("max_side"),
            "seed": kw.get("seed"), "steps": kw.get("steps"), "chain_steps": kw.get("chain_steps"),
            "chain_steps_used": out.chain_steps,
            "warnings": [n for n in notes if n.startswith("animated")] + out.warnings, **(record or {})}
