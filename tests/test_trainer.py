@@ -1,4 +1,4 @@
-"""minidiff.train.trainer and minidiff.train.datasets: run folder, checkpoints, log, sample bookkeeping, data (CPU, <2 s).
+"""minidiff.train.rundir, runlog, trainer and datasets: run folder, checkpoints, log, sample bookkeeping, data (CPU, <2 s).
 
 Covers: a half-written checkpoint is never the latest; a checkpoint round trip restores weights, optimizer and
 RNG; log.csv is cut back to the resumed step; loss.png is drawn; the global batch is the same for any number
@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff.train import datasets, seeding, trainer
+from minidiff.errors import NonFiniteError, UsageError
+from minidiff.train import datasets, rundir, runlog, seeding, trainer
 
 
 def test_checkpoints_are_atomic_and_round_trip(tmp_path):
     dist = trainer.Dist()
-    run = trainer.RunDir(tmp_path / "run", "plugin", "deblur", False, dist)
+    run = rundir.RunDir(tmp_path / "run", "plugin", "deblur", False, dist)
     run.check({"seed": 1})
     run.start({"seed": 1}, data={"sha256": "x"})
     model = torch.nn.Linear(3, 2)
@@ -39,26 +40,26 @@ def test_checkpoints_are_atomic_and_round_trip(tmp_path):
     fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
     fresh.load_state_dict(ckpt.optimizer)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    again = trainer.RunDir(tmp_path / "run", "plugin", "deblur", True, dist)
+    again = rundir.RunDir(tmp_path / "run", "plugin", "deblur", True, dist)
     again.check({"seed": 1}, fixed=("seed",))
     again.start({"seed": 1})  # removes the stale temporary
     assert not (run.ckpt_dir / ".step-000009.abc").exists()
-    with pytest.raises(trainer.UsageError, match="seed was 1"):
-        trainer.RunDir(tmp_path / "run", "plugin", "deblur", True, dist).check({"seed": 2}, fixed=("seed",))
+    with pytest.raises(UsageError, match="seed was 1"):
+        rundir.RunDir(tmp_path / "run", "plugin", "deblur", True, dist).check({"seed": 2}, fixed=("seed",))
 
 
 def test_log_is_cut_back_on_resume_and_plotted(tmp_path):
     dist = trainer.Dist()
-    log = trainer.CsvLog(tmp_path / "log.csv", ["step", "loss"], 0, dist)
+    log = runlog.CsvLog(tmp_path / "log.csv", ["step", "loss"], 0, dist)
     for s in range(1, 8):
         log.write({"step": s, "loss": 1.0 / s})
     log.close()
-    trainer.CsvLog(tmp_path / "log.csv", ["step", "loss"], 4, dist).close()
-    assert [s for s, _ in trainer.read_log(tmp_path / "log.csv")] == [1, 2, 3, 4]
-    trainer.plot_loss(tmp_path / "log.csv", tmp_path / "loss.png")
+    runlog.CsvLog(tmp_path / "log.csv", ["step", "loss"], 4, dist).close()
+    assert [s for s, _ in runlog.read_log(tmp_path / "log.csv")] == [1, 2, 3, 4]
+    runlog.plot_loss(tmp_path / "log.csv", tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size == (800, 400)
-    with pytest.raises(trainer.NonFiniteError, match="at step 3: .*no checkpoint yet"):
-        trainer.check_finite(float("nan"), 3, trainer.RunDir(tmp_path, "plugin", "x", False, dist))
+    with pytest.raises(NonFiniteError, match="at step 3: .*no checkpoint yet"):
+        rundir.check_finite(float("nan"), 3, rundir.RunDir(tmp_path, "plugin", "x", False, dist))
 
 
 def test_global_batch_independent_of_processes_and_epochs_cover_the_data():

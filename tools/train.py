@@ -15,7 +15,8 @@ Exit status (tools/_cli.py, README): 0 done; 1 failed (unreadable weights, I/O);
 (one line, nothing written); 3 the loss became NaN/inf; 130 Ctrl-C, 143 SIGTERM (for these three the last good
 checkpoint stays the latest).
 Paper: Liu et al., Diff-Plugin (CVPR 2024); recipe of yuhaoliu7456/Diff-Plugin @ 79e12bb train.py, see
-minidiff/train/training.py (the step), minidiff/train/trainer.py (run folder, resume, DDP), minidiff/train/datasets.py (data).
+minidiff/train/training.py (the step), minidiff/train/trainer.py (DDP, batches), minidiff/train/rundir.py (run
+folder, checkpoints, resume), minidiff/train/runlog.py (log, plot), minidiff/train/datasets.py (data).
 """
 import math
 import os
@@ -39,7 +40,7 @@ from minidiff.io.loading import load_clip_vision, load_stable_diffusion  # noqa:
 from minidiff.plugin.fake import fake_models  # noqa: E402
 from minidiff.plugin.files import save_plugin  # noqa: E402
 from minidiff.plugin.plugin import SCB, TASKS, TPB, PluginConfig, TaskPlugin, check_fits  # noqa: E402
-from minidiff.train import datasets, trainer, training  # noqa: E402
+from minidiff.train import datasets, rundir, runlog, trainer, training  # noqa: E402
 from minidiff.train.lr_schedule import SCHEDULES, LrSchedule  # noqa: E402
 from minidiff.train.seeding import derive_seed  # noqa: E402
 # settings that define the run: --resume refuses to change them (the rest may change between sessions)
@@ -170,7 +171,7 @@ def prepare(args):
         args.steps = args.epochs * per_epoch
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "resume_from")}
     settings.update(data_sha256=listing_hash(pairs), data_pairs=len(pairs))
-    run = trainer.RunDir(args.output, "plugin", args.task, args.resume, dist)
+    run = rundir.RunDir(args.output, "plugin", args.task, args.resume, dist)
     run.check(settings, FIXED)
     if run.config and args.lr_scheduler == "cosine" and run.config["settings"].get("steps") != args.steps:
         raise UsageError(f"--resume: the cosine schedule of this run ends at step "
@@ -230,7 +231,7 @@ def train(args):
     hashes = {} if args.fake_weights or not dist.is_main else \
         {"sd": sha256_path(args.sd), "clip": sha256_path(args.clip)}
     run.start(settings, effective_lr=lr, tf32_matmul=tf32, weights=hashes)
-    log = trainer.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
+    log = runlog.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
     data = datasets.PairDataset(train_pairs, args.resolution, args.seed, args.augment, args.degrade)
     val_data = datasets.PairDataset(val_pairs, args.resolution, args.seed, False, args.degrade)
     batches = trainer.StepBatches(start, args.steps, args.batch_size, args.grad_accum, dist)
@@ -243,14 +244,14 @@ def train(args):
 
     def save_outputs(step):  # rank 0: the plugin file and the loss plot
         save_plugin(plugin, plugin_path, {"base_model": base, "task": args.task, "steps_trained": step})
-        trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
+        runlog.plot_loss(run.path / "log.csv", run.path / "loss.png")
 
-    bar = trainer.progress(args.steps, start, dist)
+    bar = runlog.progress(args.steps, start, dist)
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
         micro = [next(loader) for _ in range(args.grad_accum)]
         loss = training.accumulate_gradients(model, micro, args.seed, step, latent_shape, dist, scaler)
-        trainer.check_finite(loss, step, run)  # before the update: the weights stay those of step - 1
+        rundir.check_finite(loss, step, run)  # before the update: the weights stay those of step - 1
         step_lr = schedule.set_for_update(step)
         norm_scb, norm_tpb = training.clip_and_step(plugin, optimizer, scaler)
         row = {"step": step, "loss": loss.item(), "lr": step_lr, "grad_norm_scb": norm_scb,

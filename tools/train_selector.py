@@ -32,7 +32,7 @@ from _cli import (OneLineParser, UsageError, add_device_flags, add_model_flag, d
 from minidiff.io.files import listing_hash  # noqa: E402
 from minidiff.plugin.files import export_official_selector, load_selector, save_selector  # noqa: E402
 from minidiff.plugin.selector import PluginSelector  # noqa: E402
-from minidiff.train import instructions, selector_training as st, trainer  # noqa: E402
+from minidiff.train import instructions, rundir, runlog, selector_training as st, trainer  # noqa: E402
 from minidiff.train.seeding import derive_seed  # noqa: E402
 
 # settings that define the run: --resume refuses to change them (--steps and the rest may change)
@@ -158,7 +158,7 @@ def train(args):
     dist = trainer.setup_distributed(args.device)
     if dist.world_size > 1:
         raise UsageError("train_selector runs in one process (the selector is small), not under torchrun")
-    run = trainer.RunDir(args.output, "selector", None, args.resume, dist)
+    run = rundir.RunDir(args.output, "selector", None, args.resume, dist)
     tasks, photos, texts, settings = prepare(args, lambda s: run.check(s, FIXED))
     photo_feats, per_task, text_table, files = frozen_inputs(args, tasks, photos, texts, dist.device)
     selector = initial_selector(args, text_table.shape[-1], dist.device)
@@ -166,22 +166,22 @@ def train(args):
     start = resume(args, run, selector, optimizer)
     run.start(settings, weights={"fake": True} if args.fake_weights else
               {k: os.path.abspath(v) for k, v in files.items()}, texts=len(texts.texts))
-    log = trainer.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
+    log = runlog.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
     meta = {"tasks": ",".join(tasks), "fake_weights": args.fake_weights}
 
     def write_outputs(step):
         save_selector(selector, run.path / "selector.safetensors", {**meta, "steps_trained": step})
         if args.export_official:
             export_official_selector(selector, run.path / "PromptTunner.pt")
-        trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
+        runlog.plot_loss(run.path / "log.csv", run.path / "loss.png")
 
-    bar = trainer.progress(args.steps, min(start, args.steps), dist)
+    bar = runlog.progress(args.steps, min(start, args.steps), dist)
     for step in range(start + 1, args.steps + 1):
         batch = st.draw_batch(args.seed, step, per_task, texts, args.batch_size, args.negatives)
         visual = photo_feats[batch.photos, batch.tasks]  # [B, D]: each photo through its own task's plugin
         loss, cos = st.batch_loss(selector, visual, text_table[batch.texts], batch.indicator, args.loss,
                                   batch.same)  # eq. 6, read as --loss says
-        trainer.check_finite(loss.detach(), step, run)
+        rundir.check_finite(loss.detach(), step, run)
         st.update(selector, optimizer, loss)
         log.write({"step": step, "loss": loss.item(), "logit_scale": selector.logit_scale.item(),
                    "positive_cos": cos[:, 0].mean().item(), "negative_cos": cos[:, 1:].mean().item()})

@@ -40,7 +40,7 @@ from minidiff.io.files import atomic_write, save_json_atomic, sha256_file  # noq
 from minidiff.io.imageio import ImageError, load_image  # noqa: E402
 from minidiff.plugin.files import load_plugin, load_selector, save_plugin, save_selector  # noqa: E402
 from minidiff.plugin.plugin import TASKS  # noqa: E402
-from minidiff.train import small, trainer  # noqa: E402
+from minidiff.train import rundir, small, trainer  # noqa: E402
 from minidiff.train.degrade import degrade  # noqa: E402
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -101,7 +101,7 @@ def open_photos(paths, min_side):
 def stage_run(out, name, resume, settings):
     """The RunDir of one stage, checked and started (config.json written)."""
     dist = trainer.Dist()
-    run = trainer.RunDir(out / name, "small-" + name, "family", resume and (out / name).exists(), dist)
+    run = rundir.RunDir(out / name, "small-" + name, "family", resume and (out / name).exists(), dist)
     run.check(settings, fixed=tuple(k for k in settings if not k.endswith("_steps")))  # steps may grow
     run.start(settings)
     return run, dist

@@ -31,6 +31,7 @@ from minidiff.models.clip import CLIP_TEXT_L14, CLIP_VISION_L14, CLIPTextModel, 
 from minidiff.models.unet import UNet, UNetConfig
 from minidiff.models.vae import AutoencoderKL, VAEConfig
 from minidiff.plugin.plugin import PluginConfig
+from minidiff.train import rundir, runlog
 from minidiff.train.datasets import to_training_tensor
 from minidiff.train.seeding import generator_for
 
@@ -206,12 +207,11 @@ def to_uint8(x):
 
 # ------------------------------------------------------------------------------ one stage = one training run
 def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss"), desc="train"):
-    """The training loop of the VAE and UNet stages, on minidiff.train.trainer's machinery: AdamW at a
-    constant lr, a checkpoint every `every` steps (weights, optimizer, RNG) from which --resume continues
-    bit-identically (the batches are pure functions of the step), log.csv, loss.png, a progress bar.
+    """The training loop of the VAE and UNet stages, on minidiff.train's run folder (rundir) and log (runlog):
+    AdamW at a constant lr, a checkpoint every `every` steps (weights, optimizer, RNG) from which --resume
+    continues bit-identically (the batches are pure functions of the step), log.csv, loss.png, a progress bar.
 
-    run: a started trainer.RunDir; batch_loss(step) -> (scalar loss tensor, {log field: number})."""
-    from minidiff.train import trainer
+    run: a started rundir.RunDir; batch_loss(step) -> (scalar loss tensor, {log field: number})."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     ckpt = run.load_checkpoint(run.latest_checkpoint()) if run.resume else None
     start = 0 if ckpt is None else ckpt.step
@@ -219,11 +219,11 @@ def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss")
         net.load_state_dict(ckpt.tensors)
         optimizer.load_state_dict(ckpt.optimizer["adamw"])
     net.train()
-    log = trainer.CsvLog(run.path / "log.csv", list(fields), start, dist)
-    bar = trainer.progress(steps, start, dist, desc=desc)
+    log = runlog.CsvLog(run.path / "log.csv", list(fields), start, dist)
+    bar = runlog.progress(steps, start, dist, desc=desc)
     for step in range(start + 1, steps + 1):
         loss, parts = batch_loss(step)
-        trainer.check_finite(loss.detach(), step, run)
+        rundir.check_finite(loss.detach(), step, run)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -234,7 +234,7 @@ def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss")
             run.save_checkpoint(step, net.state_dict(), {"adamw": optimizer.state_dict()}, step, keep=2)
     bar.close()
     log.close()
-    trainer.plot_loss(run.path / "log.csv", run.path / "loss.png")
+    runlog.plot_loss(run.path / "log.csv", run.path / "loss.png")
     return net.eval()
 
 

@@ -20,10 +20,7 @@ import hashlib
 import json
 import os
 
-try:
-    from minidiff.errors import UsageError
-except ImportError:  # before minidiff/errors.py existed
-    from minidiff.train.trainer import UsageError
+from minidiff.errors import UsageError
 
 MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "small_photos.json")
 PREPARED_FORMAT = "minidiff-small-photos-prepared/1"

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from minidiff.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from minidiff.diffusion.schedulers import NUM_TRAIN_TIMESTEPS, add_noise
 from minidiff.train.seeding import generator_for
+from minidiff.train.trainer import all_reduce_mean
 
 CLIP_TRAIN_SIZE = 224  # train.py l.330: F.interpolate(size=(224, 224)), ViT-L/14's input size
 # train.py l.58-70 defaults: AdamW betas, weight decay, eps; max_grad_norm (clipped per network, l.357-358)
@@ -119,7 +120,6 @@ def accumulate_gradients(model, micro_batches, seed, step, latent_shape, dist, s
     micro-batch only: no_sync before). Each micro-batch loss is divided by their count, so the gradient is
     that of the global-batch mean whatever the split. Draws come from sample_draws(seed, step, numbers).
     """
-    from minidiff.train.trainer import all_reduce_mean
     total = torch.zeros((), device=dist.device)
     for k, (degraded, clean, numbers) in enumerate(micro_batches):
         draws = sample_draws(seed, step, numbers.tolist(), latent_shape)
