@@ -21,6 +21,7 @@ Exit status as every tool (README): 0 done, 1 failed, 2 bad command line or data
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -47,14 +48,14 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # The recipe: step counts sized from measured step times on a 2-core CPU (README, "Train the whole stack
 # on a laptop"); quick = the same code paths at tiny sizes, for CI.
 RECIPES = {
-    "full": dict(size=small.SIZE, vae_steps=800, vae_batch=16, vae_crop=small.VAE_CROP, vae_lr=2e-4,
+    "full": dict(size=small.SIZE, vae_steps=3000, vae_batch=16, vae_crop=small.VAE_CROP, vae_lr=2e-4,
                  crops_per_photo=24, unet_steps=1500, unet_batch=16, unet_lr=2e-4, every=250,
                  tasks=TASKS, plugin_steps=200, plugin_batch=8, plugin_lr=2e-4, val_pairs=4,
-                 selector_photos=24, selector_steps=1500, selector_lr=5e-4),
+                 selector_photos=24, selector_steps=1500, selector_lr=5e-4, selector_loss="infonce"),
     "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4,
                   crops_per_photo=2, unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
                   tasks=small.QUICK_TASKS, plugin_steps=2, plugin_batch=2, plugin_lr=2e-4, val_pairs=1,
-                  selector_photos=4, selector_steps=3, selector_lr=5e-4),
+                  selector_photos=4, selector_steps=3, selector_lr=5e-4, selector_loss="infonce"),
 }
 STAGES = ("vae", "latents", "unet", "base", "plugins", "selector")
 
@@ -70,6 +71,7 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue the recipe in --output (finished stages are skipped)")
     a("--seed", type=int_range(0), default=0, help="seed of every initialisation, crop and noise")
     a("--threads", type=int_range(0), default=0, help="torch threads (0: torch's default, all cores)")
+    a("--jobs", type=int_range(1), default=1, help="Task-Plugins trained at once (one torch thread each)")
     return p.parse_args(argv)
 
 
@@ -208,27 +210,51 @@ def heldout_photos(data):
     return [str(p) for p in photo_paths(Path(data), "heldout")]
 
 
+def plugin_argv(task, out, photos_dir, sd_path, clip_path, r, args):
+    """tools/train.py's command line for one task's plugin on the small base (--resume once it exists)."""
+    run_dir = out / "plugins" / task
+    argv = ["--task", task, "--data", str(photos_dir), "--degrade", task, "--output", str(run_dir),
+            "--sd", str(sd_path), "--clip", str(clip_path), "--resolution", str(r["size"]),
+            "--steps", str(r["plugin_steps"]), "--batch-size", str(r["plugin_batch"]),
+            "--lr", str(r["plugin_lr"]), "--seed", str(args.seed), "--augment",
+            "--checkpoint-every", str(max(1, r["plugin_steps"] // 4)), "--keep-checkpoints", "2",
+            "--validate-every", str(r["plugin_steps"]), "--val-pairs", str(r["val_pairs"]), "--num-workers", "0"]
+    return argv + (["--resume"] if run_dir.exists() else [])
+
+
 def stage_plugins(out, photos_dir, sd_path, clip_path, r, args):
-    """One Task-Plugin per task through tools/train.py; copies each into base/plugins/<task>.safetensors."""
+    """One Task-Plugin per task through tools/train.py, --jobs at a time (in this process when 1, else as
+    subprocesses of one torch thread each); copies each into base/plugins/<task>.safetensors."""
     plugins = out / "base" / "plugins"
     plugins.mkdir(parents=True, exist_ok=True)
-    for task in r["tasks"]:
-        final = plugins / f"{task}.safetensors"
-        if final.exists():
-            continue
-        run_dir = out / "plugins" / task
-        argv = ["--task", task, "--data", str(photos_dir), "--degrade", task, "--output", str(run_dir),
-                "--sd", str(sd_path), "--clip", str(clip_path), "--resolution", str(r["size"]),
-                "--steps", str(r["plugin_steps"]), "--batch-size", str(r["plugin_batch"]),
-                "--lr", str(r["plugin_lr"]), "--seed", str(args.seed), "--augment",
-                "--checkpoint-every", str(max(1, r["plugin_steps"] // 4)), "--keep-checkpoints", "2",
-                "--validate-every", str(r["plugin_steps"]), "--val-pairs", str(r["val_pairs"]), "--num-workers", "0"]
-        if run_dir.exists():
-            argv.append("--resume")
-        code = train_tool.main(argv)
-        if code:
-            sys.exit(code)
-        shutil.copyfile(run_dir / f"{task}.safetensors", final)
+    todo = [t for t in r["tasks"] if not (plugins / f"{t}.safetensors").exists()]
+    if args.jobs == 1:
+        for task in todo:
+            code = train_tool.main(plugin_argv(task, out, photos_dir, sd_path, clip_path, r, args))
+            if code:
+                sys.exit(code)
+            shutil.copyfile(out / "plugins" / task / f"{task}.safetensors", plugins / f"{task}.safetensors")
+        return plugins
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running, pending = {}, list(todo)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            task = pending.pop(0)
+            cmd = [sys.executable, os.path.join(ROOT, "tools", "train.py"),
+                   *plugin_argv(task, out, photos_dir, sd_path, clip_path, r, args)]
+            log = open(out / f"plugin-{task}.log", "a")
+            running[task] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+            print(f"plugins: training {task} (log: {out / f'plugin-{task}.log'})", flush=True)
+        time.sleep(2)
+        for task, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[task]
+            if proc.returncode:
+                raise UsageError(f"plugin {task}: tools/train.py exited {proc.returncode} "
+                                 f"(see {out / f'plugin-{task}.log'}); --resume continues")
+            shutil.copyfile(out / "plugins" / task / f"{task}.safetensors", plugins / f"{task}.safetensors")
     return plugins
 
 
@@ -256,7 +282,7 @@ def stage_selector(out, photo_paths, sd_path, clip_path, plugins, r, args):
         return run_dir / "selector.safetensors"
     argv = ["--output", str(run_dir), "--images", str(images), "--plugins", str(plugins),
             "--sd", str(sd_path), "--clip", str(clip_path), "--steps", str(r["selector_steps"]),
-            "--lr", str(r["selector_lr"]), "--seed", str(args.seed), "--cache", str(out / "selector-cache"),
+            "--lr", str(r["selector_lr"]), "--loss", r["selector_loss"], "--seed", str(args.seed), "--cache", str(out / "selector-cache"),
             "--checkpoint-every", str(max(1, r["selector_steps"] // 3)), "--keep-checkpoints", "2"]
     if run_dir.exists():
         argv.append("--resume")
