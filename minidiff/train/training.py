@@ -7,11 +7,12 @@ sec. 3.3 and 4.1. Reference: yuhaoliu7456/Diff-Plugin @ 79e12bb, train.py l.150-
 and l.313-367 (one step). Only TPB and SCB learn; the VAE, UNet and CLIP vision tower are frozen.
 
 One step, for a degraded photo y and its clean version x (both [B, 3, H, W] in [-1, 1]):
-    z0    = 0.18215 * (mu(x) + sigma(x) * latent_noise)     VAE posterior SAMPLE of the clean photo
+    z0    = s * (mu(x) + sigma(x) * latent_noise)           VAE posterior SAMPLE of the clean photo
     z_t   = sqrt(acp_t) z0 + sqrt(1 - acp_t) noise          DDPM forward process, t ~ U{0..999}
     ctx   = TPB(CLIP((y + 1)/2 -> 224x224 bilinear -> OpenAI mean/std).hidden_states[-1][:, 1:])
-    res   = SCB(0.18215 * mu(y), t, ctx)                     posterior MEAN of the degraded photo
+    res   = SCB(s * mu(y), t, ctx)                           posterior MEAN of the degraded photo
     loss  = mean((UNet(z_t, t, ctx, skips + res) - noise)^2)
+with s the VAE's latent scale (sd.vae.cfg.latent_scale: 0.18215 for SD 1.x, the small family its own).
 The CLIP input differs from inference (clip_preprocess: bicubic short side + centre crop): that mismatch is
 in the official code and kept. Unlike the official code, CLIP runs without gradients (it is not trained).
 """
