@@ -7,11 +7,12 @@ import os
 
 from _cli import UsageError, checkpoints_root, default_weights
 from minidiff.download import base_model_id, default_checkpoint_paths, loader_files_missing
-from minidiff.plugin.fake import FAKE_WARNING
+from minidiff.plugin.fake import FAKE_WARNING, fake_models, with_files
 from minidiff.io.files import remove_stale_temps, save_json_atomic
 from minidiff.io.imageio import (IMAGE_SUFFIXES, OFFICIAL_SHORT_SIDE, list_images, load_image, save_png_atomic,
                                  side_by_side)
 from minidiff.plugin.files import find_plugins
+from minidiff.plugin.plugin import TASKS
 from minidiff.plugin.restoration import restore_photo
 
 
@@ -77,6 +78,38 @@ def fill_weight_paths(args, repo):
             setattr(args, flag, getattr(args, flag) or paths[key])
         return
     default_weights(args, repo, published)
+
+
+def given_weights(args):
+    """Remember the --plugins/--selector typed on the command line (args.given_plugins, args.given_selector:
+    fill_weight_paths later fills in defaults); with --fake-weights, a typed path that does not exist is
+    refused here (UsageError), as those files are then loaded over the random base (load_fake)."""
+    args.given_plugins, args.given_selector = args.plugins, args.selector
+    if not args.fake_weights:
+        return  # the real loaders list every missing file at once (missing_weights)
+    if args.plugins and not os.path.isdir(args.plugins):
+        raise UsageError(f"--plugins {args.plugins}: no such folder (the folder holding <task>.safetensors)")
+    if args.selector and not os.path.isfile(args.selector):
+        raise UsageError(f"--selector {args.selector}: no such file")
+
+
+def load_fake(args, tasks, need_selector, dtype, device):
+    """--fake-weights: (models, {name: file}) of random tiny models, with the plugins of a typed --plugins
+    folder (the tasks asked for, else all it holds) and a typed --selector file loaded over them, so that
+    what tools/train.py --fake-weights trained can be tried; without those, random plugins for the tasks."""
+    plugins = {}
+    if args.given_plugins:
+        found = find_plugins(args.given_plugins)
+        missing = [t for t in tasks or [] if t not in found]
+        if missing or not found:
+            raise UsageError(f"--plugins {args.given_plugins}: no plugin file for "
+                             f"{', '.join(missing) or 'any task'} (found: {', '.join(found) or 'none'})")
+        plugins = {t: found[t] for t in tasks or found}
+    selector = args.given_selector
+    models = fake_models([] if plugins else tasks or TASKS, need_selector and not selector, device, dtype)
+    models = with_files(models, plugins, selector, dtype=dtype, device=device)
+    files = {**{f"plugin:{t}": p for t, p in plugins.items()}, **({"selector": selector} if selector else {})}
+    return models, files
 
 
 def missing_weights(args, tasks, need_selector):

@@ -26,12 +26,11 @@ sys.path.insert(0, ROOT)
 from _cli import (OneLineParser, UsageError, add_device_flags, add_model_flag, add_restoration_weight_flags,  # noqa: E402
                   check_writable, finite_float, int_range, minidiff_version, nonblank, resolve_device, run,
                   seed)
-from _restore_cli import (base_model_check, clean_start, fill_weight_paths, missing_weights,  # noqa: E402
-                          plan_inputs, run_photo, stem_of)
+from _restore_cli import (base_model_check, clean_start, fill_weight_paths, given_weights, load_fake,  # noqa: E402
+                          missing_weights, plan_inputs, run_photo, stem_of)
 import _batch  # noqa: E402
 import _shard  # noqa: E402
 from minidiff.download import missing_weights_message  # noqa: E402
-from minidiff.plugin.fake import fake_models  # noqa: E402
 from minidiff.io.files import sha256_path  # noqa: E402
 from minidiff.io.imageio import (DEFAULT_MAX_SIDE, MIN_SIDE, OFFICIAL_SHORT_SIDE, RESIZE_RULES,  # noqa: E402
                               SHORT_SIDES, check_min_side, load_image, photo_size)
@@ -98,13 +97,14 @@ def check_args(args):
     if rule != "demo" and args.short_side is not None:
         raise UsageError("--short-side belongs to the demo rule; add --resize demo (infer.py raises to 512)")
     args.torch_dtype = resolve_device(args)
+    given_weights(args)  # with --fake-weights, a typed --plugins/--selector must exist: it is loaded
 
 
 def load(args, tasks, need_selector):
     """(models, {name: file}) from the checkpoints, or random tiny models; exits 1 listing missing files."""
     kw = dict(dtype=args.torch_dtype, device=args.device)
-    if args.fake_weights:
-        return fake_models(tasks or TASKS, need_selector, **kw), {}
+    if args.fake_weights:  # with a typed --plugins/--selector, those files over the random base
+        return load_fake(args, tasks, need_selector, **kw)
     missing = missing_weights(args, tasks, need_selector)
     try:
         if not missing:

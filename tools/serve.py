@@ -60,21 +60,21 @@ def check_args(args):
         raise UsageError("--max-upload-mb and --max-megapixels must be positive")
     if not os.path.isdir(args.examples):
         raise UsageError(f"--examples {args.examples}: no such folder (the photos the page offers)")
+    from _restore_cli import given_weights
+    given_weights(args)  # with --fake-weights, a typed --plugins/--selector must exist: it is loaded
     return resolve_device(args)
 
 
 def load(args, dtype):
     """(models, {name: file}): every plugin and the selector, or random tiny models; exits 1 listing
     missing files (as tools/sample.py)."""
-    from _restore_cli import fill_weight_paths, missing_weights
+    from _restore_cli import fill_weight_paths, load_fake, missing_weights
     from minidiff.download import missing_weights_message
-    from minidiff.plugin.fake import fake_models
-    from minidiff.plugin.plugin import TASKS
     from minidiff.plugin.restoration import MissingPlugins, load_models
     kw = dict(dtype=dtype, device=args.device)
     if args.fake_weights:
         args.model, args.model_side = "fake", None
-        return fake_models(TASKS, True, **kw), {}
+        return load_fake(args, None, True, **kw)  # a typed --plugins/--selector over the random base
     fill_weight_paths(args, ROOT)  # --model: sets args.model, args.model_side
     missing = missing_weights(args, None, True)
     try:

@@ -5,6 +5,7 @@ Plugin-Selector) at test sizes (the TINY_* presets of each model file), seeded, 
 images they make mean nothing; tools that use them say so (FAKE_WARNING).
 
     models = fake_models(["derain", "dehaze"])          # what tools/sample.py --fake-weights runs
+    models = with_files(fake_models([]), {"deblur": "run/deblur.safetensors"})  # a plugin trained on them
 """
 from dataclasses import replace
 
@@ -12,7 +13,9 @@ import torch
 
 from minidiff.models.clip import TINY_CLIP_TEXT, TINY_CLIP_VISION, CLIPTextModel, CLIPVisionModel
 from minidiff.io.loading import StableDiffusion
-from minidiff.plugin.plugin import SCB, TINY_PLUGIN, TPB, TaskPlugin
+from minidiff.errors import PluginMismatchError
+from minidiff.plugin.files import load_plugin, load_selector
+from minidiff.plugin.plugin import SCB, TINY_PLUGIN, TPB, TaskPlugin, check_fits
 from minidiff.plugin.restoration import Models
 from minidiff.plugin.selector import PluginSelector
 from minidiff.models.tokenizer import CLIPTokenizer
@@ -47,3 +50,22 @@ def fake_models(tasks, with_selector=True, device="cpu", dtype=torch.float32, se
     for m in [sd.text_encoder, sd.unet, sd.vae, clip, *plugins.values()] + ([selector] if selector else []):
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Models(sd, clip, plugins, selector, fake=True)
+
+
+def with_files(models, plugins=None, selector=None, dtype=torch.float32, device="cpu"):
+    """`models` (fake_models) with plugin files ({task: path}) and a selector file loaded over the random
+    ones: a plugin trained by tools/train.py --fake-weights runs on the same seeded base. A file whose widths
+    do not fit the tiny models raises PluginMismatchError (one line); an unreadable one CheckpointError."""
+    loaded = {t: load_plugin(path, t, dtype=dtype, device=device) for t, path in (plugins or {}).items()}
+    for plugin in loaded.values():
+        check_fits(models.sd, models.clip_vision, plugin)
+        plugin.requires_grad_(False)
+    if selector is not None:
+        sel = load_selector(selector, dtype=dtype, device=device).eval().requires_grad_(False)
+        width = models.sd.unet.cfg.context_dim  # pooled text and max-pooled TPB tokens both have this width
+        if sel.proj_v.in_features != width:
+            raise PluginMismatchError(f"selector {selector} does not fit these models: its width "
+                                      f"{sel.proj_v.in_features} != {width} (the tiny text encoder's)")
+        models.selector = sel
+    models.plugins = {**models.plugins, **loaded}
+    return models
