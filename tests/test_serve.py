@@ -240,3 +240,30 @@ def test_failed_job_leaves_the_queue_working():
         time.sleep(0.01)
     assert (bad.state, bad.error) == ("failed", "boom") and good.result == {"ok": True}
     q.close()
+
+
+def test_time_left_counts_every_plugin_and_its_encode_and_decode():
+    """The page's estimate (tools/_jobs.time_left) on a simulated job: 20 + 3 steps (2 plugins, chain 3) of
+    1 s, each plugin with a 3 s lead-in (TPB + encode) and a 6 s decode: 41 s in all. Elapsed time per step,
+    the old rule, said 3.1 s left after step 21 (8 s remained) and 0 s during the last decode. Exact here:
+    the decode is twice the lead-in, the rule's guess until a decode is measured."""
+    from _jobs import time_left
+    lead, step, decode, steps = 3.0, 1.0, 6.0, [20, 3]
+    starts, marks, t, events = [], [], 0.0, []  # events: (time, starts so far, marks so far)
+    for k, n in enumerate(steps):
+        starts.append(t)
+        events.append((t, list(starts), list(marks)))
+        t += lead
+        for _ in range(n):
+            t += step
+            marks.append((k, t))
+            events.append((t, list(starts), list(marks)))
+        t += decode
+    end = t
+    assert end == 41.0
+    for when, s, m in events[2:]:  # from the second step on (the first step alone cannot tell a step's cost)
+        left = time_left(s, m, sum(steps), len(steps), when)
+        assert abs(left - (end - when)) <= 1e-9, (when, left, end - when)
+    first = time_left(*events[1][1:], sum(steps), len(steps), events[1][0])
+    assert first > end - events[1][0]  # after one step: the lead-in counted as step time, an overestimate
+    assert time_left([0.0], [], 23, 2, 1.0) is None

@@ -36,6 +36,21 @@ def page():
         yield url, b
 
 
+def shown(b, selector):
+    """Whether the element takes room on the page (its `hidden` attribute not overridden by a display rule)."""
+    return element(b, selector, "getComputedStyle(e).display !== 'none' && e.getBoundingClientRect().height > 0")
+
+
+def test_empty_state_shows_no_photo_and_no_downloads(page):
+    """Before any photo: the drop hint, no broken-image icon ("your photo"), no download links, no plan.
+    (The CSS display rules of `.drop img` and `#downloads` used to override their `hidden` attribute.)"""
+    url, b = page
+    b.wait("document.querySelectorAll('#presets button').length === 8")
+    for selector in ("#photo", "#downloads", "#plan", "#compare", "#progress", "#cancel", "#error"):
+        assert element(b, selector, "e.hidden") and not shown(b, selector), selector
+    assert shown(b, "#drop-hint") and shown(b, "#result-empty") and element(b, "#run", "e.disabled")
+
+
 def test_upload_preset_run_before_after(page):
     url, b = page
     assert b.wait("document.querySelectorAll('#presets button').length") == 8
@@ -65,6 +80,10 @@ def test_upload_preset_run_before_after(page):
     assert element(b, "#divider", "e.style.left") == "25%"
     assert element(b, "#dl-png", "e.getAttribute('href')") == job["files"]["result.png"]
     assert element(b, "#dl-json", "e.getAttribute('href')") == job["files"]["record.json"]
+    # the side-by-side image (input | result), as tools/sample.py's <stem>-compare.png
+    assert element(b, "#dl-compare", "e.getAttribute('href')") == job["files"]["compare.png"]
+    assert element(b, "#dl-compare", "e.download") == job["record"]["outputs"]["compare"] == "coffee-rain-compare.png"
+    assert shown(b, "#downloads") and shown(b, "#dl-compare")
     assert str(job["seed"]) in element(b, "#result-info", "e.textContent")
     b.wait("document.querySelectorAll('#history .card').length === 1")
     if SHOTS:
@@ -106,3 +125,32 @@ def test_tasks_by_hand_and_a_bad_file(page, tmp_path):
     error = b.wait("!document.querySelector('#error').hidden && document.querySelector('#error').textContent")
     assert "notes.png: not an image" in error and "Traceback" not in error
     assert element(b, "#run", "e.disabled")
+
+
+def test_time_left_cancel_then_a_rejected_upload_clears_the_page(page, tmp_path):
+    """A long job shows the time left, is cancelled ("Cancelled."), then a file that is not an image is
+    refused: the old photo, its plan and the cancelled job's line go; only the error stays."""
+    url, b = page
+    b.viewport(1280, 900)
+    b.set_files("#file", [PHOTO])
+    b.wait("(s => s && s.endsWith('preview.png'))(document.querySelector('#photo').getAttribute('src'))")
+    b.js("(e => { e.value = e.max; e.dispatchEvent(new Event('input')); })(document.querySelector('#steps'))")
+    b.js("document.querySelector('#pick').open = true")
+    if not element(b, "#tasks button[data-task=derain]", "e.classList.contains('on')"):
+        b.click("#tasks button[data-task=derain]")
+    b.wait("!document.querySelector('#plan').hidden && !document.querySelector('#run').disabled")
+    b.click("#run")
+    line = b.wait("(t => / s left$/.test(t) && t)(document.querySelector('#progress-text').textContent)",
+                  timeout=60)
+    assert "step " in line and " of " in line
+    b.click("#cancel")
+    b.wait("document.querySelector('#progress-text').textContent === 'Cancelled.'", timeout=60)
+    assert shown(b, "#progress") and shown(b, "#plan")
+    (tmp_path / "notes.png").write_text("not an image")
+    b.set_files("#file", [tmp_path / "notes.png"])
+    error = b.wait("!document.querySelector('#error').hidden && document.querySelector('#error').textContent")
+    assert "notes.png: not an image" in error
+    for selector in ("#plan", "#progress", "#photo"):
+        assert not shown(b, selector), selector
+    assert element(b, "#progress-text", "e.textContent") == "" and element(b, "#run", "e.disabled")
+    assert shown(b, "#drop-hint")

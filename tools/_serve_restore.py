@@ -136,7 +136,7 @@ class Restorer:
             feats = clip_features(m.clip_vision, image)  # CLIP reads the photo as loaded (demo.py l.123)
             result = to_multiple_of_8(resized)
             for plugin, n in zip(plugins, steps):  # each on the previous output, seeded alike (restore())
-                job.plugin, job.stage = plugin.task, "running"
+                job.start_plugin(plugin.task)  # its start time: the estimate of time left counts the encode
                 result = run_plugin(m.sd, plugin, feats, result, n, p["seed"], bar)
         job.check()  # cancelled during the last step or the decode: nothing is written
         job.stage = "saving"

@@ -87,17 +87,37 @@ function slider(id, r) {
 }
 
 // ---- the photo ----------------------------------------------------------------------------------------
+function clearStale() {
+  // what belonged to the previous photo: its plan (scores), and the line of a job that ended ("Cancelled.")
+  clearTimeout(state.planTimer);
+  state.planSeq++;  // a plan request still out is answered for the old photo: dropped
+  $("plan").hidden = true;
+  if (!(state.job && ["queued", "running"].includes(state.job.state))) {
+    $("progress").hidden = true; $("progress-text").textContent = "";
+  }
+}
+
+function rejected(message) {
+  // an upload refused (too large, not an image): no photo, no plan, nothing to run, the reason in one line
+  state.upload = null;
+  $("photo").hidden = true; $("photo").removeAttribute("src"); $("drop-hint").hidden = false;
+  $("photo-info").textContent = "";
+  clearStale();
+  showError(message);
+  updateRun();
+}
+
 async function upload(blob, name) {
   showError("");
   const limits = state.info.limits;
   if (blob.size > limits.bytes) {  // refused here rather than after sending it
-    showError(`${name}: ${blob.size} bytes, the limit is ${limits.bytes}`);
+    rejected(`${name}: ${blob.size} bytes, the limit is ${limits.bytes}`);
     return;
   }
   $("photo").src = URL.createObjectURL(blob);  // at once; replaced by the server's decoded view below
   $("photo").hidden = false; $("drop-hint").hidden = true;
   $("photo-info").textContent = `${name}: uploading…`;
-  state.upload = null; updateRun();
+  state.upload = null; clearStale(); updateRun();
   try {
     const up = await api(`/api/upload?name=${encodeURIComponent(name)}`, { method: "POST", body: blob,
                          headers: { "Content-Type": blob.type || "application/octet-stream" } });
@@ -107,9 +127,7 @@ async function upload(blob, name) {
     $("photo-info").textContent = `${up.name}: ${up.width}×${up.height}${notes}`;
     schedulePlan();
   } catch (e) {
-    $("photo").hidden = true; $("drop-hint").hidden = false;
-    $("photo-info").textContent = "";
-    showError(e.message);
+    rejected(e.message);
   }
   updateRun();
 }
@@ -284,6 +302,7 @@ function showResult(job) {
   setSplit(50);
   const stem = rec.outputs.result.replace(/\.png$/, "");  // named as tools/sample.py names its outputs
   $("dl-png").href = job.files["result.png"]; $("dl-png").download = rec.outputs.result;
+  $("dl-compare").href = job.files["compare.png"]; $("dl-compare").download = rec.outputs.compare;
   $("dl-json").href = job.files["record.json"]; $("dl-json").download = `${stem}.json`;
   $("downloads").hidden = false;
   if (window.matchMedia("(max-width: 820px)").matches) {  // one column: the result is below the controls
