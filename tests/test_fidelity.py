@@ -18,6 +18,7 @@ from minidiff.eval import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+import _cli  # noqa: E402
 import evaluate  # noqa: E402
 
 skm = pytest.importorskip("skimage.metrics")
@@ -84,7 +85,8 @@ def save(folder, name, arr):
 
 
 def run(argv, capsys):
-    rc = evaluate.main([*map(str, argv), "--no-progress"])
+    """evaluate.py as its __main__ runs it: under _cli.run, which turns errors into exit statuses."""
+    rc = _cli.run(evaluate.main, [*map(str, argv), "--no-progress"])
     return rc, capsys.readouterr()
 
 
