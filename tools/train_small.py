@@ -49,8 +49,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # on a laptop"); quick = the same code paths at tiny sizes, for CI.
 RECIPES = {
     "full": dict(size=small.SIZE, vae_steps=3000, vae_batch=16, vae_crop=small.VAE_CROP, vae_lr=2e-4,
-                 crops_per_photo=24, unet_steps=1500, unet_batch=16, unet_lr=2e-4, every=250,
-                 tasks=TASKS, plugin_steps=200, plugin_batch=8, plugin_lr=2e-4, val_pairs=4,
+                 crops_per_photo=24, unet_steps=2000, unet_batch=16, unet_lr=2e-4, every=250,
+                 tasks=TASKS, plugin_steps=400, plugin_batch=8, plugin_lr=1e-3, val_pairs=4,
                  selector_photos=24, selector_steps=1500, selector_lr=5e-4, selector_loss="infonce"),
     "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4,
                   crops_per_photo=2, unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
