@@ -122,25 +122,25 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_training_step_no_recompile(fresh_dynamo, monkeypatch):
+def test_compiled_training_step_no_recompile(fresh_dynamo):
     """Dynamo (eager backend: the same tracing and guards as inductor, no code generation): one forward graph
     for every update, the timesteps and noises being tensor inputs; a recompile would raise."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    runs = compiled_training_losses("eager", steps=3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        runs = compiled_training_losses("eager", steps=3)
     assert counters["stats"]["unique_graphs"] == 1
     assert runs["compiled"] == runs["eager"]  # the eager backend runs the same ATen ops: bit-equal
 
 
 @pytest.mark.slow  # ~9 min on a shared 2-core CPU (inductor's C++ code for forward and backward)
-def test_inductor_training_step_matches_eager(fresh_dynamo, monkeypatch):
+def test_inductor_training_step_matches_eager(fresh_dynamo):
     """Inductor's CPU code: fused kernels reorder fp32 sums (group norms, the MSE mean), so the first loss, on
     identical weights, differs in the last bits: measured 2.0e-7 relative (1.2170691 vs 1.2170689), bound 1e-5
     (~100 fp32 epsilons). Later losses are not compared: AdamW's first update moves every weight by about
     lr x sign(gradient) whatever the gradient's size, so near-zero gradients whose last bits differ move
     weights by +-1e-3 apart, and the losses of updates 2 and 3 measured 0.2% and 1.3% apart; that is the
     optimizer amplifying rounding, not a wrong graph. One graph for all 3 updates (a recompile would raise)."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    runs = compiled_training_losses("inductor", steps=3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        runs = compiled_training_losses("inductor", steps=3)
     assert counters["stats"]["unique_graphs"] == 1
     print(f"inductor vs eager training losses {runs}")
     assert runs["compiled"][0] == pytest.approx(runs["eager"][0], rel=1e-5, abs=0)
