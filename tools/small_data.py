@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import argparse  # noqa: E402
 
 from minidiff.train.small_data import (MANIFEST, PREPARED_FORMAT, SHORT_SIDE, UsageError, decode_source,  # noqa: E402
-                                       load_manifest, resize_short_side, sha256_file, view_box, view_name)
+                                       load_manifest, resize_short_side, view_box, view_name)
+from minidiff.io.files import sha256_file  # noqa: E402
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -17,7 +17,6 @@ Every random choice (augmentation, degradation) is a function of (seed, item, ep
 loads the same sample for the same global sample number (minidiff.train.seeding.sample_item).
 """
 import csv
-import hashlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minidiff.io.files import sha256_file
 from minidiff.io.imageio import ImageError, list_images, load_image
 from minidiff.errors import UsageError
 from minidiff.train.seeding import derive_seed, sample_item
@@ -89,17 +89,11 @@ def identical_pairs(pairs):
     files with the same bytes (SHA-256, read only when the sizes agree). The official face.csv is all such
     rows; its loader degrades the input only because the run's name contains "face" (dataset.py l.147-149),
     so read without a degradation such a listing trains an identity mapping."""
-    def digest(path):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.digest()
     count = 0
     for inp, gt in pairs:
         if os.path.realpath(inp) == os.path.realpath(gt):
             count += 1
-        elif os.path.getsize(inp) == os.path.getsize(gt) and digest(inp) == digest(gt):
+        elif os.path.getsize(inp) == os.path.getsize(gt) and sha256_file(inp) == sha256_file(gt):
             count += 1
     return count
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minidiff.io.files import atomic_write
+from minidiff.io.files import atomic_write, sha256_file
 from minidiff.train.instructions import combine
 from minidiff.plugin.plugin import clip_features
 from minidiff.plugin.selector import text_embedding
@@ -251,11 +251,7 @@ def text_key(text):
 
 def file_key(path):
     """SHA-256 of a file's bytes (the cache key of a photo: renaming or moving it keeps its features)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 class FeatureCache:

@@ -16,11 +16,11 @@ way. `photo_paths(root, split)` is what training and evaluation read: the prepar
 checked against the prepared folder's manifest. Nothing here is a runtime dependency of minidiff.
 """
 import bz2
-import hashlib
 import json
 import os
 
 from minidiff.errors import UsageError
+from minidiff.io.files import sha256_file
 
 MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "small_photos.json")
 PREPARED_FORMAT = "minidiff-small-photos-prepared/1"
@@ -33,14 +33,6 @@ def load_manifest(path=MANIFEST):
     """The committed photo manifest (a dict with "photos": one entry per source photo)."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def view_name(photo_id, view):
