@@ -190,29 +190,27 @@ def prepare(args):
     return dist, run, settings, train_pairs, val_pairs
 
 
-def train(args):
-    dist, run, settings, train_pairs, val_pairs = prepare(args)
-    lr = args.lr * args.batch_size if args.scale_lr else args.lr  # official: lr x accum x batch x processes
+def announce(args, dist, n_train, n_val, lr, tf32):
+    """Print the run's plan once (rank 0): pairs, updates, how the global batch splits, lr, precision."""
     fake = "  *** FAKE WEIGHTS: random tiny networks ***" if args.fake_weights else ""
-    per_epoch = math.ceil(len(train_pairs) / args.batch_size)
+    per_epoch = math.ceil(n_train / args.batch_size)
     length = f"{args.epochs} epochs x {per_epoch} updates" if args.epochs else \
         f"{args.steps / per_epoch:.3g} epochs of {per_epoch} updates"
     per_device = args.batch_size // dist.world_size // args.grad_accum
     how_lr = f"{args.lr:g} x global batch {args.batch_size} (--scale-lr)" if args.scale_lr else "not scaled"
     sched_text = "" if args.lr_scheduler == "constant" else \
         f", {args.lr_scheduler} with {args.lr_warmup_steps} warm-up updates"
-    tf32 = dist.device.type == "cuda"  # TF32 matmuls as the official run (train.sh --allow_tf32)
-    if tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
     if dist.is_main:
-        print(f"train {args.task}: {len(train_pairs)} pairs (+{len(val_pairs)} held out), {args.steps} updates "
+        print(f"train {args.task}: {n_train} pairs (+{n_val} held out), {args.steps} updates "
               f"({length}), global batch {args.batch_size} = {dist.world_size} process(es) x "
               f"{args.grad_accum} accumulation x per-device batch {per_device}, effective lr {lr:g} "
               f"({how_lr}){sched_text}, {args.precision}{' + TF32 matmuls' if tf32 else ''} on {dist.device} "
               f"-> {args.output}{fake}", flush=True)
-    sd, clip, plugin = load_models(args, dist, DTYPES[args.precision])
-    if args.grad_checkpointing:
-        training.enable_grad_checkpointing(sd.unet)
+
+
+def optimization(args, run, dist, plugin, lr):
+    """AdamW, the fp16 GradScaler (None otherwise) and the lr schedule, restored from the checkpoint with
+    --resume; returns them and the last step already done (0 for a new run)."""
     optimizer = training.make_optimizer(plugin, lr)
     scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
     schedule = LrSchedule(optimizer, lr, args.lr_scheduler, args.lr_warmup_steps, args.steps)
@@ -228,14 +226,57 @@ def train(args):
     if args.resume and dist.is_main:
         print(f"resuming from {ckpt.path}: step {start}" if ckpt else
               f"--resume: no checkpoint in {args.output} yet; starting from step 0", flush=True)
+    return optimizer, scaler, schedule, start
+
+
+def optimizer_state(optimizer, schedule, scaler):
+    """What a checkpoint keeps besides the plugin's weights (read back by optimization())."""
+    return {"adamw": optimizer.state_dict(), "lr_schedule": schedule.state_dict(),
+            **({"scaler": scaler.state_dict()} if scaler else {})}
+
+
+def training_batches(args, train_pairs, start, dist):
+    """Iterator over this process's micro-batches (degraded [B, 3, R, R], clean [B, 3, R, R], n) of the
+    updates after `start`; which photos they hold depends on (seed, step) only, so a resume sees the same."""
+    data = datasets.PairDataset(train_pairs, args.resolution, args.seed, args.augment, args.degrade)
+    batches = trainer.StepBatches(start, args.steps, args.batch_size, args.grad_accum, dist)
+    return iter(torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.num_workers))
+
+
+def validate(args, run, step, sd, clip, plugin, val_data):
+    """Rank 0: the held-out pairs' sheet (input | output | gt) and the --validation-image photos' sheet,
+    written under RUN_DIR/val/; returns {"val_psnr": mean PSNR} ({} without held-out pairs)."""
+    row = {}
+    if len(val_data):
+        shown = [val_data.load(i, 0) for i in range(len(val_data))]
+        sheet, row["val_psnr"] = training.validation_sheet(sd, clip, plugin, shown, args.val_steps, args.seed)
+        save_png_atomic(sheet, run.path / "val" / f"step-{step:06d}.png")
+    if args.validation_image:
+        sheet = training.photo_sheet(sd, clip, plugin, args.validation_image, args.resolution,
+                                     args.val_steps, args.seed)
+        save_png_atomic(sheet, run.path / "val" / f"step-{step:06d}-photos.png")
+    return row
+
+
+def train(args):
+    """Train one Task-Plugin: set the run up (resuming if asked), then each update: one step, its log row,
+    validation every --validate-every steps and a checkpoint every --checkpoint-every."""
+    dist, run, settings, train_pairs, val_pairs = prepare(args)
+    lr = args.lr * args.batch_size if args.scale_lr else args.lr  # official: lr x accum x batch x processes
+    tf32 = dist.device.type == "cuda"  # TF32 matmuls as the official run (train.sh --allow_tf32)
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    announce(args, dist, len(train_pairs), len(val_pairs), lr, tf32)
+    sd, clip, plugin = load_models(args, dist, DTYPES[args.precision])
+    if args.grad_checkpointing:
+        training.enable_grad_checkpointing(sd.unet)
+    optimizer, scaler, schedule, start = optimization(args, run, dist, plugin, lr)
     hashes = {} if args.fake_weights or not dist.is_main else \
         {"sd": sha256_path(args.sd), "clip": sha256_path(args.clip)}
     run.start(settings, effective_lr=lr, tf32_matmul=tf32, weights=hashes)
     log = runlog.CsvLog(run.path / "log.csv", LOG_FIELDS, start, dist)
-    data = datasets.PairDataset(train_pairs, args.resolution, args.seed, args.augment, args.degrade)
+    loader = training_batches(args, train_pairs, start, dist)
     val_data = datasets.PairDataset(val_pairs, args.resolution, args.seed, False, args.degrade)
-    batches = trainer.StepBatches(start, args.steps, args.batch_size, args.grad_accum, dist)
-    loader = iter(torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.num_workers))
     model = trainer.wrap_ddp(training.PluginObjective(sd, clip, plugin), dist)
     latent_shape = (sd.vae.cfg.z_channels, args.resolution // 8, args.resolution // 8)
     # the base's id, e.g. CompVis/stable-diffusion-v1-4
@@ -257,23 +298,14 @@ def train(args):
         row = {"step": step, "loss": loss.item(), "lr": step_lr, "grad_norm_scb": norm_scb,
                "grad_norm_tpb": norm_tpb, "images_per_s": args.batch_size / (time.perf_counter() - t0),
                "epoch": (step * args.batch_size - 1) // len(train_pairs)}
-        if val_pairs and args.validate_every and step % args.validate_every == 0 and dist.is_main:
-            shown = [val_data.load(i, 0) for i in range(len(val_pairs))]
-            sheet, row["val_psnr"] = training.validation_sheet(sd, clip, plugin, shown, args.val_steps,
-                                                                args.seed)
-            save_png_atomic(sheet, run.path / "val" / f"step-{step:06d}.png")
-        if args.validation_image and args.validate_every and step % args.validate_every == 0 and dist.is_main:
-            sheet = training.photo_sheet(sd, clip, plugin, args.validation_image, args.resolution,
-                                         args.val_steps, args.seed)
-            save_png_atomic(sheet, run.path / "val" / f"step-{step:06d}-photos.png")
+        if args.validate_every and step % args.validate_every == 0 and dist.is_main:
+            row.update(validate(args, run, step, sd, clip, plugin, val_data))
         log.write(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.2f}")
         if step % args.checkpoint_every == 0 or step == args.steps:
-            state = {"adamw": optimizer.state_dict(), "lr_schedule": schedule.state_dict(),
-                     **({"scaler": scaler.state_dict()} if scaler else {})}
-            run.save_checkpoint(step, plugin.state_dict(), state, step * args.batch_size,
-                                keep=args.keep_checkpoints)
+            run.save_checkpoint(step, plugin.state_dict(), optimizer_state(optimizer, schedule, scaler),
+                                step * args.batch_size, keep=args.keep_checkpoints)
             if dist.is_main:
                 save_outputs(step)
     bar.close()
