@@ -202,8 +202,9 @@ def paired_table(t):
                       f"  {'SSIM':10}{fmt(t['ssim_rgb'], 4):>10}{fmt(t['ssim_y'], 4):>10}"])
 
 
-def evaluate(args):
-    """Run the evaluation; returns the result dict. Raises MetricsError / CheckpointError on bad input."""
+def check_request(args):
+    """Refuse flags that do not make one run, before any file is read. Returns (paired: PSNR/SSIM asked,
+    ref_is_stats: --reference is a statistics .npz rather than a folder)."""
     paired = args.gt is not None or args.pairs is not None
     if args.gt is not None and args.pairs is not None:
         raise metrics.MetricsError("give --gt DIR or --pairs CSV for the ground truth, not both")
@@ -225,12 +226,12 @@ def evaluate(args):
     for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
         if path:
             check_writable(path, flag, is_file=True)
-    # check every input before the slow part
-    restored, note = restored_images(args.restored) if args.restored else (None, "")
-    pairs = paired_inputs(args, restored) if paired else None
-    if args.reference is None:  # PSNR/SSIM only
-        print(f"restored: {len(restored)} images{note}")
-        return {"paired": paired_scores(args, pairs)}
+    return paired, ref_is_stats
+
+
+def reference_inputs(args, restored, ref_is_stats):
+    """FID/KID's inputs, checked: the --reference statistics (None for a folder) and the folder's images (None
+    for statistics); each image set has at least 2 images (a covariance needs 2), each one readable."""
     reference = metrics.load_stats(args.reference, args.features) if ref_is_stats else None
     if reference is not None:
         for key in ("mu", "sigma"):
@@ -241,6 +242,33 @@ def evaluate(args):
             raise metrics.MetricsError(f"{folder}: only {len(files)} image; FID and KID need at least 2")
         if files is not None:
             check_images(files)
+    return reference, ref_files
+
+
+def reference_features(args, ref_files, extractor, digest):
+    """Features [N, D] and statistics (mu [D], sigma [D, D]) of the reference folder, also written to
+    --save-stats when asked."""
+    feats = finite("the reference features",
+                   metrics.files_features(ref_files, extractor, args.batch_size, not args.no_progress,
+                                          "reference"))
+    if args.save_stats:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_stats)), exist_ok=True)
+        metrics.save_stats(args.save_stats, feats, args.features, digest)
+        print(f"saved {args.features} statistics of {len(feats)} images to {args.save_stats}")
+    mu, sigma = metrics.statistics(feats)
+    return {"mu": mu, "sigma": sigma, "feats": feats, "count": len(feats)}
+
+
+def evaluate(args):
+    """Run the evaluation; returns the result dict. Raises MetricsError / CheckpointError on bad input."""
+    paired, ref_is_stats = check_request(args)
+    # check every input before the slow part
+    restored, note = restored_images(args.restored) if args.restored else (None, "")
+    pairs = paired_inputs(args, restored) if paired else None
+    if args.reference is None:  # PSNR/SSIM only
+        print(f"restored: {len(restored)} images{note}")
+        return {"paired": paired_scores(args, pairs)}
+    reference, ref_files = reference_inputs(args, restored, ref_is_stats)
     if restored is not None:
         print(f"restored: {len(restored)} images{note}")
     if ref_files is not None:
@@ -249,21 +277,13 @@ def evaluate(args):
         raise CheckpointError(f"{args.weights}: no such weights file")
     extractor = metrics.load_feature_extractor(args.features, args.weights, args.device)
     digest = weights_digest(args.weights)
-    progress = not args.no_progress
 
     if ref_files is not None:
-        feats = finite("the reference features",
-                       metrics.files_features(ref_files, extractor, args.batch_size, progress, "reference"))
-        if args.save_stats:
-            os.makedirs(os.path.dirname(os.path.abspath(args.save_stats)), exist_ok=True)
-            metrics.save_stats(args.save_stats, feats, args.features, digest)
-            print(f"saved {args.features} statistics of {len(feats)} images to {args.save_stats}")
-        mu, sigma = metrics.statistics(feats)
-        reference = {"mu": mu, "sigma": sigma, "feats": feats, "count": len(feats)}
+        reference = reference_features(args, ref_files, extractor, digest)
     if restored is None:
         return None
 
-    feats = metrics.files_features(restored, extractor, args.batch_size, progress, "restored")
+    feats = metrics.files_features(restored, extractor, args.batch_size, not args.no_progress, "restored")
     stats = metrics.statistics(finite("the restored features", feats))
     fid = finite("FID", metrics.frechet_distance(*stats, reference["mu"], reference["sigma"]))
     kid = m = None
