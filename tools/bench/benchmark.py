@@ -939,8 +939,9 @@ def format_table(rows, machine, gemm, gemm_n):
 
 # ------------------------------------------------------------- driver
 
-def main(argv=None):
-    cpu = cpu_info()
+def parse_args(argv, cpu):
+    """The command line, checked, with the preset's counts filled in. Returns (args, preset, the chosen
+    benchmarks, the dtypes); a bad value exits 2 through argparse."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--only", default=",".join(DEFAULT),
@@ -983,6 +984,32 @@ def main(argv=None):
     if min(args.runs, args.restore_runs, args.load_repeats, args.train_steps, args.rounds) < 1 \
             or min(args.warmup, args.train_warmup) < 0:
         p.error("run and repeat counts must be >= 1, warm-up counts >= 0")
+    return args, preset, chosen, dtypes
+
+
+def run_benchmarks(args, preset, dtypes, chosen):
+    """Run each chosen benchmark in a shared temp dir. Returns (table rows, {name: raw figures}, failures):
+    a benchmark that fails is reported on stderr and skipped, and the others still count."""
+    rows, raw = [], {}
+    with tempfile.TemporaryDirectory(prefix="minidiff-bench-") as tmp:
+        ctx = Context(args, preset, dtypes, chosen, tmp)
+        if "diffusers" not in ctx.libs:
+            print("note: diffusers is not installed; only minidiff is measured")
+        for name in chosen:
+            try:
+                r, raw[name] = BENCHMARKS[name](ctx)
+            except RuntimeError as e:
+                ctx.failed.append(f"benchmark: {name}: {e}")
+                print(ctx.failed[-1], file=sys.stderr, flush=True)
+                continue
+            rows += r
+    return rows, raw, ctx.failed
+
+
+def main(argv=None):
+    """Measure, print the table (and --json); exits with the failed benchmarks' lines if any failed."""
+    cpu = cpu_info()
+    args, preset, chosen, dtypes = parse_args(argv, cpu)
     print("benchmark:", vars(args), flush=True)
     import torch
     if args.threads:
@@ -992,19 +1019,7 @@ def main(argv=None):
     machine = {"cpu": cpu, "versions": versions(), "threads": torch.get_num_threads(),
                "python": platform.python_version(), "load_start": load_start}
     print("GEMM peak:", {d: round(g) for d, g in gemm.items()}, "GFLOP/s", flush=True)
-    rows, raw = [], {}
-    with tempfile.TemporaryDirectory(prefix="minidiff-bench-") as tmp:
-        ctx = Context(args, preset, dtypes, chosen, tmp)
-        if "diffusers" not in ctx.libs:
-            print("note: diffusers is not installed; only minidiff is measured")
-        for name in chosen:  # a failed benchmark is reported and skipped: the others still count
-            try:
-                r, raw[name] = BENCHMARKS[name](ctx)
-            except RuntimeError as e:
-                ctx.failed.append(f"benchmark: {name}: {e}")
-                print(ctx.failed[-1], file=sys.stderr, flush=True)
-                continue
-            rows += r
+    rows, raw, failed = run_benchmarks(args, preset, dtypes, chosen)
     minutes, machine["load_end"] = (time.perf_counter() - start) / 60, os.getloadavg()[0]
     print("\n" + format_table(rows, machine, gemm, preset["gemm"]))
     print(f"\n(the whole run took {minutes:.1f} min)")
@@ -1017,8 +1032,8 @@ def main(argv=None):
         with open(args.json + ".tmp", "w") as f:
             json.dump(doc, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
-    if ctx.failed:
-        sys.exit("\n".join(ctx.failed))
+    if failed:
+        sys.exit("\n".join(failed))
 
 
 def _worker_main():
