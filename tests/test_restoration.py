@@ -157,3 +157,39 @@ def test_run_photo_with_tasks_matches_official_infer(official, minidiff_models, 
                     steps=2, progress=False)
     assert rec["resize_rule"] == "infer" and rec["processed_size"] == [664, 512]
     compare(tmp_path / "photo.png", expected, "derain, infer.py's rule")
+
+
+# ------------------------------------------------------------------------------------ what a restore loads
+SMALL = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
+
+
+def test_text_encoder_loaded_only_for_a_selector():
+    """Restoring with --task never reads text: load_models leaves SD's text encoder out unless a selector
+    (the one part that reads an instruction) is loaded, or text_encoder=True asks for it."""
+    from minidiff.family import small_paths
+    from minidiff.plugin.restoration import load_models
+    paths = small_paths(str(SMALL))
+    models, files = load_models(paths["sd"], paths["clip"], paths["plugins"], tasks=["derain"])
+    assert models.sd.text_encoder is None and models.selector is None and "selector" not in files
+    assert list(models.plugins) == ["derain"]
+    models, files = load_models(paths["sd"], paths["clip"], paths["plugins"], selector=paths["selector"])
+    assert models.sd.text_encoder is not None and files["selector"] == paths["selector"]
+    models, _ = load_models(paths["sd"], paths["clip"], paths["plugins"], tasks=["derain"], text_encoder=True)
+    assert models.sd.text_encoder is not None
+
+
+def test_release_clip_frees_the_tower_and_keeps_the_pixels():
+    """release_clip (a one-photo run): the CLIP tower is dropped once the features are made, and the restored
+    pixels are those of a run that keeps it."""
+    from minidiff.family import small_paths
+    from minidiff.plugin.restoration import load_models, restore_photo
+    paths = small_paths(str(SMALL))
+    photo = load_image(str(Path(__file__).resolve().parents[1] / "examples" / "coffee-rain.jpg"))
+    outs = []
+    for release in (False, True):
+        models, _ = load_models(paths["sd"], paths["clip"], paths["plugins"], tasks=["derain"])
+        out = restore_photo(models, photo, tasks=["derain"], steps=2, model_side=128, short_side=128,
+                            progress=False, release_clip=release)
+        assert (models.clip_vision is None) == release
+        outs.append(np.asarray(out.image))
+    assert outs[0].shape == outs[1].shape and np.array_equal(outs[0], outs[1])

@@ -188,6 +188,7 @@ def main(argv=None):
               max_side=args.max_side,
               steps=args.steps, chain_steps=args.chain_steps, seed=args.seed, threshold=args.threshold,
               composite=composite, dry_run=args.dry_run, progress=not args.no_progress,
+              release_clip=len(todo) == 1 and args.batch <= 1,  # one photo: CLIP goes before the UNet runs
               record={**settings(args, models, files), **shard.record()})
 
     ready = {}  # --batch: photos restored with an earlier one's batch, still to write
@@ -196,7 +197,7 @@ def main(argv=None):
         if args.batch > 1 and not args.dry_run and path not in ready:  # this photo and the next ones, batched
             window = todo[todo.index(path):][:8 * args.batch]
             ready.update(_batch.restore_batched(models, window, prompts, args.batch, **{
-                k: v for k, v in kw.items() if k not in ("dry_run", "progress", "record")}))
+                k: v for k, v in kw.items() if k not in ("dry_run", "progress", "record", "release_clip")}))
         rec = run_photo(models, path, out, prompt=prompts[path], restored=ready.pop(path, None), **kw)
         for w in rec["warnings"]:
             tqdm.write(f"warning: {os.path.basename(path)}: {w}", file=sys.stderr)

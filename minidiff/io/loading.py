@@ -281,14 +281,16 @@ def stored_latent_scale(path):
     return default
 
 
-def load_stable_diffusion(path, dtype=torch.float32, device="cpu"):
+def load_stable_diffusion(path, dtype=torch.float32, device="cpu", text_encoder=True):
     """Tokenizer, CLIP text encoder, UNet and VAE of an SD 1.x checkpoint: the original single file
     (.safetensors, read lazily; .ckpt through torch.load(weights_only=True)) or a diffusers folder
-    (unet/, vae/, text_encoder/). Strict, config from shapes, no second copy of the weights."""
+    (unet/, vae/, text_encoder/). Strict, config from shapes, no second copy of the weights.
+    text_encoder=False leaves the text encoder unread (None): Diff-Plugin restoration and plugin training
+    replace the text by TPB tokens, so only the selector and text-to-image need it (0.49 GB in fp32)."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
     unet = build_unet(_sd_part(path, "unet", dtype), dtype, device, what=f"UNet ({path})")
     vae = build_vae(_sd_part(path, "vae", dtype), dtype, device)
     vae.cfg = replace(vae.cfg, latent_scale=stored_latent_scale(path))
-    text_encoder = build_clip_text(_sd_part(path, "text", dtype), dtype, device)
-    return StableDiffusion(CLIPTokenizer(), text_encoder, unet, vae)
+    text = build_clip_text(_sd_part(path, "text", dtype), dtype, device) if text_encoder else None
+    return StableDiffusion(CLIPTokenizer(), text, unet, vae)

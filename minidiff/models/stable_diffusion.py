@@ -11,8 +11,9 @@ import torch
 @dataclass
 class StableDiffusion:
     """The four parts of an SD 1.x checkpoint: ids = tokenizer(texts); hidden, pooled = text_encoder(ids);
-    eps = unet(latents, t, hidden); vae.encode / vae.decode. loading.load_stable_diffusion builds one."""
+    eps = unet(latents, t, hidden); vae.encode / vae.decode. loading.load_stable_diffusion builds one
+    (text_encoder None when loaded without it: restoration and plugin training never read text)."""
     tokenizer: object
-    text_encoder: torch.nn.Module
+    text_encoder: torch.nn.Module | None
     unet: torch.nn.Module
     vae: torch.nn.Module

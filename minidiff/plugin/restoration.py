@@ -13,6 +13,7 @@ them in that order (`restore_photo`) and loads the models they need from files (
     out = restore_photo(models, load_image("photo.jpg"), prompt="please remove the rain")
     out.image.save("restored.png"); print(out.tasks, out.scores, out.resize)
 """
+import ctypes
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from minidiff.errors import MissingPlugins  # noqa: F401 (raised here, imported from here)
 from minidiff.io.imageio import DEFAULT_MAX_SIDE, OFFICIAL_SHORT_SIDE, check_min_side, resize_photo
 from minidiff.io.loading import load_clip_vision, load_stable_diffusion
-from minidiff.plugin.plugin import clip_features, restore
+from minidiff.plugin.plugin import check_fits, clip_features, restore
 from minidiff.plugin.files import find_plugins, load_plugin, load_selector
 from minidiff.models.prepack import prepack_convs
 from minidiff.plugin.selector import chosen_by_scores, composite_tasks, select
@@ -41,11 +42,23 @@ class Models:
     fake: bool = False
 
 
-def load_models(sd, clip, plugins, tasks=None, selector=None, dtype=torch.float32, device="cpu"):
+def return_freed_memory():
+    """Give freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing). glibc serves blocks
+    under its mmap threshold (up to 32 MiB: every CLIP weight) from its heap and keeps them when freed, so
+    a dropped network would stay in the resident set until something of that size is allocated again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator decides
+        pass
+
+
+def load_models(sd, clip, plugins, tasks=None, selector=None, dtype=torch.float32, device="cpu",
+                text_encoder=None):
     """Models from files, and {name: path} of every file used (for hashes).
 
     plugins: a folder (official <task>/ folders or <task>.safetensors); tasks: the plugins to load (default:
     all found, which the selector needs); selector: its file, or None when no selection is wanted.
+    text_encoder: load SD's text encoder (default: only with a selector, the one part that reads text).
     Raises MissingPlugins for a task without a plugin file, CheckpointError for a bad file.
     """
     found = find_plugins(plugins)
@@ -54,8 +67,9 @@ def load_models(sd, clip, plugins, tasks=None, selector=None, dtype=torch.float3
         raise MissingPlugins(missing or [plugins])
     kw = dict(dtype=dtype, device=device)
     loaded = {t: load_plugin(found[t], t, **kw) for t in (tasks or found)}
-    models = Models(load_stable_diffusion(sd, **kw), load_clip_vision(clip, **kw), loaded,
-                    load_selector(selector, **kw) if selector else None)
+    text_encoder = bool(selector) if text_encoder is None else text_encoder
+    models = Models(load_stable_diffusion(sd, text_encoder=text_encoder, **kw), load_clip_vision(clip, **kw),
+                    loaded, load_selector(selector, **kw) if selector else None)
     for net in (models.sd.unet, models.sd.vae, *(p.scb for p in loaded.values())):
         prepack_convs(net)  # CPU inference: 3x3 conv kernels packed once for oneDNN (no-op on the GPU)
     files = {"sd": sd, "clip": clip, **{f"plugin:{t}": found[t] for t in loaded}}
@@ -88,7 +102,7 @@ def prompt_warning(tokenizer, prompt):
 
 def restore_photo(models, image, *, prompt=None, tasks=None, resize=None, short_side=OFFICIAL_SHORT_SIDE,
                   max_side=DEFAULT_MAX_SIDE, steps=20, chain_steps=3, seed=42, threshold=0.0, composite=None,
-                  dry_run=False, progress=True, model_side=OFFICIAL_SHORT_SIDE):
+                  dry_run=False, progress=True, model_side=OFFICIAL_SHORT_SIDE, release_clip=False):
     """Restore one photo (PIL RGB, as loaded) as the official demo does; returns a Restored.
 
     prompt: the selector chooses the plugins (demo.py); tasks: the plugins to run, in that order (infer.py;
@@ -98,6 +112,8 @@ def restore_photo(models, image, *, prompt=None, tasks=None, resize=None, short_
     for SD 1.5; the infer rule raises to it). Later plugins run min(chain_steps, steps) steps.
     composite: a composite table (selector.load_composite; default selector.COMPOSITE, [] for none).
     dry_run: selection and sizes only (no plugin runs; with explicit tasks `models` may be None).
+    release_clip: the last photo of a run: once its CLIP features are made, `models.clip_vision` is set to
+    None (ViT-L/14's 1.1 GiB in fp32 is free before the UNet runs; the next photo would need it loaded again).
     Raises ImageError when a side would end under MIN_SIDE.
     """
     if (prompt is None) == (not tasks):
@@ -127,6 +143,12 @@ def restore_photo(models, image, *, prompt=None, tasks=None, resize=None, short_
                         f"{min(resized.size) / min(image.size):.0f}x: the result is made from very little")
     clock.append(time.perf_counter())
     chain = min(chain_steps, steps)  # a quick try (--steps 2) stays quick when plugins chain
+    if release_clip and tasks and not dry_run:
+        for t in tasks:
+            check_fits(models.sd, models.clip_vision, models.plugins[t])  # while the tower is there to ask
+        feats = feats if feats is not None else clip_features(models.clip_vision, image)  # [1, 256, clip_dim]
+        models.clip_vision = None
+        return_freed_memory()
     result = None
     if not dry_run:
         # no plugin selected (only null): the resized photo, as demo.py l.185-187 returns `image`

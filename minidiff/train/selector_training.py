@@ -414,6 +414,6 @@ def load_frozen(tasks, fake, sd=None, clip=None, plugins=None, device="cpu"):
     if fake:
         models = fake_models(tasks, with_selector=False, device=device)
         return models, (f"text-fake-{model_key('fake')}", f"photos-fake-{model_key('fake', *tasks)}"), {}
-    models, files = load_models(sd, clip, plugins, tasks=tasks, device=device)
+    models, files = load_models(sd, clip, plugins, tasks=tasks, device=device, text_encoder=True)
     plugin_files = [files[f"plugin:{t}"] for t in tasks]
     return models, (f"text-{model_key(sd)}", f"photos-{model_key(clip, *plugin_files, *tasks)}"), files

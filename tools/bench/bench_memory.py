@@ -4,6 +4,7 @@
     python tools/bench/bench_memory.py --json mem.json                  # every size below: hours on 2 cores
     python tools/bench/bench_memory.py --sizes 512x512 --no-untiled     # CPU-sized: one small restore, minutes
     python tools/bench/bench_memory.py --vae-only --sizes 1152x864,1632x1224 --json vae.json
+    python tools/bench/bench_memory.py --profile --sizes 512x512 --dtype bf16   # where the memory goes
 
 Networks: full-size SD-1.5 (a random single file written tensor by tensor, tools/bench/benchmark.py's
 write_random_sd15), CLIP ViT-L/14 vision and one derain Task-Plugin (random, written as files), fp32 on
@@ -63,6 +64,93 @@ def write_files(paths, seed=0):
     save_plugin(TaskPlugin("derain", TPB(), SCB()), os.path.join(paths["plugins"], "derain.safetensors"))
 
 
+def rss_gib(field="VmRSS"):
+    """The process's resident set (VmRSS) or its peak since the last reset (VmHWM), GiB, from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    return float("nan")
+
+
+def reset_peak():
+    """Start a new VmHWM (Linux: writing 5 to clear_refs resets the peak resident set to the current one)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def weights_gib(module):
+    """Bytes of a module's parameters and buffers, GiB (prepacked convs keep theirs as plain attributes)."""
+    import torch
+    seen = {}
+    for t in [*module.parameters(), *module.buffers()] + [v for m in module.modules() for v in vars(m).values()
+                                                           if isinstance(v, torch.Tensor)]:
+        if t.layout == torch.strided:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        else:  # an opaque oneDNN tensor: its dense size
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values()) / 2**30
+
+
+def watch_stages(models, stages):
+    """Record, for each call of one restore's stages (CLIP vision, VAE encode, SCB + UNet: one entry per step,
+    VAE decode), its peak RSS above the RSS before it, and the RSS after it, into `stages`. Modules get
+    hooks (they hold no reference back, so a released CLIP tower is freed); the VAE's methods are wrapped."""
+    def before():
+        stages["_rss"] = rss_gib()
+        reset_peak()
+
+    def after(name):
+        row = stages.setdefault(name, {"calls": 0, "transient_gib": 0.0})
+        row["calls"] += 1
+        row["transient_gib"] = round(max(row["transient_gib"], rss_gib("VmHWM") - stages["_rss"]), 3)
+        row["rss_after_gib"] = round(rss_gib(), 3)
+
+    for name, module in (("clip vision", models.clip_vision), ("unet + scb step", models.sd.unet)):
+        module.register_forward_pre_hook(lambda m, a: before())
+        module.register_forward_hook(lambda m, a, out, name=name: after(name))
+    for name, attr in (("vae encode", "encode"), ("vae decode", "decode")):
+        def call(*a, inner=getattr(models.sd.vae, attr), name=name, **k):
+            before()
+            out = inner(*a, **k)
+            after(name)
+            return out
+        setattr(models.sd.vae, attr, call)
+
+
+def profile(kw):
+    """Memory by component: RSS after reading each part, each part's weight bytes, and each restore stage's
+    transient peak above the RSS before it (fresh process; --task derain, no prompt: no text encoder, and
+    the CLIP tower released after its features, as tools/sample.py does for one photo)."""
+    import torch
+    from minidiff.io.loading import load_clip_vision, load_stable_diffusion
+    from minidiff.models.prepack import prepack_convs
+    from minidiff.plugin.files import load_plugin
+    from minidiff.plugin.restoration import Models, restore_photo
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[kw["dtype"]]
+    torch.set_num_threads(kw["threads"])
+    rows = {"start": {"rss_gib": round(rss_gib(), 3)}}
+    sd = load_stable_diffusion(kw["sd"], dtype=dtype, text_encoder=False)
+    for net in (sd.unet, sd.vae):
+        prepack_convs(net)
+    rows["sd unet + vae"] = {"rss_gib": round(rss_gib(), 3), "unet_gib": round(weights_gib(sd.unet), 3),
+                             "vae_encoder_gib": round(weights_gib(sd.vae.encoder), 3),
+                             "vae_decoder_gib": round(weights_gib(sd.vae.decoder), 3)}
+    clip = load_clip_vision(kw["clip"], dtype=dtype)
+    rows["clip vision"] = {"rss_gib": round(rss_gib(), 3), "weights_gib": round(weights_gib(clip), 3)}
+    plugin = load_plugin(os.path.join(kw["plugins"], "derain.safetensors"), "derain", dtype=dtype)
+    prepack_convs(plugin.scb)
+    rows["plugin"] = {"rss_gib": round(rss_gib(), 3), "weights_gib": round(weights_gib(plugin), 3)}
+    models, stages = Models(sd, clip, {"derain": plugin}, None), {}
+    del sd, clip, plugin  # the Models hold the only references (release_clip can then free the tower)
+    watch_stages(models, stages)
+    photo = test_photo(kw["width"], kw["height"])
+    restore_photo(models, photo, tasks=["derain"], max_side=0, steps=kw["steps"], progress=False,
+                  release_clip=True)  # as tools/sample.py restores one photo
+    stages.pop("_rss")
+    return {"load": rows, "restore": stages, "peak_gib": round(peak_rss_gib(), 3)}
+
+
 def worker(kw):
     """One row in this (fresh) process; returns a dict of figures."""
     import resource
@@ -74,6 +162,8 @@ def worker(kw):
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     photo = test_photo(kw["width"], kw["height"])
     t = time.perf_counter()
+    if kw.get("profile"):
+        return profile(kw)
     if kw["vae_only"]:
         from minidiff.io.loading import build_vae
         from minidiff.io.weights import read_state_dict
@@ -92,7 +182,8 @@ def worker(kw):
         if kw["untiled"]:
             models.sd.vae.tile_above = NEVER
         loaded = peak_rss_gib()
-        out = restore_photo(models, photo, tasks=["derain"], max_side=0, steps=kw["steps"], progress=False)
+        out = restore_photo(models, photo, tasks=["derain"], max_side=0, steps=kw["steps"], progress=False,
+                            release_clip=True)  # as tools/sample.py restores one photo
         size = out.size  # infer.py's rule: a side under 512 raises the short side to 512
     return {"seconds": round(time.perf_counter() - t, 1), "load_peak_gib": round(loaded, 2),
             "peak_gib": round(peak_rss_gib(), 2), "processed": "x".join(map(str, size))}
@@ -100,7 +191,7 @@ def worker(kw):
 
 def run_row(args, paths, width, height, untiled, out):
     kw = dict(paths, width=width, height=height, untiled=untiled, steps=args.steps, threads=args.threads,
-              vae_only=args.vae_only, out=out, max_gib=args.max_gib, dtype=args.dtype)
+              vae_only=args.vae_only, out=out, max_gib=args.max_gib, dtype=args.dtype, profile=args.profile)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), WORKER_FLAG, json.dumps(kw)],
                           capture_output=True, text=True)
     if proc.returncode != 0:  # e.g. killed for memory (-9): a row that does not fit
@@ -120,6 +211,28 @@ def difference(a_path, b_path):
     return {**out, **sizes}
 
 
+def print_profile(args, paths, sizes, tmp):
+    """--profile: one fresh process per size; prints the load rows and the restore stages."""
+    record = {"mode": "profile", "dtype": args.dtype, "threads": args.threads, "rows": []}
+    for w, h in sizes:
+        row = {"width": w, "height": h, **run_row(args, paths, w, h, False, os.path.join(tmp, "p.pt"))}
+        record["rows"].append(row)
+        if "error" in row:
+            print(f"{w}x{h}: {row['error']}")
+            continue
+        print(f"{w}x{h} {args.dtype}: peak {row['peak_gib']} GiB")
+        for name, r in row["load"].items():
+            sizes_text = ", ".join(f"{k[:-4]} {v}" for k, v in r.items() if k != "rss_gib")
+            print(f"  load {name:14s} RSS {r['rss_gib']:6.2f} GiB  {sizes_text}")
+        for name, r in row["restore"].items():
+            print(f"  run  {name:16s} x{r['calls']:<3d} transient +{r['transient_gib']:.2f} GiB, "
+                  f"RSS after {r['rss_after_gib']:.2f} GiB")
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -136,6 +249,9 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch threads per row")
     p.add_argument("--files", help="folder with sd15.safetensors, clip.safetensors, plugins/ (written there "
                    "when missing; default: a temporary folder)")
+    p.add_argument("--profile", action="store_true",
+                   help="memory by component instead: RSS after each part is read, each part's weights, "
+                        "each restore stage's transient peak (one row per size)")
     p.add_argument("--json", help="write the rows here as JSON")
     args = p.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -147,6 +263,8 @@ def main():
             print(f"writing random SD-1.5, CLIP ViT-L/14 and plugin files to {folder} ...", flush=True)
             os.makedirs(folder, exist_ok=True)
             write_files(paths)
+        if args.profile:
+            return print_profile(args, paths, sizes, tmp)
         rows = []
         print(f"{'photo':>10} {'MP':>5} {'VAE':>8} {'load GiB':>9} {'peak GiB':>9} {'s':>7}  difference")
         for w, h in sizes:
