@@ -42,10 +42,17 @@ def quick_family(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_recipe_writes_every_stage_and_ships_a_verified_family(quick_family):
     run_dir, ship = quick_family / "run", quick_family / "checkpoints" / "small"
-    for stage in ("vae", "unet"):  # each a training run of the trainer's machinery
+    for stage in ("vae", "text", "unet"):  # each a training run of the trainer's machinery
         assert (run_dir / stage / "log.csv").is_file() and (run_dir / stage / "loss.png").is_file()
         assert list((run_dir / stage / "checkpoints").glob("step-*"))
     assert (run_dir / "unet" / "samples.png").is_file()
+    naming = json.loads((run_dir / "text" / "heldout.json").read_text())
+    assert 0.0 <= naming["heldout"] <= 1.0 and naming["sentences"] > 0
+    # the trained text tower is the one shipped inside sd.safetensors (fp16)
+    tower = load_file(run_dir / "text" / "text.safetensors")
+    shipped = load_file(ship / "sd.safetensors")
+    for k, v in tower.items():
+        assert torch.equal(shipped["cond_stage_model.transformer." + k], v.half()), k
     for task in small.QUICK_TASKS:
         assert (ship / "plugins" / f"{task}.safetensors").is_file()
     manifest = json.loads((ship / "manifest.json").read_text())
@@ -165,3 +172,27 @@ def test_vae_loss_parts_and_the_batches_are_pure_functions_of_their_numbers():
     loss, parts = small.vae_loss(vae, a, na)
     expected = parts["l1"] + small.GRAD_WEIGHT * parts["grad"] + small.KL_WEIGHT * parts["kl"]
     assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_text_stage_batches_corrupt_word_tokens_only_and_are_pure_functions_of_the_step():
+    """The text stage's batch: drawn by (seed, step), with about TOKEN_NOISE of the word tokens replaced by
+    random ones and the start, end and padding tokens untouched; the same step gives the same loss."""
+    from minidiff.models.tokenizer import CLIPTokenizer
+    from minidiff.train.instructions import load_corpus
+    from minidiff.train.seeding import generator_for
+    corpus = load_corpus().part("train")
+    sentences, labels = small.text_examples(corpus, seed=0, combinations=20)
+    assert labels.shape == (len(sentences), len(corpus.tasks)) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    assert len(sentences) == len(corpus.labelled()) + 20
+    ids = CLIPTokenizer()(sentences)  # [N, 77]
+    noisy = small.corrupt_tokens(ids, generator_for(0, "text", 1))
+    special = ids >= 49406  # start, end of text and the padding (end of text repeated)
+    assert torch.equal(noisy[special], ids[special])
+    changed = (noisy != ids).sum().item() / (~special).sum().item()
+    assert 0.10 < changed < 0.20  # TOKEN_NOISE = 0.15 (a random id may equal the old one: rarely)
+    text, _ = small.random_towers()
+    namer = small.TaskNamer(text.requires_grad_(True), corpus.tasks)
+    a = small.text_loss(namer, ids, labels, 8, seed=0, step=3)
+    b = small.text_loss(namer, ids, labels, 8, seed=0, step=3)
+    c = small.text_loss(namer, ids, labels, 8, seed=0, step=4)
+    assert float(a[0]) == float(b[0]) and a[1] == b[1] and float(a[0]) != float(c[0])

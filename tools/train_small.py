@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train minidiff's small model family from nothing on a CPU: VAE, UNet, Task-Plugins, Plugin-Selector.
+"""Train minidiff's small model family from nothing on a CPU: VAE, text tower, UNet, Task-Plugins, selector.
 
     python tools/small_data.py --output data/small                 # the photos (package registries only)
     python tools/train_small.py --data data/small --output runs/small --ship checkpoints/small
@@ -10,6 +10,7 @@ Stages, in order, each a training run of its own under --output with log.csv, lo
 --resume continues bit-identically (a finished stage is skipped):
     vae/       SD's AutoencoderKL at reduced widths on random 64 px crops (minidiff.train.small.vae_loss)
     latents    the VAE posterior of random 128 px crops; the latent scale = 1 / std (SD's rule for 0.18215)
+    text/      the CLIP text tower, trained to name the tasks of the instruction corpus's training sentences
     unet/      SD's UNet at reduced widths, epsilon prediction on SD's DDPM schedule, null context
     base/      sd.safetensors (SD single-file layout, latent scale in its metadata) + clip_vision.safetensors
     plugins/   one Task-Plugin per task: tools/train.py --degrade TASK on the small base
@@ -49,15 +50,17 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # on a laptop"); quick = the same code paths at tiny sizes, for CI.
 RECIPES = {
     "full": dict(size=small.SIZE, vae_steps=3000, vae_batch=16, vae_crop=small.VAE_CROP, vae_lr=2e-4,
-                 crops_per_photo=24, unet_steps=2000, unet_batch=16, unet_lr=2e-4, every=250,
-                 tasks=TASKS, plugin_steps=400, plugin_batch=8, plugin_lr=1e-3, val_pairs=4,
+                 crops_per_photo=24, text_steps=1500, text_batch=64, text_lr=1e-3,
+                 unet_steps=3000, unet_batch=16, unet_lr=2e-4, every=250,
+                 tasks=TASKS, plugin_steps=800, plugin_batch=8, plugin_lr=1e-3, val_pairs=4,
                  selector_photos=24, selector_steps=1500, selector_lr=5e-4, selector_loss="infonce"),
     "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4,
-                  crops_per_photo=2, unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
+                  crops_per_photo=2, text_steps=3, text_batch=8, text_lr=1e-3,
+                  unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
                   tasks=small.QUICK_TASKS, plugin_steps=2, plugin_batch=2, plugin_lr=2e-4, val_pairs=1,
                   selector_photos=4, selector_steps=3, selector_lr=5e-4, selector_loss="infonce"),
 }
-STAGES = ("vae", "latents", "unet", "base", "plugins", "selector")
+STAGES = ("vae", "latents", "text", "unet", "base", "plugins", "selector")
 
 
 def parse_args(argv=None):
@@ -139,6 +142,41 @@ def stage_latents(out, vae, photos, r, args):
                                                  metadata={"latent_scale": repr(scale)}))
         print(f"latents: {len(mean)} crops of {r['size']} px, latent scale {scale:.5f}", flush=True)
     return small.load_latents(path)
+
+
+def stage_text(out, text, r, args):
+    """The CLIP text tower (from its random seeded start) trained to name the tasks of the corpus's training
+    sentences and of random multi-task combinations of them (minidiff.train.small.TaskNamer); its held-out
+    exact task-set accuracy on the test sentences in text/heldout.json. text/text.safetensors marks it done."""
+    from minidiff.models.tokenizer import CLIPTokenizer
+    from minidiff.train.instructions import load_corpus
+    done = out / "text" / "text.safetensors"
+    if done.exists():
+        return small.trained_text_tower(done)
+    corpus, tokenizer = load_corpus(), CLIPTokenizer()
+    sentences, labels = small.text_examples(corpus.part("train"), args.seed)
+    ids = tokenizer(sentences)  # [N, 77]
+    settings = {k: r[k] for k in ("text_steps", "text_batch", "text_lr")} | {"seed": args.seed,
+                                                                            "sentences": len(sentences)}
+    run, dist = stage_run(out, "text", args.resume, settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        namer = small.TaskNamer(text.requires_grad_(True), corpus.tasks)
+
+    def batch_loss(step):
+        return small.text_loss(namer, ids, labels, r["text_batch"], args.seed, step)
+
+    small.fit(run, namer, batch_loss, steps=r["text_steps"], lr=r["text_lr"], every=r["every"], dist=dist,
+              fields=("step", "loss", "exact"), desc="text")
+    test, test_labels = small.text_examples(corpus.part("test"), args.seed + 1, combinations=200)
+    accuracy = {"train": small.task_naming_accuracy(namer, ids, labels),
+                "heldout": small.task_naming_accuracy(namer, tokenizer(test), test_labels)}
+    save_json_atomic({"sentences": len(test), **{k: round(v, 4) for k, v in accuracy.items()}},
+                     out / "text" / "heldout.json")
+    print(f"text: exact task sets named, training sentences {accuracy['train']:.3f}, held-out "
+          f"{accuracy['heldout']:.3f}", flush=True)
+    small.save_net(namer.text, done)
+    return namer.text.eval().requires_grad_(False)
 
 
 def stage_unet(out, latents, context, r, args):
@@ -347,15 +385,16 @@ def main(argv=None):
     text, vision = small.random_towers()
     vae = timed("vae", stage_vae, out, photos, r, args)
     latents = timed("latents", stage_latents, out, vae, photos, r, args) if last >= 1 else None
-    unet = timed("unet", stage_unet, out, latents, small.null_context(text), r, args) if last >= 2 else None
-    if last < 3:
+    text = timed("text", stage_text, out, text, r, args) if last >= 2 else text
+    unet = timed("unet", stage_unet, out, latents, small.null_context(text), r, args) if last >= 3 else None
+    if last < 4:
         return 0
     sd_path, clip_path = stage_base(out, vae, unet, text, vision, latents[2])
     timed("figures", figures, out, args.data, vae, unet, text, latents[2], r)
-    if last < 4:
+    if last < 5:
         return 0
     plugins = timed("plugins", stage_plugins, out, photo_dir, sd_path, clip_path, r, args)
-    if last < 5:
+    if last < 6:
         return 0
     selector = timed("selector", stage_selector, out, paths, sd_path, clip_path, plugins, r, args)
     if args.ship:

@@ -5,8 +5,9 @@ what minidiff needs to train its own small stand-ins, stage by stage (tools/trai
 
     photos (short side 256)  --random 64 px crops-->  VAE        (L1 + image-gradient L1 + small KL)
     photos  --random 128 px crops--> VAE posterior  -> latents   (and the latent scale = 1 / std, as SD's)
+    instructions (the corpus's training part)  -->  CLIP text tower: names the tasks in its pooled embedding
     latents  -->  UNet: epsilon prediction on SD's DDPM schedule, context = the text tower's "" (SD's null)
-    CLIP text and vision towers: random, seeded (not trained; the TPB and the selector learn on top)
+    CLIP vision tower: random, seeded (not trained; the TPB learns on top)
     Task-Plugins (tools/train.py --degrade TASK) and the Plugin-Selector (tools/train_selector.py)
 
 Every network is the SD-1.x / CLIP class minidiff already has; only the widths shrink, so the files load
@@ -18,11 +19,18 @@ UNet is pre-trained, as SD is on its 10% of dropped captions, on the one context
 gives for the empty prompt: its cross-attention weights are then trained on a real tower's output (not
 zeros, which would leave them untouched), it stays an unconditional model for plain sampling (the
 pipeline's "" prompt is exactly that context), and the TPB learns to steer it from there.
+
+Why the text tower is trained: the selector reads the pooled embedding of an instruction through a linear
+head. A random 64-wide tower washes the words out: a linear probe on its pooled embeddings names the task of
+47% of the corpus's held-out sentences (77% of the training ones), so the selector cannot learn. The text
+stage trains the tower (with a linear task head, then dropped) to name the tasks of the training sentences
+and of random multi-task combinations of them, as real CLIP's pooled embedding names what a caption says.
 """
 from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -65,6 +73,12 @@ def random_towers():
         torch.manual_seed(TOWER_SEED + 1)
         vision = CLIPVisionModel(SMALL_VISION)
     return text.eval().requires_grad_(False), vision.eval().requires_grad_(False)
+
+
+def trained_text_tower(path):
+    """The text stage's tower from its file (eval, frozen)."""
+    text = CLIPTextModel(SMALL_TEXT)
+    return load_net(text, path).requires_grad_(False)
 
 
 def new_vae(seed):
@@ -179,6 +193,61 @@ def ldm_loss(unet, mean, logvar, scale, context, numbers, seed, step):
     latents = scale * (mean + torch.exp(0.5 * logvar) * post)
     eps = unet(add_noise(latents, noise, t), t, context.expand(len(numbers), -1, -1))
     return F.mse_loss(eps, noise)
+
+
+# ------------------------------------------------------------------------------------- the text tower
+class TaskNamer(nn.Module):
+    """The text stage's network: the text tower and a linear head from its pooled embedding to one logit
+    per task. Only the tower is kept; the head makes the pooled embedding say which tasks a sentence asks."""
+
+    def __init__(self, text, tasks):
+        super().__init__()
+        self.text = text
+        self.head = nn.Linear(text.cfg.width, len(tasks))
+
+    def forward(self, ids):
+        """ids [B, 77] -> task logits [B, tasks]."""
+        return self.head(self.text(ids)[1])
+
+
+def text_examples(corpus, seed, combinations=1000):
+    """(sentences, multi-hot task labels [N, tasks]) of one part of the instruction corpus: every sentence
+    (irrelevant ones label no task) and `combinations` random multi-task requests (instructions.combine)."""
+    from minidiff.train.instructions import combine
+    texts = corpus.labelled() + combine(corpus, combinations, seed)
+    labels = torch.tensor([[float(t in ts) for t in corpus.tasks] for _, ts in texts])  # [N, tasks]
+    return [text for text, _ in texts], labels
+
+
+TOKEN_NOISE = 0.15  # share of a training sentence's word tokens replaced by random ones (typos, new words)
+
+
+def corrupt_tokens(ids, gen, share=TOKEN_NOISE):
+    """ids [B, 77] with `share` of the word tokens (not start/end/padding) replaced by random vocabulary ids:
+    the tower learns from the sentence around a word it does not know, as it must for unseen misspellings."""
+    vocab_words = 49406  # ids 0 .. 49405; 49406 = <|startoftext|>, 49407 = <|endoftext|> and padding
+    words = ids < vocab_words
+    hit = words & (torch.rand(ids.shape, generator=gen) < share)
+    return torch.where(hit, torch.randint(0, vocab_words, ids.shape, generator=gen), ids)
+
+
+def text_loss(namer, ids, labels, numbers, seed, step):
+    """Multi-label task naming (binary cross-entropy per task) on a batch drawn by (seed, step), its word
+    tokens corrupted (corrupt_tokens): ids [N, 77] and labels [N, tasks] of every example, `numbers` how many
+    to draw -> (loss, {"exact": share of the batch whose whole task set is right})."""
+    gen = generator_for(seed, "text", step)
+    pick = torch.randint(0, len(ids), (numbers,), generator=gen)
+    logits = namer(corrupt_tokens(ids[pick], gen))  # [B, tasks]
+    loss = F.binary_cross_entropy_with_logits(logits, labels[pick])
+    exact = ((logits > 0).float() == labels[pick]).all(dim=1).float().mean()  # whole task set right
+    return loss, {"exact": round(float(exact), 4)}
+
+
+@torch.no_grad()
+def task_naming_accuracy(namer, ids, labels):
+    """Share of sentences whose task set the namer gets exactly right (logit > 0 <=> task named)."""
+    namer.eval()
+    return float(((namer(ids) > 0).float() == labels).all(dim=1).float().mean())
 
 
 def to_tensor_square(image, size):
