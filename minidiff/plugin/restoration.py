@@ -66,12 +66,16 @@ def load_models(sd, clip, plugins, tasks=None, selector=None, dtype=torch.float3
     if missing or not found:
         raise MissingPlugins(missing or [plugins])
     kw = dict(dtype=dtype, device=device)
-    loaded = {t: load_plugin(found[t], t, **kw) for t in (tasks or found)}
+    loaded = {t: load_plugin(found[t], t, **kw) for t in (tasks or found)}  # small: a bad one fails first
     text_encoder = bool(selector) if text_encoder is None else text_encoder
-    models = Models(load_stable_diffusion(sd, text_encoder=text_encoder, **kw), load_clip_vision(clip, **kw),
-                    loaded, load_selector(selector, **kw) if selector else None)
-    for net in (models.sd.unet, models.sd.vae, *(p.scb for p in loaded.values())):
-        prepack_convs(net)  # CPU inference: 3x3 conv kernels packed once for oneDNN (no-op on the GPU)
+    sd_parts = load_stable_diffusion(sd, text_encoder=text_encoder, **kw)
+    # CPU inference: 3x3 conv kernels packed once for oneDNN (no-op on the GPU), before CLIP is read, so
+    # that packing's transient copies and the plain kernels it frees do not add to the loaded tower
+    for net in (sd_parts.unet, sd_parts.vae, *(p.scb for p in loaded.values())):
+        prepack_convs(net)
+    return_freed_memory()
+    models = Models(sd_parts, load_clip_vision(clip, **kw), loaded,
+                    load_selector(selector, **kw) if selector else None)
     files = {"sd": sd, "clip": clip, **{f"plugin:{t}": found[t] for t in loaded}}
     return models, {**files, **({"selector": selector} if selector else {})}
 

@@ -104,6 +104,7 @@ def watch_stages(models, stages):
         row = stages.setdefault(name, {"calls": 0, "transient_gib": 0.0})
         row["calls"] += 1
         row["transient_gib"] = round(max(row["transient_gib"], rss_gib("VmHWM") - stages["_rss"]), 3)
+        row["peak_gib"] = round(max(row.get("peak_gib", 0.0), rss_gib("VmHWM")), 3)
         row["rss_after_gib"] = round(rss_gib(), 3)
 
     for name, module in (("clip vision", models.clip_vision), ("unet + scb step", models.sd.unet)):
@@ -126,7 +127,7 @@ def profile(kw):
     from minidiff.io.loading import load_clip_vision, load_stable_diffusion
     from minidiff.models.prepack import prepack_convs
     from minidiff.plugin.files import load_plugin
-    from minidiff.plugin.restoration import Models, restore_photo
+    from minidiff.plugin.restoration import Models, restore_photo, return_freed_memory
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[kw["dtype"]]
     torch.set_num_threads(kw["threads"])
     rows = {"start": {"rss_gib": round(rss_gib(), 3)}}
@@ -140,7 +141,9 @@ def profile(kw):
     rows["clip vision"] = {"rss_gib": round(rss_gib(), 3), "weights_gib": round(weights_gib(clip), 3)}
     plugin = load_plugin(os.path.join(kw["plugins"], "derain.safetensors"), "derain", dtype=dtype)
     prepack_convs(plugin.scb)
+    return_freed_memory()  # as load_models does after packing
     rows["plugin"] = {"rss_gib": round(rss_gib(), 3), "weights_gib": round(weights_gib(plugin), 3)}
+    rows["load peak"] = {"rss_gib": round(rss_gib("VmHWM"), 3)}  # before the stages reset the high-water mark
     models, stages = Models(sd, clip, {"derain": plugin}, None), {}
     del sd, clip, plugin  # the Models hold the only references (release_clip can then free the tower)
     watch_stages(models, stages)
@@ -148,7 +151,9 @@ def profile(kw):
     restore_photo(models, photo, tasks=["derain"], max_side=0, steps=kw["steps"], progress=False,
                   release_clip=True)  # as tools/sample.py restores one photo
     stages.pop("_rss")
-    return {"load": rows, "restore": stages, "peak_gib": round(peak_rss_gib(), 3)}
+    # clear_refs resets the kernel's high-water mark (getrusage's too): the peak is the largest one recorded
+    peak = max([rows["load peak"]["rss_gib"]] + [r["peak_gib"] for r in stages.values()])
+    return {"load": rows, "restore": stages, "peak_gib": round(peak, 3)}
 
 
 def worker(kw):
@@ -225,8 +230,8 @@ def print_profile(args, paths, sizes, tmp):
             sizes_text = ", ".join(f"{k[:-4]} {v}" for k, v in r.items() if k != "rss_gib")
             print(f"  load {name:14s} RSS {r['rss_gib']:6.2f} GiB  {sizes_text}")
         for name, r in row["restore"].items():
-            print(f"  run  {name:16s} x{r['calls']:<3d} transient +{r['transient_gib']:.2f} GiB, "
-                  f"RSS after {r['rss_after_gib']:.2f} GiB")
+            print(f"  run  {name:16s} x{r['calls']:<3d} transient +{r['transient_gib']:.2f} GiB, peak "
+                  f"{r['peak_gib']:.2f} GiB, RSS after {r['rss_after_gib']:.2f} GiB")
         if args.json:
             with open(args.json + ".tmp", "w") as f:
                 json.dump(record, f, indent=1)
