@@ -147,6 +147,25 @@ def test_same_image_and_record_as_sample_py(server, tmp_path):
     assert (shown == np.asarray(Image.open(tmp_path / "out" / "photo.png"))).all()
 
 
+def test_small_family_page_runs_at_its_working_size_as_sample_py(tmp_path):
+    """--model small: the page plans and runs the photo at the family's working size (short side 128, not the
+    slider's 512: the run once resized to the slider while the plan said 128), with sample.py's pixels."""
+    (tmp_path / "photo.png").write_bytes(png(size=(300, 200), seed=5))
+    with Server("--model", "small") as url:
+        body = {"upload": upload(url, png(size=(300, 200), seed=5)), "tasks": ["derain"], "steps": 3,
+                "seed": 7, "resolution": 512}
+        job = wait(url, call(url + "/api/jobs", "POST", body)[1]["id"], timeout=120)[0]
+        assert job["state"] == "done" and job["record"]["processed_size"] == [192, 128]
+        shown = Image.open(io.BytesIO(call(url + job["files"]["result.png"], raw=True)[1]))
+        assert shown.size == (192, 128)
+    cmd = [sys.executable, str(ROOT / "tools" / "sample.py"), "--model", "small", "--no-progress", "--input",
+           str(tmp_path / "photo.png"), "--task", "derain", "--steps", "3", "--seed", "7", "--output",
+           str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (np.asarray(shown) == np.asarray(Image.open(tmp_path / "out" / "photo.png"))).all()
+
+
 def test_two_jobs_run_in_order(server):
     up_id = upload(server)
     jobs = [None, None]

@@ -125,7 +125,8 @@ class Restorer:
         record.update(seed=p["seed"], dry_run=False, **self.record(dry_run=False))
         t0 = time.perf_counter()
         image = p["image"]
-        resized, _ = resize_photo(image, record["resize_rule"], p["resolution"], s["max_side"])  # as planned
+        # as planned: the short side the plan used (the small family's working size, else the slider)
+        resized, _ = resize_photo(image, record["resize_rule"], self.short_side(p), s["max_side"])
         plugins = [m.plugins[t] for t in record["tasks"]]
         steps = [p["steps"]] + [record["chain_steps_used"]] * (len(plugins) - 1)
         bar = job.bar(sum(steps) if plugins else 0, record["tasks"])
