@@ -53,12 +53,15 @@ def test_script_end_to_end(tmp_path, monkeypatch, capsys):
     counters.clear()
     try:
         bench.main(["--tiny", "--device", "cpu", "--sizes", "64", "--steps", "3", "--runs", "1",
-                    "--dtypes", "bf16", "--json", str(tmp_path / "gpu.json")])
+                    "--dtypes", "bf16", "--batches", "1", "2", "--json", str(tmp_path / "gpu.json")])
     finally:
         torch._dynamo.reset()
         compiled_denoise_step.cache_clear()
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == list(bench.VARIANTS)
+    assert [r["variant"] for r in rows] == [*bench.VARIANTS, "minidiff batch", "minidiff batch"]
+    batches, rows = rows[4:], rows[:4]
+    assert [r["batch"] for r in batches] == [1, 2] and all("error" not in r for r in batches)
+    assert all(r["photos_s"] > 0 and r["latency_s"] > 0 for r in batches)
     for r in rows:
         assert "error" not in r, r
         assert r["latency_s"] > 0 and r["it_s"] > 0
@@ -66,6 +69,7 @@ def test_script_end_to_end(tmp_path, monkeypatch, capsys):
     assert counters["stats"]["unique_graphs"] == 2  # one graph per library: no recompile across steps
     out = capsys.readouterr().out
     assert "bf16 64: minidiff compiled" in out and "bf16 64: minidiff eager" in out
+    assert "bf16 64: batch 2" in out and "x batch 1)" in out
 
 
 def test_full_size_models_convert():

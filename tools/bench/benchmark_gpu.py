@@ -9,7 +9,8 @@ of SCB + UNet, VAE decode. Four variants on the same random full-size weights (d
 and VAE, transformers' CLIP vision and the official TPB/SCB of tests/official_oracle.py, then converted into
 minidiff's models): minidiff eager (restore()), minidiff compiled (restore(compile=True): SCB + UNet as one
 torch.compile graph, static shapes, CUDA graphs), diffusers eager (the official loop) and diffusers compiled
-(the same loop, its SCB + UNet call compiled with the same settings). Per row: latency (median of --runs
+(the same loop, its SCB + UNet call compiled with the same settings); then photos/s of minidiff eager at
+each --batches size (tools/sample.py --batch's loop, one plugin). Per row: latency (median of --runs
 restores after one warm-up, which compiles: first_s), it/s = (steps - 1) / (latency - latency of a 1-step
 restore) (the denoising loop alone: CLIP, TPB and the VAE cancel), peak GPU memory of the variant's runs
 (warm-up included) above what was allocated before them (weights, earlier rows' CUDA graph pools),
@@ -32,8 +33,9 @@ import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # the checkout; tests/ for the official-code oracle
+sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "tools")]  # tests/: the oracle
 import official_oracle as oracle  # noqa: E402
+from _batch import run_plugin_batch  # noqa: E402  (tools/sample.py --batch's loop)
 from minidiff.models.clip import CLIP_VISION_L14, CLIPVisionModel  # noqa: E402
 from minidiff.io.files import atomic_write  # noqa: E402
 from minidiff.io.loading import build_unet, build_vae  # noqa: E402
@@ -149,6 +151,25 @@ def measure(restore_fn, steps, device, runs, fp32_image):
     return row
 
 
+def measure_batch(sd, clip, plugin, photo, batch, steps, device, runs):
+    """photos/s of tools/sample.py --batch's loop (tools/_batch.run_plugin_batch: CLIP features, TPB, VAE
+    encode, `steps` SCB + UNet steps and VAE decode for `batch` photos of one size at once)."""
+    from minidiff.plugin.plugin import clip_features
+
+    def once():
+        feats = torch.cat([clip_features(clip, photo)] * batch)  # [B, 256, 1024]: one per photo
+        return run_plugin_batch(sd, plugin, feats, [photo] * batch, steps, seed=42)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    timed(once, device, 1)  # warm-up
+    latency, _ = timed(once, device, runs)
+    row = {"latency_s": round(latency, 4), "photos_s": round(batch / latency, 3)}
+    if device.type == "cuda":
+        row["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20)
+    return row
+
+
 def sample_photo(size, seed=0):
     """A smooth random photo (low-frequency noise upsampled): the VAE and CLIP see image-like input."""
     rng = np.random.default_rng(seed)
@@ -167,6 +188,8 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="timed restores per figure (median)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu with --tiny to try the code paths")
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of the full-size ones")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16],
+                   help="also photos/s of minidiff eager at these batch sizes (tools/sample.py --batch)")
     p.add_argument("--json", help="write the record here (rewritten after every row)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -201,12 +224,25 @@ def main(argv=None):
                     row.update(measure(fns[variant], args.steps, device, args.runs, fp32_image))
                 except Exception as e:  # a failed row (NaN, out of memory, a compile error) is a result too
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                row["elapsed_s"] = round(time.perf_counter() - clock, 1)
-                record["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    atomic_write(args.json, lambda tmp: write_json(tmp, record))
+                add_row(record, row, clock, args.json)
+            for batch in args.batches:  # after the four variants: a cut run keeps those first
+                row = {"dtype": name, "size": size, "variant": "minidiff batch", "batch": batch}
+                print(f"... {name} {size} batch {batch} (at {time.perf_counter() - clock:.0f} s)", flush=True)
+                try:
+                    row.update(measure_batch(sd, clip, plugin, photo, batch, args.steps, device, args.runs))
+                except Exception as e:  # out of memory at a large batch is a result too
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                add_row(record, row, clock, args.json)
     print(summary(record["rows"]), flush=True)
+
+
+def add_row(record, row, clock, json_path):
+    """Append a finished row, print it, rewrite --json (a run cut short keeps what it measured)."""
+    row["elapsed_s"] = round(time.perf_counter() - clock, 1)
+    record["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    if json_path:
+        atomic_write(json_path, lambda tmp: write_json(tmp, record))
 
 
 def write_json(path, record):
@@ -218,6 +254,12 @@ def summary(rows):
     """Speed of minidiff over diffusers, compiled and eager, per dtype and size (> 1: minidiff faster)."""
     lines = []
     by = {(r["dtype"], r["size"], r["variant"]): r.get("latency_s") for r in rows}
+    for r in rows:
+        if r["variant"] == "minidiff batch" and "photos_s" in r:
+            one = next((q.get("photos_s") for q in rows if q["variant"] == "minidiff batch" and q["batch"] == 1
+                        and (q["dtype"], q["size"]) == (r["dtype"], r["size"])), None)
+            lines.append(f"{r['dtype']} {r['size']}: batch {r['batch']} {r['photos_s']:.3f} photos/s"
+                         + (f" ({r['photos_s'] / one:.2f}x batch 1)" if one else ""))
     for dtype, size in dict.fromkeys((r["dtype"], r["size"]) for r in rows):
         for kind in ("compiled", "eager"):
             ours, theirs = (by.get((dtype, size, f"{lib} {kind}")) for lib in ("minidiff", "diffusers"))
