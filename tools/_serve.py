@@ -45,7 +45,7 @@ from _jobs import JobQueue, QueueFull
 from _restore_cli import outputs, stem_of
 from _serve_restore import RANDOM_SEED_MAX, RESOLUTION, STEPS, ParamError
 from minidiff.io.imageio import IMAGE_SUFFIXES, ImageError, list_images, load_image
-from minidiff.plugin.restoration import return_freed_memory
+from minidiff.models.prepack import return_freed_memory
 
 DEFAULT_PORT = 7860  # Gradio's port, where the official demo is
 # The official demo's eight task buttons (demo.py l.253-268 set the prompt; labels l.296-321), in its order

@@ -14,7 +14,12 @@ The packed kernel is an opaque oneDNN tensor: a prepacked model is for inference
 its convolutions, no state_dict, no .to()); training keeps the plain nn.Conv2d. Where PyTorch has no oneDNN
 (`torch.backends.mkldnn.is_available()` false), or the model is on the GPU or in fp16, nothing is changed:
 cuDNN has no per-call kernel copy to save.
+
+The other CPU-inference concern here is memory: `return_freed_memory()` hands glibc's freed heap back to the
+OS (after packing, after a dropped network, before a restore's VAE decode, between the page's jobs).
 """
+import ctypes
+
 import torch
 import torch.nn as nn
 
@@ -58,3 +63,13 @@ def prepack_convs(model):
     for parent, name in targets:
         setattr(parent, name, PackedConv2d(getattr(parent, name)))
     return model
+
+
+def return_freed_memory():
+    """Give freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing). glibc serves blocks
+    under its mmap threshold (up to 32 MiB: every CLIP weight) from its heap and keeps them when freed, so
+    a dropped network would stay in the resident set until something of that size is allocated again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator decides
+        pass

@@ -30,6 +30,7 @@ from minidiff.errors import NonFiniteError, PluginMismatchError  # noqa: F401 (r
 from minidiff.models.clip import clip_preprocess
 from minidiff.io.imageio import pil_to_tensor, tensor_to_pil, to_multiple_of_8
 from minidiff.models.layers import embed_timesteps
+from minidiff.models.prepack import return_freed_memory
 from minidiff.diffusion.schedulers import add_noise, make_sampler
 from minidiff.models.unet import ResBlock, SpatialTransformer
 
@@ -200,6 +201,8 @@ def run_plugin(sd, plugin, feats, image, steps, seed, bar=None, compile=False):
                                  f"{len(sampler.timesteps)} (t={int(t)})")
         if bar is not None:
             bar.update(1)
+    if x.device.type == "cpu":  # the encoder's and the steps' freed buffers go back before the decoder's
+        return_freed_memory()   # large ones are allocated: the peak of a CPU restore is the decode
     return tensor_to_pil(sd.vae.decode(x / sd.vae.cfg.latent_scale))
 
 

@@ -13,7 +13,6 @@ them in that order (`restore_photo`) and loads the models they need from files (
     out = restore_photo(models, load_image("photo.jpg"), prompt="please remove the rain")
     out.image.save("restored.png"); print(out.tasks, out.scores, out.resize)
 """
-import ctypes
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from minidiff.io.imageio import DEFAULT_MAX_SIDE, OFFICIAL_SHORT_SIDE, check_min
 from minidiff.io.loading import load_clip_vision, load_stable_diffusion
 from minidiff.plugin.plugin import check_fits, clip_features, restore
 from minidiff.plugin.files import find_plugins, load_plugin, load_selector
-from minidiff.models.prepack import prepack_convs
+from minidiff.models.prepack import prepack_convs, return_freed_memory
 from minidiff.plugin.selector import chosen_by_scores, composite_tasks, select
 
 # A rule upscaling the short side more than this many times gets a warning: the result is mostly invented.
@@ -40,16 +39,6 @@ class Models:
     plugins: dict
     selector: torch.nn.Module | None
     fake: bool = False
-
-
-def return_freed_memory():
-    """Give freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing). glibc serves blocks
-    under its mmap threshold (up to 32 MiB: every CLIP weight) from its heap and keeps them when freed, so
-    a dropped network would stay in the resident set until something of that size is allocated again."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator decides
-        pass
 
 
 def load_models(sd, clip, plugins, tasks=None, selector=None, dtype=torch.float32, device="cpu",

@@ -93,21 +93,24 @@ def weights_gib(module):
 
 
 def watch_stages(models, stages):
-    """Record, for each call of one restore's stages (CLIP vision, VAE encode, SCB + UNet: one entry per step,
-    VAE decode), its peak RSS above the RSS before it, and the RSS after it, into `stages`. Modules get
+    """Record, for each call of one restore's stages (CLIP vision, VAE encode, SCB and UNet: one entry per
+    step each, VAE decode), its seconds, peak RSS above the RSS before it, and the RSS after it, into `stages`. Modules get
     hooks (they hold no reference back, so a released CLIP tower is freed); the VAE's methods are wrapped."""
     def before():
         stages["_rss"] = rss_gib()
         reset_peak()
+        stages["_t"] = time.perf_counter()
 
     def after(name):
-        row = stages.setdefault(name, {"calls": 0, "transient_gib": 0.0})
+        row = stages.setdefault(name, {"calls": 0, "transient_gib": 0.0, "seconds": 0.0})
+        row["seconds"] = round(row["seconds"] + time.perf_counter() - stages["_t"], 3)
         row["calls"] += 1
         row["transient_gib"] = round(max(row["transient_gib"], rss_gib("VmHWM") - stages["_rss"]), 3)
         row["peak_gib"] = round(max(row.get("peak_gib", 0.0), rss_gib("VmHWM")), 3)
         row["rss_after_gib"] = round(rss_gib(), 3)
 
-    for name, module in (("clip vision", models.clip_vision), ("unet + scb step", models.sd.unet)):
+    scb = next(iter(models.plugins.values())).scb
+    for name, module in (("clip vision", models.clip_vision), ("scb step", scb), ("unet step", models.sd.unet)):
         module.register_forward_pre_hook(lambda m, a: before())
         module.register_forward_hook(lambda m, a, out, name=name: after(name))
     for name, attr in (("vae encode", "encode"), ("vae decode", "decode")):
@@ -127,7 +130,8 @@ def profile(kw):
     from minidiff.io.loading import load_clip_vision, load_stable_diffusion
     from minidiff.models.prepack import prepack_convs
     from minidiff.plugin.files import load_plugin
-    from minidiff.plugin.restoration import Models, restore_photo, return_freed_memory
+    from minidiff.models.prepack import return_freed_memory
+    from minidiff.plugin.restoration import Models, restore_photo
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[kw["dtype"]]
     torch.set_num_threads(kw["threads"])
     rows = {"start": {"rss_gib": round(rss_gib(), 3)}}
@@ -150,7 +154,7 @@ def profile(kw):
     photo = test_photo(kw["width"], kw["height"])
     restore_photo(models, photo, tasks=["derain"], max_side=0, steps=kw["steps"], progress=False,
                   release_clip=True)  # as tools/sample.py restores one photo
-    stages.pop("_rss")
+    stages.pop("_rss"), stages.pop("_t")
     # clear_refs resets the kernel's high-water mark (getrusage's too): the peak is the largest one recorded
     peak = max([rows["load peak"]["rss_gib"]] + [r["peak_gib"] for r in stages.values()])
     return {"load": rows, "restore": stages, "peak_gib": round(peak, 3)}
@@ -230,8 +234,9 @@ def print_profile(args, paths, sizes, tmp):
             sizes_text = ", ".join(f"{k[:-4]} {v}" for k, v in r.items() if k != "rss_gib")
             print(f"  load {name:14s} RSS {r['rss_gib']:6.2f} GiB  {sizes_text}")
         for name, r in row["restore"].items():
-            print(f"  run  {name:16s} x{r['calls']:<3d} transient +{r['transient_gib']:.2f} GiB, peak "
-                  f"{r['peak_gib']:.2f} GiB, RSS after {r['rss_after_gib']:.2f} GiB")
+            print(f"  run  {name:16s} x{r['calls']:<3d} {r['seconds']:7.2f} s, transient "
+                  f"+{r['transient_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB, RSS after "
+                  f"{r['rss_after_gib']:.2f} GiB")
         if args.json:
             with open(args.json + ".tmp", "w") as f:
                 json.dump(record, f, indent=1)
