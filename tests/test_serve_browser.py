@@ -5,7 +5,8 @@ presses a preset, checks the plan, runs, waits for the result and checks the bef
 the same page in a phone-sized window (390x844): one column, nothing wider than the screen.
 Skips where /usr/bin/chromium is absent, except under CI (.ci/run installs it), where that fails. About 20 s:
     python -m pytest tests/test_serve_browser.py -q
-MINIDIFF_SCREENSHOTS=docs also saves the screenshots the README shows (docs/serve.png, docs/serve-phone.png).
+MINIDIFF_SCREENSHOTS=docs also saves the screenshots the README shows (docs/serve.png, docs/serve-phone.png),
+on the small family (--model small) instead of random weights.
 """
 import json
 import os
@@ -30,7 +31,9 @@ def page():
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium for this test")
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    with Server("--fake-weights", "--max-side", "192") as url, Browser() as b:
+    # the README's screenshots show the small family's real restorations; the tests run on random weights
+    flags = ("--model", "small") if SHOTS else ("--fake-weights", "--max-side", "192")
+    with Server(*flags) as url, Browser() as b:
         b.viewport(1280, 900)
         b.goto(url + "/")
         yield url, b
@@ -54,7 +57,8 @@ def test_empty_state_shows_no_photo_and_no_downloads(page):
 def test_upload_preset_run_before_after(page):
     url, b = page
     assert b.wait("document.querySelectorAll('#presets button').length") == 8
-    assert "FAKE WEIGHTS" in element(b, "#warning", "!e.hidden && e.textContent")
+    if not SHOTS:
+        assert "FAKE WEIGHTS" in element(b, "#warning", "!e.hidden && e.textContent")
     b.set_files("#file", [PHOTO])  # as a user choosing the file
     b.wait("document.querySelector('#photo-info').textContent.includes('480×320')")
     assert b.wait("document.querySelector('#photo').naturalWidth") == 480  # the server's decoded preview
