@@ -66,7 +66,8 @@ GRAD_WEIGHT = 0.5  # weight of the L1 on horizontal/vertical image differences (
 
 
 def random_towers():
-    """The family's CLIP text and vision towers: random, seeded, in eval mode (never trained)."""
+    """The family's CLIP text and vision towers, random and seeded, in eval mode: the vision tower as shipped,
+    the text tower as the text stage's starting point."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TOWER_SEED)
         text = CLIPTextModel(SMALL_TEXT)
