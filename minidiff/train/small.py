@@ -41,6 +41,7 @@ from minidiff.models.vae import AutoencoderKL, VAEConfig
 from minidiff.plugin.plugin import PluginConfig
 from minidiff.train import rundir, runlog
 from minidiff.train.datasets import to_training_tensor
+from minidiff.train.instructions import combine
 from minidiff.train.seeding import generator_for
 
 # ------------------------------------------------------------------------------------------- the family
@@ -214,7 +215,6 @@ class TaskNamer(nn.Module):
 def text_examples(corpus, seed, combinations=1000):
     """(sentences, multi-hot task labels [N, tasks]) of one part of the instruction corpus: every sentence
     (irrelevant ones label no task) and `combinations` random multi-task requests (instructions.combine)."""
-    from minidiff.train.instructions import combine
     texts = corpus.labelled() + combine(corpus, combinations, seed)
     labels = torch.tensor([[float(t in ts) for t in corpus.tasks] for _, ts in texts])  # [N, tasks]
     return [text for text, _ in texts], labels

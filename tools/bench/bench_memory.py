@@ -94,18 +94,21 @@ def weights_gib(module):
 
 def watch_stages(models, stages):
     """Record, for each call of one restore's stages (CLIP vision, VAE encode, SCB and UNet: one entry per
-    step each, VAE decode), its seconds, peak RSS above the RSS before it, and the RSS after it, into `stages`. Modules get
-    hooks (they hold no reference back, so a released CLIP tower is freed); the VAE's methods are wrapped."""
+    step each, VAE decode), its seconds, peak RSS above the RSS before it, and the RSS after it, into
+    `stages`. Modules get hooks (they hold no reference back, so a released CLIP tower is freed); the VAE's
+    methods are wrapped."""
+    mark = {}  # RSS and clock when the running stage began
+
     def before():
-        stages["_rss"] = rss_gib()
+        mark["rss"] = rss_gib()
         reset_peak()
-        stages["_t"] = time.perf_counter()
+        mark["t"] = time.perf_counter()
 
     def after(name):
         row = stages.setdefault(name, {"calls": 0, "transient_gib": 0.0, "seconds": 0.0})
-        row["seconds"] = round(row["seconds"] + time.perf_counter() - stages["_t"], 3)
+        row["seconds"] = round(row["seconds"] + time.perf_counter() - mark["t"], 3)
         row["calls"] += 1
-        row["transient_gib"] = round(max(row["transient_gib"], rss_gib("VmHWM") - stages["_rss"]), 3)
+        row["transient_gib"] = round(max(row["transient_gib"], rss_gib("VmHWM") - mark["rss"]), 3)
         row["peak_gib"] = round(max(row.get("peak_gib", 0.0), rss_gib("VmHWM")), 3)
         row["rss_after_gib"] = round(rss_gib(), 3)
 
@@ -128,9 +131,8 @@ def profile(kw):
     the CLIP tower released after its features, as tools/sample.py does for one photo)."""
     import torch
     from minidiff.io.loading import load_clip_vision, load_stable_diffusion
-    from minidiff.models.prepack import prepack_convs
+    from minidiff.models.prepack import prepack_convs, return_freed_memory
     from minidiff.plugin.files import load_plugin
-    from minidiff.models.prepack import return_freed_memory
     from minidiff.plugin.restoration import Models, restore_photo
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[kw["dtype"]]
     torch.set_num_threads(kw["threads"])
@@ -154,7 +156,6 @@ def profile(kw):
     photo = test_photo(kw["width"], kw["height"])
     restore_photo(models, photo, tasks=["derain"], max_side=0, steps=kw["steps"], progress=False,
                   release_clip=True)  # as tools/sample.py restores one photo
-    stages.pop("_rss"), stages.pop("_t")
     # clear_refs resets the kernel's high-water mark (getrusage's too): the peak is the largest one recorded
     peak = max([rows["load peak"]["rss_gib"]] + [r["peak_gib"] for r in stages.values()])
     return {"load": rows, "restore": stages, "peak_gib": round(peak, 3)}

@@ -157,7 +157,7 @@ def measure_batch(sd, clip, plugin, photo, batch, steps, device, runs):
     from minidiff.plugin.plugin import clip_features
 
     def once():
-        feats = torch.cat([clip_features(clip, photo)] * batch)  # [B, 256, 1024]: one per photo
+        feats = torch.cat([clip_features(clip, photo) for _ in range(batch)])  # [B, 256, 1024]: as --batch
         return run_plugin_batch(sd, plugin, feats, [photo] * batch, steps, seed=42)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
