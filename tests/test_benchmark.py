@@ -72,18 +72,24 @@ def test_table_ratio_and_gemm_share():
 def test_main_prints_the_table_and_writes_json(tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def fake_bench(ctx):
-        seen["dtypes"], seen["runs"] = ctx.dtypes, ctx.args.runs
-        return fake_rows(), {"raw": 1}
+    def fake_bench(ctx, dtype):
+        seen.setdefault("dtypes", []).append(dtype)
+        seen["runs"] = ctx.args.runs
+        if dtype == "bf16":  # what --json held after the first dtype: that one's rows, "complete": false
+            seen["partial"] = json.loads(out.read_text())
+        return (fake_rows() if dtype == "fp32" else []), {"raw": 1}
     monkeypatch.setattr(benchmark, "BENCHMARKS", {"unet": fake_bench, "load": fake_bench})
     monkeypatch.setattr(benchmark, "gemm_gflops", lambda dtype, n: 400.0)
     out = tmp_path / "bench.json"
     benchmark.main(["--only", "unet", "--dtypes", "fp32,bf16", "--quick", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "| UNet forward 64x64 latents, 77 tokens, fp32, warm median (s) | 4.000 = 50% of GEMM" in printed
+    partial = seen.pop("partial")
     assert seen == {"dtypes": ["fp32", "bf16"], "runs": 1}  # --quick: one timed run
+    assert not partial["complete"] and len(partial["rows"]) == 3 and list(partial["raw"]["unet"]) == ["fp32"]
     doc = json.loads(out.read_text())
-    assert doc["gemm_gflops"] == {"fp32": 400.0, "bf16": 400.0} and doc["raw"] == {"unet": {"raw": 1}}
+    assert doc["gemm_gflops"] == {"fp32": 400.0, "bf16": 400.0}
+    assert doc["raw"] == {"unet": {"fp32": {"raw": 1}, "bf16": {"raw": 1}}} and doc["complete"]
     assert [r["ratio"] for r in doc["rows"]] == [0.8, 0.75, None]
     assert doc["rows"][0]["minidiff_gemm_peak_share"] == 0.5 and doc["rows"][0]["flops"] == 800e9
     assert doc["machine"]["cpu"]["model"] and doc["machine"]["threads"] >= 1
@@ -105,11 +111,12 @@ def test_unet_flops_equal_diffusers_count():
 
 
 def test_a_failed_benchmark_is_reported_and_the_others_still_print(monkeypatch, capsys):
-    def broken(ctx):
+    def broken(ctx, dtype):
         raise RuntimeError("the load worker (fp32) exited with 1")
-    monkeypatch.setattr(benchmark, "BENCHMARKS", {"load": broken, "unet": lambda ctx: (fake_rows(), {})})
+    monkeypatch.setattr(benchmark, "BENCHMARKS",
+                        {"load": broken, "unet": lambda ctx, dtype: (fake_rows(), {})})
     monkeypatch.setattr(benchmark, "gemm_gflops", lambda dtype, n: 400.0)
-    with pytest.raises(SystemExit, match="benchmark: load: the load worker"):
+    with pytest.raises(SystemExit, match=r"benchmark: load \(fp32\): the load worker"):
         benchmark.main(["--only", "load,unet", "--dtypes", "fp32"])
     assert "| restore peak RSS above start (MiB) | 3000 | 4000 | 0.75 |" in capsys.readouterr().out
 

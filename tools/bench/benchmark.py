@@ -23,6 +23,8 @@ Benchmarks (one function each, registered in BENCHMARKS; `--only a,b` picks some
            (64x64, 77 tokens: no warm kernels), and the process's peak RSS.
   features FID/KID feature extraction against clean-fid / pytorch-fid (in MINIDIFF_ORACLE_PYTHON's
            environment); only with --only.
+The run goes dtype by dtype (every benchmark in fp32, then in bf16) and rewrites --json after each benchmark,
+marked "complete": false until the end: a run cut short keeps what it measured.
 Each dtype of --dtypes (default fp32, and bf16 where /proc/cpuinfo shows avx512_bf16 or amx_bf16) gets ONE
 process that loads both libraries from the same file and measures unet, vae and restore in it, the libraries
 taking turns at every run (A B, then B A, ...): allocator, cache and CPU-frequency state touch both alike, and
@@ -240,8 +242,8 @@ class Context:
     """What the benchmarks share: arguments, preset, dtypes, the temp dir, the checkpoint written on first
     use, and the one in-process comparison per dtype (run on first use, for every IN_PROCESS part chosen)."""
 
-    def __init__(self, args, preset, dtypes, chosen, tmp):
-        self.args, self.preset, self.dtypes, self.chosen, self.tmp = args, preset, dtypes, chosen, tmp
+    def __init__(self, args, preset, chosen, tmp):
+        self.args, self.preset, self.chosen, self.tmp = args, preset, chosen, tmp
         self._ckpt, self._config, self._compared, self.failed = args.checkpoint, None, {}, []
         self.libs = [lib for lib in LIBS if lib == "minidiff" or versions()["diffusers"]]
 
@@ -539,66 +541,52 @@ def row(bench, figure, values, unit="s", dtype=None, flops=None):
             **{lib: values.get(lib) for lib in LIBS}}
 
 
-def bench_unet(ctx):
-    rows, raw = [], {}
-    for dtype in ctx.dtypes:
-        if ctx.compare(dtype) is None:
-            continue
-        raw[dtype] = r = ctx.compare(dtype)["unet"]
-        for m in r.values():
-            rows.append(row("unet", f"UNet forward {m['size']}x{m['size']} latents, {m['tokens']} tokens, "
-                            f"{dtype}, warm median (s)", _med(m["times_s"]), dtype=dtype, flops=m["flops"]))
-    return rows, raw
+def bench_unet(ctx, dtype):
+    if ctx.compare(dtype) is None:
+        return [], None
+    r = ctx.compare(dtype)["unet"]
+    rows = [row("unet", f"UNet forward {m['size']}x{m['size']} latents, {m['tokens']} tokens, {dtype}, warm "
+                "median (s)", _med(m["times_s"]), dtype=dtype, flops=m["flops"]) for m in r.values()]
+    return rows, r
 
 
-def bench_vae(ctx):
-    rows, raw = [], {}
-    for dtype in ctx.dtypes:
-        if ctx.compare(dtype) is None:
-            continue
-        raw[dtype] = r = ctx.compare(dtype)["vae"]
-        for name, m in r.items():
-            rows.append(row("vae", f"VAE {name} {m['size']}x{m['size']}, {dtype}, warm median (s)",
-                            _med(m["times_s"]), dtype=dtype))
-    return rows, raw
+def bench_vae(ctx, dtype):
+    if ctx.compare(dtype) is None:
+        return [], None
+    r = ctx.compare(dtype)["vae"]
+    rows = [row("vae", f"VAE {name} {m['size']}x{m['size']}, {dtype}, warm median (s)", _med(m["times_s"]),
+                dtype=dtype) for name, m in r.items()]
+    return rows, r
 
 
-def bench_restore(ctx):
-    rows, raw = [], {}
-    for dtype in ctx.dtypes:
-        if ctx.compare(dtype) is None:
-            continue
-        raw[dtype] = m = ctx.compare(dtype)["restore"]
-        what = f"Diff-Plugin restore {m['size']}x{m['size']}, {m['steps']} steps, {dtype}"
-        rows += [row("restore", f"{what} (s)", _med(m["times_s"]), dtype=dtype),
-                 row("restore", f"{what}, peak RSS above start (MiB)",
-                     {lib: max(v) for lib, v in m["peak_above_start_mb"].items()}, unit="MiB", dtype=dtype)]
-    return rows, raw
+def bench_restore(ctx, dtype):
+    if ctx.compare(dtype) is None:
+        return [], None
+    m = ctx.compare(dtype)["restore"]
+    what = f"Diff-Plugin restore {m['size']}x{m['size']}, {m['steps']} steps, {dtype}"
+    rows = [row("restore", f"{what} (s)", _med(m["times_s"]), dtype=dtype),
+            row("restore", f"{what}, peak RSS above start (MiB)",
+                {lib: max(v) for lib, v in m["peak_above_start_mb"].items()}, unit="MiB", dtype=dtype)]
+    return rows, m
 
 
-def bench_load(ctx):
+def bench_load(ctx, dtype):
     from minidiff.models.unet import UNetConfig
-    rows, raw = [], {}
-    for dtype in ctx.dtypes:
-        runs = {lib: [] for lib in ctx.libs}
-        for _ in range(ctx.args.load_repeats):  # alternate the libraries so both see a warm page cache
-            for lib in runs:
-                runs[lib].append(ctx.run("load", lib=lib, dtype=dtype, ckpt=ctx.checkpoint(),
-                                         config=ctx.diffusers_config()))
-        best = lambda key: {lib: min(r[key] for r in rs) for lib, rs in runs.items()}  # noqa: E731
-        print(f"load {dtype}: checksum of every 1024th weight value "
-              f"{ {lib: rs[0]['checksum'] for lib, rs in runs.items()} } (equal: the same weights)")
-        raw[dtype] = runs
-        rows += [row("load", f"load SD-1.5 single file, {dtype}, best (s)", best("seconds"), dtype=dtype),
-                 row("load", f"load + read every weight, {dtype}, best (s)", best("ready_seconds"),
-                     dtype=dtype),
-                 row("load", f"UNet first forward 64x64, 77 tokens, {dtype}, fresh process (s; minidiff: "
-                     "with prepack_convs)",
-                     best("first_forward_s"), dtype=dtype, flops=unet_flops(UNetConfig(), 64, 77)),
-                 row("load", f"peak RSS: load + first forward, {dtype} (MiB)",
-                     {lib: max(r["peak_rss_mb"] for r in rs) for lib, rs in runs.items()}, unit="MiB",
-                     dtype=dtype)]
-    return rows, raw
+    runs = {lib: [] for lib in ctx.libs}
+    for _ in range(ctx.args.load_repeats):  # alternate the libraries so both see a warm page cache
+        for lib in runs:
+            runs[lib].append(ctx.run("load", lib=lib, dtype=dtype, ckpt=ctx.checkpoint(),
+                                     config=ctx.diffusers_config()))
+    best = lambda key: {lib: min(r[key] for r in rs) for lib, rs in runs.items()}  # noqa: E731
+    print(f"load {dtype}: checksum of every 1024th weight value "
+          f"{ {lib: rs[0]['checksum'] for lib, rs in runs.items()} } (equal: the same weights)")
+    rows = [row("load", f"load SD-1.5 single file, {dtype}, best (s)", best("seconds"), dtype=dtype),
+            row("load", f"load + read every weight, {dtype}, best (s)", best("ready_seconds"), dtype=dtype),
+            row("load", f"UNet first forward 64x64, 77 tokens, {dtype}, fresh process (s; minidiff: with "
+                "prepack_convs)", best("first_forward_s"), dtype=dtype, flops=unet_flops(UNetConfig(), 64, 77)),
+            row("load", f"peak RSS: load + first forward, {dtype} (MiB)",
+                {lib: max(r["peak_rss_mb"] for r in rs) for lib, rs in runs.items()}, unit="MiB", dtype=dtype)]
+    return rows, runs
 
 
 def _med(times):
@@ -669,8 +657,9 @@ def worker_features(kw):
             "shape": list(feats.shape), "threads": torch.get_num_threads()}
 
 
-def bench_features(ctx):
-    """Images/s of FID/KID feature extraction: minidiff vs clean-fid (CLIP) / pytorch-fid (Inception)."""
+def bench_features(ctx, dtype):
+    """Images/s of FID/KID feature extraction: minidiff vs clean-fid (CLIP) / pytorch-fid (Inception), fp32
+    whatever `dtype` (run once, with the first dtype)."""
     a = ctx.args
     images = write_feature_images(os.path.join(ctx.tmp, "feature-images"), a.feature_images)
     oracle = os.environ.get("MINIDIFF_ORACLE_PYTHON")
@@ -850,37 +839,35 @@ def worker_train(kw):
     return out
 
 
-def bench_train(ctx):
+def bench_train(ctx, dtype):
     """One Task-Plugin training step, minidiff vs the official step rebuilt from diffusers + transformers,
     alternating in one process on the same frozen weights; a profile of where the time goes."""
     a = ctx.args
     if "diffusers" not in ctx.libs:
         raise RuntimeError("the train benchmark needs diffusers + transformers (the reference step)")
     size = ctx.preset["train"]
-    r = ctx.run("train", size=size, dtypes=ctx.dtypes, steps=a.train_steps, warmup=a.train_warmup,
+    r = ctx.run("train", size=size, dtypes=[dtype], steps=a.train_steps, warmup=a.train_warmup,
                 profile=not a.no_train_profile, seed=a.seed)
-    rows = []
-    for name in ctx.dtypes:
-        m, d = r[name]["minidiff"], r[name]["diffusers"]
-        print(f"train {name}: first loss {m['warmup_loss'][0]:.6f} / {d['warmup_loss'][0]:.6f} (same weights "
-              f"and inputs); frozen weights {r[name]['frozen_weights_mb']:.0f} MiB shared by both; process "
-              f"peak RSS {r['process_peak_rss_mb']:.0f} MiB")
-        for lib, x in (("minidiff", m), ("diffusers", d)):
-            if "profile" in x:
-                p = x["profile"]
-                total = sum(p["regions_ms"].get(k, 0) for k in ("forward", "backward", "optimizer"))
-                parts = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in p["regions_ms"].items())
-                kinds = ", ".join(f"{k} {100 * v / total:.0f}%"
-                                  for k, v in sorted(p["kinds_ms"].items(), key=lambda kv: -kv[1]))
-                top = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in list(p["top_ops_ms"].items())[:5])
-                print(f"  profile {name} {lib} (s, regions include children): {parts}\n"
-                      f"    self time by kind: {kinds}\n    top ops (s): {top}")
-        what = f"training step {size}x{size}, batch 1, {name}"
-        rows += [row("train", f"{what}, median (s)", {"minidiff": m["median_s"], "diffusers": d["median_s"]},
-                     dtype=name),
-                 row("train", f"{what}, peak RSS above pre-step (MiB)",
-                     {lib: max(x["step_peak_mb"]) for lib, x in (("minidiff", m), ("diffusers", d))},
-                     unit="MiB", dtype=name)]
+    m, d = r[dtype]["minidiff"], r[dtype]["diffusers"]
+    print(f"train {dtype}: first loss {m['warmup_loss'][0]:.6f} / {d['warmup_loss'][0]:.6f} (same weights and "
+          f"inputs); frozen weights {r[dtype]['frozen_weights_mb']:.0f} MiB shared by both; process peak RSS "
+          f"{r['process_peak_rss_mb']:.0f} MiB")
+    for lib, x in (("minidiff", m), ("diffusers", d)):
+        if "profile" in x:
+            p = x["profile"]
+            total = sum(p["regions_ms"].get(k, 0) for k in ("forward", "backward", "optimizer"))
+            parts = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in p["regions_ms"].items())
+            kinds = ", ".join(f"{k} {100 * v / total:.0f}%"
+                              for k, v in sorted(p["kinds_ms"].items(), key=lambda kv: -kv[1]))
+            top = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in list(p["top_ops_ms"].items())[:5])
+            print(f"  profile {dtype} {lib} (s, regions include children): {parts}\n"
+                  f"    self time by kind: {kinds}\n    top ops (s): {top}")
+    what = f"training step {size}x{size}, batch 1, {dtype}"
+    rows = [row("train", f"{what}, median (s)", {"minidiff": m["median_s"], "diffusers": d["median_s"]},
+                dtype=dtype),
+            row("train", f"{what}, peak RSS above pre-step (MiB)",
+                {lib: max(x["step_peak_mb"]) for lib, x in (("minidiff", m), ("diffusers", d))}, unit="MiB",
+                dtype=dtype)]
     return rows, r
 
 
@@ -987,27 +974,47 @@ def parse_args(argv, cpu):
     return args, preset, chosen, dtypes
 
 
-def run_benchmarks(args, preset, dtypes, chosen):
-    """Run each chosen benchmark in a shared temp dir. Returns (table rows, {name: raw figures}, failures):
-    a benchmark that fails is reported on stderr and skipped, and the others still count."""
+def run_benchmarks(args, preset, dtypes, chosen, save):
+    """Run each chosen benchmark in a shared temp dir, dtype by dtype (all of fp32 first: a run cut short
+    keeps whole dtypes), calling save(rows, raw) after each one. Returns (table rows, {name: {dtype: raw
+    figures}}, failures): a benchmark that fails is reported on stderr and skipped, and the others still
+    count. features runs once, with the first dtype."""
     rows, raw = [], {}
     with tempfile.TemporaryDirectory(prefix="minidiff-bench-") as tmp:
-        ctx = Context(args, preset, dtypes, chosen, tmp)
+        ctx = Context(args, preset, chosen, tmp)
         if "diffusers" not in ctx.libs:
             print("note: diffusers is not installed; only minidiff is measured")
-        for name in chosen:
-            try:
-                r, raw[name] = BENCHMARKS[name](ctx)
-            except RuntimeError as e:
-                ctx.failed.append(f"benchmark: {name}: {e}")
-                print(ctx.failed[-1], file=sys.stderr, flush=True)
-                continue
-            rows += r
+        for dtype in dtypes:
+            for name in chosen:
+                if name == "features" and dtype != dtypes[0]:
+                    continue
+                try:
+                    r, raw.setdefault(name, {})[dtype] = BENCHMARKS[name](ctx, dtype)
+                except RuntimeError as e:
+                    ctx.failed.append(f"benchmark: {name} ({dtype}): {e}")
+                    print(ctx.failed[-1], file=sys.stderr, flush=True)
+                    continue
+                rows += r
+                save(rows, raw)
     return rows, raw, ctx.failed
 
 
+def write_json(path, rows, raw, machine, gemm, args, preset, minutes):
+    """The rows (with ratio and GEMM share), the machine and every raw figure; `minutes` None while the run
+    goes on ("complete": false). Written to a temp name, then renamed: never half a file."""
+    for r in rows:
+        r["ratio"] = ratio(r)
+        r.update({f"{lib}_gemm_peak_share": peak_share(r, lib, gemm) for lib in LIBS})
+    doc = {"machine": machine, "gemm_gflops": gemm, "gemm_n": preset["gemm"], "complete": minutes is not None,
+           "minutes": minutes, "args": vars(args), "rows": rows, "raw": raw}
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
-    """Measure, print the table (and --json); exits with the failed benchmarks' lines if any failed."""
+    """Measure, print the table (and --json, rewritten after every benchmark); exits with the failed
+    benchmarks' lines if any failed."""
     cpu = cpu_info()
     args, preset, chosen, dtypes = parse_args(argv, cpu)
     print("benchmark:", vars(args), flush=True)
@@ -1019,19 +1026,16 @@ def main(argv=None):
     machine = {"cpu": cpu, "versions": versions(), "threads": torch.get_num_threads(),
                "python": platform.python_version(), "load_start": load_start}
     print("GEMM peak:", {d: round(g) for d, g in gemm.items()}, "GFLOP/s", flush=True)
-    rows, raw, failed = run_benchmarks(args, preset, dtypes, chosen)
+
+    def save(rows, raw, minutes=None):
+        if args.json:
+            machine["load_end"] = os.getloadavg()[0]
+            write_json(args.json, rows, raw, machine, gemm, args, preset, minutes)
+    rows, raw, failed = run_benchmarks(args, preset, dtypes, chosen, save)
     minutes, machine["load_end"] = (time.perf_counter() - start) / 60, os.getloadavg()[0]
     print("\n" + format_table(rows, machine, gemm, preset["gemm"]))
     print(f"\n(the whole run took {minutes:.1f} min)")
-    if args.json:
-        for r in rows:
-            r["ratio"] = ratio(r)
-            r.update({f"{lib}_gemm_peak_share": peak_share(r, lib, gemm) for lib in LIBS})
-        doc = {"machine": machine, "gemm_gflops": gemm, "gemm_n": preset["gemm"], "minutes": minutes,
-               "args": vars(args), "rows": rows, "raw": raw}
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+    save(rows, raw, minutes)
     if failed:
         sys.exit("\n".join(failed))
 
