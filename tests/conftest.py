@@ -8,13 +8,22 @@ reference libraries, the slow ones included.
 Threads: every test runs torch on ONE thread, and subprocesses the tests start inherit OMP_NUM_THREADS=1.
 The networks here are tiny, and on a shared 2-core machine two oversubscribed threads run them several times
 slower. MINIDIFF_TEST_THREADS=N gives each test N threads instead; 0 leaves torch's default (all cores).
+
+Watchdog: a test that runs longer than MINIDIFF_TEST_TIMEOUT seconds (default 1500; 0 = none) fails there,
+after printing every thread's stack and the processes it started, so that one hung test (a subprocess that
+never answers, a collective waiting for a lost rank) costs one test and says where, not the whole CI budget.
 """
+import faulthandler
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 THREADS_ENV = "MINIDIFF_TEST_THREADS"
+TIMEOUT_ENV = "MINIDIFF_TEST_TIMEOUT"
 
 
 def threads_per_test():
@@ -66,3 +75,34 @@ def one_thread():
         torch.set_num_threads(wanted)
     yield
     torch.set_num_threads(n)
+
+
+def timeout_per_test():
+    """Seconds a test may run: $MINIDIFF_TEST_TIMEOUT, default 1500 (the slowest test takes ~9 min); 0 = none."""
+    value = os.environ.get(TIMEOUT_ENV, "1500")
+    if not value.isdigit():
+        raise pytest.UsageError(f"{TIMEOUT_ENV}={value!r}: give whole seconds (0 = no limit)")
+    return int(value)
+
+
+@pytest.fixture(autouse=True)
+def watchdog(request):
+    """SIGALRM after timeout_per_test() seconds: the stacks of every thread and this process's children go to
+    stderr, then the test fails with one line (the exception interrupts a blocking wait in the test)."""
+    limit = timeout_per_test()
+    if not limit or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(signum, frame):
+        sys.stderr.write(f"\n{request.node.nodeid}: over {limit} s; stacks and child processes:\n")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        ps = subprocess.run(["ps", "-o", "pid,etimes,pcpu,rss,args", "--ppid", str(os.getpid())],
+                            capture_output=True, text=True)
+        sys.stderr.write(ps.stdout)
+        raise pytest.fail.Exception(f"test ran over {limit} s ({TIMEOUT_ENV})")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(limit)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
