@@ -161,6 +161,7 @@ def _ddp_worker(rank, world, port, out):
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))[2 * rank:2 * rank + 2]
     model(x).backward()
     torch.save([p.grad for p in model.module.parameters()], f"{out}/grads-{rank}.pt")
+    del model  # before the group, as tools/train.py does: the other order can hang in gloo's destructor
     trainer.cleanup_distributed(dist)
 
 

@@ -314,6 +314,7 @@ def train(args):
         if start >= args.steps:  # nothing left to train: rewrite the outputs of the last step
             save_outputs(start)
         print(f"wrote {plugin_path} (step {max(start, args.steps)})")
+    del model  # the DDP wrapper goes before its process group (trainer.cleanup_distributed)
     trainer.cleanup_distributed(dist)
     return 0
 

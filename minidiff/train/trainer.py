@@ -29,6 +29,7 @@ A training tool uses it like this (every rank runs the same code; rank 0 alone w
         if step % every == 0:
             run.save_checkpoint(step, tensors, optimizer.state_dict(), data_position=step * batch)
     runlog.plot_loss(run.path / "log.csv", run.path / "loss.png")
+    del model                                                      # the DDP wrapper before its process group
     trainer.cleanup_distributed(dist)
 
 Sample bookkeeping: the global batch of update `step` holds the global sample numbers
@@ -134,6 +135,10 @@ def join_process_group(dist):
 
 
 def cleanup_distributed(dist):
+    """Destroy the process group. Drop the DDP wrapper first (`del model`): a wrapper freed after its group
+    can hang the process for good on gloo (torch 2.13: ~ProcessGroupGloo, run from the wrapper's deallocation,
+    joins its worker thread while holding the GIL, and that thread needs the GIL to free the last collective's
+    state; seen in 4 of 8 runs of tests/test_train_gpu_paths.py's DDP test)."""
     if dist.world_size > 1 and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
