@@ -9,8 +9,9 @@ the explicit-attention path (softmax probabilities rounded before @ v: 10x that;
 timestep embedding is computed in fp32 and rounded once to bf16, as diffusers does.
 One exception, fixed in minidiff: PyTorch's channels-last CPU GroupNorm (minidiff's activations are
 channels-last) takes the variance as E[x^2] - E[x]^2 and loses digits when a group's mean is large against its
-spread (bf16 6.4e-1, fp32 2.7e-2 at mean/std 200); minidiff.models.layers.GroupNorm centres each group in fp32
-first. Found per op with hooks (bf16 module on its actual bf16 input vs its fp32 twin on the same input): every
+spread (bf16 6.4e-1, fp32 2.7e-2 at mean/std 200); minidiff.models.layers.GroupNorm shifts each group by its
+mean first (fp32: the exact mean; bf16: a sampled estimate, applied only where the mean is over 4 standard
+deviations from zero; both leave the output's rounding as the only error, per op against fp64). Found per op with hooks (bf16 module on its actual bf16 input vs its fp32 twin on the same input): every
 Linear, conv, LayerNorm and attention of the tiny UNet gave the same bf16 output as diffusers' bit for bit, up to
 the first channels-last GroupNorm whose input mean was off zero (seed 0 input_blocks.2.1.norm); with contiguous
 GroupNorm inputs minidiff's UNet matches diffusers' bf16 output exactly (1.00x, seeds 0-2), and before the fix

@@ -57,25 +57,35 @@ def embed_timesteps(timesteps, x, dim):
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state-dict keys) that subtracts each group's mean before PyTorch's
+    """nn.GroupNorm (same parameters and state-dict keys) that shifts each group towards zero before PyTorch's
     channels-last CPU kernel.
 
     minidiff's conv kernels load channels-last, so UNet and VAE activations are channels-last. PyTorch's
     channels-last GroupNorm (CPU, torch 2.x) takes the variance as E[x^2] - E[x]^2, which cancels when a group's
     mean is large against its spread: measured against fp64 on [1, 320, 64, 64] at mean/std 20 and 200, fp32
     errs 2.2e-4 and 2.7e-2 (the contiguous kernel 4e-7 and 3e-6), bf16 6.2e-3 and 6.4e-1 (bf16 rounding: 3e-3).
-    Centred in fp32 first (same result in exact arithmetic), it errs 3e-7 in fp32 and 3e-3 in bf16 (the output's
-    rounding). Costs about 3x a plain channels-last GroupNorm; contiguous (NCHW) inputs go straight to
-    F.group_norm, whose kernel is accurate.
+    GroupNorm(x) = GroupNorm(x - k) for any k shared by a group, so:
+      fp32: k = the group's mean (computed in full); errs 3e-7, about 2x the plain kernel's time.
+      bf16: k = the group's mean estimated on a 16 x 16 sample of each channel, and 0 where that mean is
+            within 4 standard deviations of zero (there the kernel's cancellation is harmless, and x - 0 is
+            exact, while x - k would round once more in bf16). Same error as the fp32-centred way (the
+            output's rounding), at 1/3 of its time: a full-precision mean would copy x to fp32 first
+            ([1, 128, 512, 512], the VAE decoder's last level: 160 ms -> 54 ms; plain kernel 29 ms).
+    Contiguous (NCHW) inputs go straight to F.group_norm, whose kernel is accurate.
     """
 
     def forward(self, x):
         if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        B, C = x.shape[:2]
+        B, C, H, W = x.shape
         G = self.num_groups
-        xf = x.float()  # fp32 statistics; no copy when x is fp32. Stays channels-last.
-        mean = xf.mean(dim=(2, 3)).view(B, G, C // G).mean(-1)  # [B, G]: equal-size channels, so mean of means
-        xf = xf - mean.repeat_interleave(C // G, dim=1)[:, :, None, None]  # [B, C, H, W], group means ~0
-        w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
-        return F.group_norm(xf, G, w, b, self.eps).to(x.dtype)
+        if x.dtype == torch.float32:
+            mean = x.mean(dim=(2, 3)).view(B, G, C // G).mean(-1)  # [B, G]: equal-size channels: mean of means
+            x = x - mean.repeat_interleave(C // G, dim=1)[:, :, None, None]  # [B, C, H, W], group means ~0
+            return F.group_norm(x, G, self.weight, self.bias, self.eps)
+        sample = x[:, :, ::max(1, H // 16), ::max(1, W // 16)].float()  # [B, C, <=16, <=16]
+        mean = sample.mean(dim=(2, 3)).view(B, G, C // G).mean(-1)  # [B, G]
+        square = sample.square().mean(dim=(2, 3)).view(B, G, C // G).mean(-1)  # [B, G]: E[x^2]
+        far = mean.square() > 16 * (square - mean.square())  # |mean| > 4 std
+        shift = torch.where(far, mean, torch.zeros_like(mean)).repeat_interleave(C // G, dim=1)  # [B, C]
+        return F.group_norm(x - shift[:, :, None, None].to(x.dtype), G, self.weight, self.bias, self.eps)
