@@ -85,7 +85,7 @@ class GroupNorm(nn.GroupNorm):
             return F.group_norm(x, G, self.weight, self.bias, self.eps)
         sample = x[:, :, ::max(1, H // 16), ::max(1, W // 16)].float()  # [B, C, <=16, <=16]
         mean = sample.mean(dim=(2, 3)).view(B, G, C // G).mean(-1)  # [B, G]
-        square = sample.square().mean(dim=(2, 3)).view(B, G, C // G).mean(-1)  # [B, G]: E[x^2]
-        far = mean.square() > 16 * (square - mean.square())  # |mean| > 4 std
+        var = sample.square().mean(dim=(2, 3)).view(B, G, C // G).mean(-1) - mean.square()  # [B, G]
+        far = mean.square() > 16 * var  # |mean| > 4 std
         shift = torch.where(far, mean, torch.zeros_like(mean)).repeat_interleave(C // G, dim=1)  # [B, C]
         return F.group_norm(x - shift[:, :, None, None].to(x.dtype), G, self.weight, self.bias, self.eps)

@@ -1005,9 +1005,8 @@ def run_benchmarks(args, preset, dtypes, chosen, save):
 def write_json(path, rows, raw, machine, gemm, args, preset, minutes):
     """The rows (with ratio and GEMM share), the machine and every raw figure; `minutes` None while the run
     goes on ("complete": false). Written to a temp name, then renamed: never half a file."""
-    for r in rows:
-        r["ratio"] = ratio(r)
-        r.update({f"{lib}_gemm_peak_share": peak_share(r, lib, gemm) for lib in LIBS})
+    rows = [{**r, "ratio": ratio(r), **{f"{lib}_gemm_peak_share": peak_share(r, lib, gemm) for lib in LIBS}}
+            for r in rows]
     doc = {"machine": machine, "gemm_gflops": gemm, "gemm_n": preset["gemm"], "complete": minutes is not None,
            "minutes": minutes, "args": vars(args), "rows": rows, "raw": raw}
     with open(path + ".tmp", "w") as f:
