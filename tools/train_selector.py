@@ -14,7 +14,8 @@ RUN_DIR (--output) gets selector.safetensors (for tools/sample.py --selector), P
 --export-official (the official demo.py loads it), checkpoints/step-NNNNNN/, log.csv, loss.png, config.json.
 --fake-weights: random tiny networks; without --images, 8 random photos per corpus task.
 --loss decoupled|infonce|supcon: the reading of eq. 6 (default supcon, by tools/bench/selector_ablation.py;
-README "Which loss"); logit_scale is kept out of AdamW's weight decay.
+README "Which loss"); sigmoid: the selection rule (score > 0) trained directly, the small family's choice;
+logit_scale is kept out of AdamW's weight decay.
 Exit status (tools/_cli.py, README): 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data
 (one line); 3 the loss became NaN/inf; 130 Ctrl-C, 143 SIGTERM (the last checkpoint stays the latest). Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/train/selector_training.py.
 """
@@ -56,10 +57,12 @@ def parse_args(argv=None):
     a("--batch-size", type=int_range(1), default=8, help="photos per update, one positive instruction each (paper: 8)")
     a("--negatives", type=int_range(1), default=7, help="negative instructions per photo, N of eq. 6 (paper: 7)")
     a("--lr", type=positive_float, default=1e-5, help="constant AdamW learning rate (paper: 1e-5)")
-    a("--loss", choices=["decoupled", "infonce", "supcon"], default="supcon",
+    a("--loss", choices=list(st.LOSSES), default="supcon",
       help="reading of eq. 6: decoupled (literal: each photo's own texts, positive out of the denominator), "
            "infonce (all texts of the batch, positive in, same-task texts masked), supcon (all texts of "
-           "the batch, same-task texts are positives; the default, by the README's ablation)")
+           "the batch, same-task texts are positives; the default, by the README's ablation), sigmoid (not "
+           "eq. 6: every plugin's score on each photo against every text, binary label 'asks for it', "
+           "the selection rule score > 0 trained directly; the small family's recipe)")
     a("--seed", type=int, default=0, help="seed of the initial weights, the text combinations, the batches")
     a("--init", help="start from this selector (official PromptTunner.pt or minidiff .safetensors)")
     a("--checkpoint-every", type=int_range(1), default=500, help="write a checkpoint every K steps (and at the end)")
@@ -178,9 +181,12 @@ def train(args):
     bar = runlog.progress(args.steps, min(start, args.steps), dist)
     for step in range(start + 1, args.steps + 1):
         batch = st.draw_batch(args.seed, step, per_task, texts, args.batch_size, args.negatives)
-        visual = photo_feats[batch.photos, batch.tasks]  # [B, D]: each photo through its own task's plugin
+        if args.loss == "sigmoid":
+            visual = photo_feats[batch.photos]  # [B, P, D]: each photo through every plugin
+        else:
+            visual = photo_feats[batch.photos, batch.tasks]  # [B, D]: each photo through its own task's plugin
         loss, cos = st.batch_loss(selector, visual, text_table[batch.texts], batch.indicator, args.loss,
-                                  batch.same)  # eq. 6, read as --loss says
+                                  batch.same, batch.asks, batch.tasks)  # as --loss says
         rundir.check_finite(loss.detach(), step, run)
         st.update(selector, optimizer, loss)
         log.write({"step": step, "loss": loss.item(), "logit_scale": selector.logit_scale.item(),

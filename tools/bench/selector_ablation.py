@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Ablation of the Plugin-Selector's loss: tools/train_selector.py then tools/eval_selector.py for each
---loss (decoupled, infonce, supcon) and seed, and a table of ZTA / mAP / CF1 on the three settings of the
+--loss (decoupled, infonce, supcon, sigmoid) and seed, and a table of ZTA / mAP / CF1 on the three settings of the
 paper's Table 5 (held-out instructions), mean and spread over the seeds.
 
     python tools/bench/selector_ablation.py --fake-weights --output runs/selector-ablation      # tiny random nets
@@ -13,8 +13,8 @@ Writes OUTPUT/ablation.md (the table, the commands, the winner) and OUTPUT/ablat
 metrics and command), atomically; the runs themselves in OUTPUT/<loss>-seed<k>/ (a second call reuses
 finished runs: delete a run folder to redo it). The winner: the highest mean of ZTA, mAP and CF1 over the
 three settings (seed means). One metric alone misleads here: ZTA and CF1 at theta = 0 depend on where the
-scores' zero falls, which none of the three losses pins (they see score differences only), and mAP is blind
-to the threshold.
+scores' zero falls, which none of the three eq. 6 readings pins (they see score differences only; sigmoid
+trains it), and mAP is blind to the threshold.
 --fake-tasks T1 T2 ...: with --fake-weights, write seeded random photos for only these tasks (8 training,
 4 held-out per task) and train/evaluate on them (the tools' --images), instead of every corpus task.
 """
@@ -28,7 +28,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-LOSSES = ("decoupled", "infonce", "supcon")
+LOSSES = ("decoupled", "infonce", "supcon", "sigmoid")
 SETTINGS = ("single-task", "multi-task", "single+non")
 METRICS = ("ZTA", "mAP", "CF1")
 
