@@ -42,7 +42,7 @@ def quick_family(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_recipe_writes_every_stage_and_ships_a_verified_family(quick_family):
     run_dir, ship = quick_family / "run", quick_family / "checkpoints" / "small"
-    for stage in ("vae", "text", "unet"):  # each a training run of the trainer's machinery
+    for stage in ("vae", "decoder", "text", "unet"):  # each a training run of the trainer's machinery
         assert (run_dir / stage / "log.csv").is_file() and (run_dir / stage / "loss.png").is_file()
         assert list((run_dir / stage / "checkpoints").glob("step-*"))
     assert (run_dir / "unet" / "samples.png").is_file()
@@ -65,6 +65,46 @@ def test_quick_recipe_writes_every_stage_and_ships_a_verified_family(quick_famil
     sd = load_stable_diffusion(str(ship / "sd.safetensors"))
     assert sd.vae.cfg.latent_scale == pytest.approx(latents[2], rel=1e-12)
     assert sd.unet.cfg.model_channels == small.SMALL_UNET.model_channels
+    # the decoder stage trained the decoder side only: the encoder (hence the latents) is the vae stage's
+    vae, tuned = load_file(run_dir / "vae" / "vae.safetensors"), load_file(run_dir / "decoder" / "vae.safetensors")
+    decoder_side = [k for k in vae if k.startswith(("decoder.", "post_quant_conv."))]
+    assert decoder_side and all(torch.equal(vae[k], tuned[k]) for k in vae if k not in decoder_side)
+    assert any(not torch.equal(vae[k], tuned[k]) for k in decoder_side)
+    for k, v in tuned.items():  # and the shipped VAE is the decoder stage's
+        assert torch.equal(shipped["first_stage_model." + k], v.half()), k
+
+
+@pytest.mark.slow
+def test_start_from_a_shipped_family_trains_only_what_it_lacks(quick_family, tmp_path):
+    source = quick_family / "checkpoints" / "small"
+    ship = tmp_path / "ship"
+    proc = run(RECIPE + ["--data", "examples", "--output", str(tmp_path / "run"), "--quick", "--threads", "1",
+                         "--start-from", str(source), "--ship", str(ship)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("vae", "text", "unet"):  # taken as finished: never trained here
+        assert not (tmp_path / "run" / stage / "log.csv").exists()
+    assert (tmp_path / "run" / "decoder" / "log.csv").is_file()  # the decoder stage ran on top
+    a, b = load_file(source / "sd.safetensors"), load_file(ship / "sd.safetensors")
+    for k in a:  # UNet, text tower and VAE encoder as shipped; only the decoder side moved
+        if not k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv.")):
+            assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("first_stage_model.decoder."))
+    scale = load_stable_diffusion(str(source / "sd.safetensors")).vae.cfg.latent_scale
+    assert load_stable_diffusion(str(ship / "sd.safetensors")).vae.cfg.latent_scale == scale
+    for path in (source / "plugins").glob("*.safetensors"):
+        x, y = load_file(path), load_file(ship / "plugins" / path.name)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    verify_small(ship)
+
+
+def test_start_from_refuses_a_bad_family_and_resume(tmp_path):
+    proc = run(RECIPE + ["--data", "examples", "--output", str(tmp_path / "run"), "--quick",
+                         "--start-from", str(tmp_path / "nope")])
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--start-from" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = run(RECIPE + ["--data", "examples", "--output", str(tmp_path / "run"), "--quick", "--resume",
+                         "--start-from", "checkpoints/small"])
+    assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
 @pytest.mark.slow

@@ -10,12 +10,16 @@ Stages, in order, each a training run of its own under --output with log.csv, lo
 --resume continues bit-identically (a finished stage is skipped):
     vae/       SD's AutoencoderKL at reduced widths on random 64 px crops (minidiff.train.small.vae_loss)
     latents    the VAE posterior of random 128 px crops; the latent scale = 1 / std (SD's rule for 0.18215)
+    decoder/   the VAE's decoder trained on, its encoder frozen (SD's ft-MSE way): the latents stay valid
     text/      the CLIP text tower, trained to name the tasks of the instruction corpus's training sentences
     unet/      SD's UNet at reduced widths, epsilon prediction on SD's DDPM schedule, null context
     base/      sd.safetensors (SD single-file layout, latent scale in its metadata) + clip_vision.safetensors
     plugins/   one Task-Plugin per task: tools/train.py --degrade TASK on the small base
     selector/  the Plugin-Selector: tools/train_selector.py on degraded photos of each task
 --ship DIR then writes the family, fp16, with manifest.json (sha256 of every file) into DIR.
+--start-from DIR (a shipped family, e.g. checkpoints/small) begins a new --output with that family's VAE,
+latent scale, text tower, UNet and plugins as finished stages (fp16 -> fp32), so that the stages a newer
+recipe adds or changes run on top of them without retraining the rest.
 Exit status as every tool (README): 0 done, 1 failed, 2 bad command line or data, 3 non-finite loss,
 130 Ctrl-C, 143 SIGTERM.
 """
@@ -50,17 +54,18 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # on a laptop"); quick = the same code paths at tiny sizes, for CI.
 RECIPES = {
     "full": dict(size=small.SIZE, vae_steps=3000, vae_batch=16, vae_crop=small.VAE_CROP, vae_lr=2e-4,
+                 decoder_steps=3000, decoder_lr=1e-4,
                  crops_per_photo=24, text_steps=1500, text_batch=64, text_lr=1e-3,
                  unet_steps=3000, unet_batch=16, unet_lr=2e-4, every=250,
                  tasks=TASKS, plugin_steps=800, plugin_batch=8, plugin_lr=1e-3, val_pairs=4,
-                 selector_photos=24, selector_steps=1500, selector_lr=5e-4, selector_loss="infonce"),
-    "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4,
+                 selector_photos=24, selector_steps=1500, selector_lr=5e-4, selector_loss="sigmoid"),
+    "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4, decoder_steps=2, decoder_lr=1e-4,
                   crops_per_photo=2, text_steps=3, text_batch=8, text_lr=1e-3,
                   unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
                   tasks=small.QUICK_TASKS, plugin_steps=2, plugin_batch=2, plugin_lr=2e-4, val_pairs=1,
-                  selector_photos=4, selector_steps=3, selector_lr=5e-4, selector_loss="infonce"),
+                  selector_photos=4, selector_steps=3, selector_lr=5e-4, selector_loss="sigmoid"),
 }
-STAGES = ("vae", "latents", "text", "unet", "base", "plugins", "selector")
+STAGES = ("vae", "latents", "decoder", "text", "unet", "base", "plugins", "selector")
 
 
 def parse_args(argv=None):
@@ -72,6 +77,8 @@ def parse_args(argv=None):
     a("--quick", action="store_true", help="tiny sizes and step counts: proves the recipe runs (CI)")
     a("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage (the earlier ones run first)")
     a("--resume", action="store_true", help="continue the recipe in --output (finished stages are skipped)")
+    a("--start-from", help="a shipped family (e.g. checkpoints/small): its VAE, latent scale, text tower, UNet "
+                           "and plugins become this new --output's finished stages; the rest runs on top")
     a("--seed", type=int_range(0), default=0, help="seed of every initialisation, crop and noise")
     a("--threads", type=int_range(0), default=0, help="torch threads (0: torch's default, all cores)")
     a("--jobs", type=int_range(1), default=1, help="Task-Plugins trained at once (one torch thread each)")
@@ -129,6 +136,65 @@ def stage_vae(out, photos, r, args):
               fields=("step", "loss", "l1", "grad", "kl"), desc="vae")
     small.save_net(vae, done)
     return vae
+
+
+def stage_decoder(out, vae, photos, r, args):
+    """The VAE's decoder trained on with its encoder frozen, as SD's own decoder was (sd-vae-ft-mse): the
+    posterior, hence the latents and everything trained on them, stays as it was; the same loss, and the
+    stream of crops continues where the vae stage's ended. decoder/vae.safetensors marks the stage done."""
+    done = out / "decoder" / "vae.safetensors"
+    if done.exists():
+        return small.load_net(vae, done)
+    settings = {k: r[k] for k in ("decoder_steps", "decoder_lr", "vae_batch", "vae_crop")} | {"seed": args.seed}
+    run, dist = stage_run(out, "decoder", args.resume, settings)
+    for name, p in vae.named_parameters():  # only the decoder side learns: post_quant_conv + decoder
+        p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
+    first = r["vae_steps"] * r["vae_batch"]  # the vae stage drew sample numbers 0 .. first - 1
+
+    def batch_loss(step):
+        numbers = range(first + (step - 1) * r["vae_batch"], first + step * r["vae_batch"])
+        images, noise = small.vae_batch(photos, numbers, r["vae_crop"], args.seed)
+        return small.vae_loss(vae, images, noise)
+
+    small.fit(run, vae, batch_loss, steps=r["decoder_steps"], lr=r["decoder_lr"], every=r["every"], dist=dist,
+              fields=("step", "loss", "l1", "grad", "kl"), desc="decoder")
+    vae.requires_grad_(False)
+    small.save_net(vae, done)
+    return vae
+
+
+def check_family(family):
+    """--start-from's folder must be a shipped family whose files match its manifest: else one line."""
+    from minidiff.errors import CheckpointError
+    from minidiff.family import verify_small
+    try:
+        verify_small(family)
+    except CheckpointError as e:
+        raise UsageError(f"--start-from {family}: {e}") from None
+
+
+def start_from(out, family):
+    """--start-from: a shipped family's VAE, text tower and UNet (fp16 -> fp32) as the finished vae, text and
+    unet stages of `out`, its latent scale as the latents stage (that run's latents are not shipped: only
+    their scale is needed once the UNet is trained), its plugins as the finished plugins stage."""
+    from minidiff.family import small_paths
+    from minidiff.io.loading import load_stable_diffusion
+    paths = small_paths(family)
+    sd = load_stable_diffusion(paths["sd"], dtype=torch.float32)
+    for net, name in ((sd.vae, "vae/vae.safetensors"), (sd.text_encoder, "text/text.safetensors"),
+                      (sd.unet, "unet/unet.safetensors")):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        small.save_net(net, out / name)
+    empty = torch.zeros(0, 4, 1, 1)
+    meta = {"latent_scale": repr(sd.vae.cfg.latent_scale), "start_from": str(family)}
+    atomic_write(out / "latents.safetensors", lambda tmp: save_file({"mean": empty, "logvar": empty}, tmp,
+                                                                    metadata=meta))
+    (out / "base" / "plugins").mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(paths["plugins"]).glob("*.safetensors")):
+        plugin = load_plugin(str(path), dtype=torch.float32)
+        save_plugin(plugin, out / "base" / "plugins" / path.name, plugin.metadata)
+    print(f"start from {family}: vae, latent scale {sd.vae.cfg.latent_scale:.5f}, text, unet and "
+          f"{len(list((out / 'base' / 'plugins').iterdir()))} plugins taken as finished stages", flush=True)
 
 
 def stage_latents(out, vae, photos, r, args):
@@ -364,11 +430,19 @@ def main(argv=None):
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise UsageError(f"--output {out} already holds a recipe; add --resume to continue it "
                          "or choose another --output")
+    if args.start_from and args.resume:
+        raise UsageError("--start-from begins a new --output; --resume continues one (use one of them)")
+    if args.start_from:
+        check_family(args.start_from)
     paths = training_photos(args.data)
     photos = open_photos(paths, r["size"])
     photo_dir = os.path.dirname(paths[0])
     out.mkdir(parents=True, exist_ok=True)
+    if args.start_from:
+        start_from(out, args.start_from)
     save_json_atomic({"recipe": name, "data": args.data, "photos": len(paths), "seed": args.seed,
+                      "start_from": args.start_from or (json.loads((out / "recipe.json").read_text()).get(
+                          "start_from") if (out / "recipe.json").exists() else None),
                       **{k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}}, out / "recipe.json")
     print(f"small family: {len(paths)} training photos from {args.data}, recipe {name} -> {out}", flush=True)
     times_path = out / "times.json"
@@ -382,19 +456,23 @@ def main(argv=None):
         save_json_atomic(times, times_path)
         return result
 
+    def reached(stage):
+        return last >= STAGES.index(stage)
+
     text, vision = small.random_towers()
     vae = timed("vae", stage_vae, out, photos, r, args)
-    latents = timed("latents", stage_latents, out, vae, photos, r, args) if last >= 1 else None
-    text = timed("text", stage_text, out, text, r, args) if last >= 2 else text
-    unet = timed("unet", stage_unet, out, latents, small.null_context(text), r, args) if last >= 3 else None
-    if last < 4:
+    latents = timed("latents", stage_latents, out, vae, photos, r, args) if reached("latents") else None
+    vae = timed("decoder", stage_decoder, out, vae, photos, r, args) if reached("decoder") else vae
+    text = timed("text", stage_text, out, text, r, args) if reached("text") else text
+    unet = timed("unet", stage_unet, out, latents, small.null_context(text), r, args) if reached("unet") else None
+    if not reached("base"):
         return 0
     sd_path, clip_path = stage_base(out, vae, unet, text, vision, latents[2])
     timed("figures", figures, out, args.data, vae, unet, text, latents[2], r)
-    if last < 5:
+    if not reached("plugins"):
         return 0
     plugins = timed("plugins", stage_plugins, out, photo_dir, sd_path, clip_path, r, args)
-    if last < 6:
+    if not reached("selector"):
         return 0
     selector = timed("selector", stage_selector, out, paths, sd_path, clip_path, plugins, r, args)
     if args.ship:
