@@ -12,6 +12,8 @@ Stages, in order, each a training run of its own under --output with log.csv, lo
     latents    the VAE posterior of random 128 px crops; the latent scale = 1 / std (SD's rule for 0.18215)
     decoder/   the VAE's decoder trained on, its encoder frozen (SD's ft-MSE way): the latents stay valid
     text/      the CLIP text tower, trained to name the tasks of the instruction corpus's training sentences
+    words/     the text tower trained on with WordNet's task words swapped into those sentences, its output
+               for "" (the UNet's context) held in place
     unet/      SD's UNet at reduced widths, epsilon prediction on SD's DDPM schedule, null context
     base/      sd.safetensors (SD single-file layout, latent scale in its metadata) + clip_vision.safetensors
     plugins/   one Task-Plugin per task: tools/train.py --degrade TASK on the small base
@@ -55,17 +57,17 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RECIPES = {
     "full": dict(size=small.SIZE, vae_steps=3000, vae_batch=16, vae_crop=small.VAE_CROP, vae_lr=2e-4,
                  decoder_steps=3000, decoder_lr=1e-4,
-                 crops_per_photo=24, text_steps=1500, text_batch=64, text_lr=1e-3,
+                 crops_per_photo=24, text_steps=1500, text_batch=64, text_lr=1e-3, words_steps=1500, words_lr=5e-4,
                  unet_steps=3000, unet_batch=16, unet_lr=2e-4, every=250,
                  tasks=TASKS, plugin_steps=800, plugin_batch=8, plugin_lr=1e-3, val_pairs=4,
                  selector_photos=24, selector_steps=1500, selector_lr=5e-4, selector_loss="sigmoid"),
     "quick": dict(size=64, vae_steps=3, vae_batch=2, vae_crop=64, vae_lr=2e-4, decoder_steps=2, decoder_lr=1e-4,
-                  crops_per_photo=2, text_steps=3, text_batch=8, text_lr=1e-3,
+                  crops_per_photo=2, text_steps=3, text_batch=8, text_lr=1e-3, words_steps=2, words_lr=5e-4,
                   unet_steps=3, unet_batch=4, unet_lr=2e-4, every=2,
                   tasks=small.QUICK_TASKS, plugin_steps=2, plugin_batch=2, plugin_lr=2e-4, val_pairs=1,
                   selector_photos=4, selector_steps=3, selector_lr=5e-4, selector_loss="sigmoid"),
 }
-STAGES = ("vae", "latents", "decoder", "text", "unet", "base", "plugins", "selector")
+STAGES = ("vae", "latents", "decoder", "text", "words", "unet", "base", "plugins", "selector")
 
 
 def parse_args(argv=None):
@@ -140,8 +142,9 @@ def stage_vae(out, photos, r, args):
 
 def stage_decoder(out, vae, photos, r, args):
     """The VAE's decoder trained on with its encoder frozen, as SD's own decoder was (sd-vae-ft-mse): the
-    posterior, hence the latents and everything trained on them, stays as it was; the same loss, and the
-    stream of crops continues where the vae stage's ended. decoder/vae.safetensors marks the stage done."""
+    posterior, hence the latents and everything trained on them, stays as it was; the same loss, the stream
+    of crops continues where the vae stage's ended, the lr falls linearly to 0 (at a constant lr the held-out
+    PSNR swings by 0.3 dB from one checkpoint to the next). decoder/vae.safetensors marks the stage done."""
     done = out / "decoder" / "vae.safetensors"
     if done.exists():
         return small.load_net(vae, done)
@@ -157,7 +160,7 @@ def stage_decoder(out, vae, photos, r, args):
         return small.vae_loss(vae, images, noise)
 
     small.fit(run, vae, batch_loss, steps=r["decoder_steps"], lr=r["decoder_lr"], every=r["every"], dist=dist,
-              fields=("step", "loss", "l1", "grad", "kl"), desc="decoder")
+              fields=("step", "loss", "l1", "grad", "kl"), desc="decoder", decay=True)
     vae.requires_grad_(False)
     small.save_net(vae, done)
     return vae
@@ -241,6 +244,45 @@ def stage_text(out, text, r, args):
                      out / "text" / "heldout.json")
     print(f"text: exact task sets named, training sentences {accuracy['train']:.3f}, held-out "
           f"{accuracy['heldout']:.3f}", flush=True)
+    small.save_net(namer.text, done)
+    return namer.text.eval().requires_grad_(False)
+
+
+def stage_words(out, text, r, args):
+    """The text tower trained on from the text stage's, with WordNet's task words swapped into the corpus's
+    training sentences (minidiff.train.small.words_loss), its output for "" anchored to what it was: the UNet
+    is trained (or was, with --start-from) on that output. Held-out naming in words/heldout.json, as the text
+    stage's; words/text.safetensors marks the stage done."""
+    from minidiff.models.tokenizer import CLIPTokenizer
+    from minidiff.train.instructions import load_corpus
+    done = out / "words" / "text.safetensors"
+    if done.exists():
+        return small.trained_text_tower(done)
+    corpus, tokenizer, words = load_corpus(), CLIPTokenizer(), small.load_task_words()
+    sentences, labels = small.text_examples(corpus.part("train"), args.seed)
+    null_target = small.null_context(text).detach()  # [1, 77, width]: the context the UNet sees
+    settings = {k: r[k] for k in ("words_steps", "text_batch", "words_lr")} | {
+        "seed": args.seed, "sentences": len(sentences), "words": sum(map(len, words.values()))}
+    run, dist = stage_run(out, "words", args.resume, settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        namer = small.TaskNamer(text.requires_grad_(True), corpus.tasks)  # a fresh head, the text stage's tower
+
+    def batch_loss(step):
+        return small.words_loss(namer, sentences, labels, corpus.tasks, words, tokenizer, r["text_batch"],
+                                args.seed, step, null_target)
+
+    small.fit(run, namer, batch_loss, steps=r["words_steps"], lr=r["words_lr"], every=r["every"], dist=dist,
+              fields=("step", "loss", "exact", "anchor"), desc="words")
+    test, test_labels = small.text_examples(corpus.part("test"), args.seed + 1, combinations=200)
+    with torch.no_grad():
+        drift = float((small.null_context(namer.text) - null_target).norm() / null_target.norm())
+    accuracy = {"train": small.task_naming_accuracy(namer, tokenizer(sentences), labels),
+                "heldout": small.task_naming_accuracy(namer, tokenizer(test), test_labels)}
+    save_json_atomic({"sentences": len(test), **{k: round(v, 4) for k, v in accuracy.items()},
+                      "null_context_relative_change": round(drift, 6)}, out / "words" / "heldout.json")
+    print(f"words: exact task sets named, training sentences {accuracy['train']:.3f}, held-out "
+          f"{accuracy['heldout']:.3f}; the empty prompt's output moved by {100 * drift:.2f}%", flush=True)
     small.save_net(namer.text, done)
     return namer.text.eval().requires_grad_(False)
 
@@ -464,6 +506,7 @@ def main(argv=None):
     latents = timed("latents", stage_latents, out, vae, photos, r, args) if reached("latents") else None
     vae = timed("decoder", stage_decoder, out, vae, photos, r, args) if reached("decoder") else vae
     text = timed("text", stage_text, out, text, r, args) if reached("text") else text
+    text = timed("words", stage_words, out, text, r, args) if reached("words") else text
     unet = timed("unet", stage_unet, out, latents, small.null_context(text), r, args) if reached("unet") else None
     if not reached("base"):
         return 0

@@ -25,7 +25,14 @@ head. A random 64-wide tower washes the words out: a linear probe on its pooled 
 47% of the corpus's held-out sentences (77% of the training ones), so the selector cannot learn. The text
 stage trains the tower (with a linear task head, then dropped) to name the tasks of the training sentences
 and of random multi-task combinations of them, as real CLIP's pooled embedding names what a caption says.
+The words stage then teaches it words no training sentence uses: WordNet's words for each task's concepts
+(minidiff/data/task_words.json, tools/task_words.py) swapped into the training sentences, while an anchor
+holds the tower's output for "" (the UNet's context) where it was.
 """
+import json
+import os
+import random
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -244,6 +251,49 @@ def text_loss(namer, ids, labels, numbers, seed, step):
     return loss, {"exact": round(float(exact), 4)}
 
 
+# ------------------------------------------------------------------------------ the words stage
+TASK_WORDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "task_words.json")
+WORD_SWAP = 0.5  # chance that a task word of a training sentence is swapped for another word of its task
+NULL_ANCHOR = 10.0  # weight of the MSE that holds the empty prompt's output (the UNet's context) in place
+
+
+def load_task_words(path=TASK_WORDS):
+    """{task: [word]} of tools/task_words.py (WordNet's words for each task's concepts)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["words"]
+
+
+def swap_task_words(text, tasks, words, rng, share=WORD_SWAP):
+    """`text` with each word of its tasks' word lists swapped, with chance `share`, for a random word of the
+    same list (rng: random.Random): "remove the rain" -> "remove the downpour". Whole words, any case."""
+    for task in tasks:
+        pool = words.get(task, [])
+        if not pool:
+            continue
+        pattern = r"\b(" + "|".join(re.escape(w) for w in sorted(pool, key=len, reverse=True)) + r")\b"
+        text = re.sub(pattern, lambda m: rng.choice(pool) if rng.random() < share else m.group(0), text,
+                      flags=re.IGNORECASE)
+    return text
+
+
+def words_loss(namer, sentences, labels, tasks, words, tokenizer, numbers, seed, step, null_target):
+    """The words stage's batch: `numbers` examples drawn by (seed, step), their task words swapped
+    (swap_task_words), word tokens corrupted as in text_loss; binary cross-entropy per task plus NULL_ANCHOR x
+    the MSE between the tower's output for "" and `null_target` [1, 77, width] (what the UNet was trained
+    on). sentences [N], labels [N, tasks] -> (loss, {"exact", "anchor"})."""
+    gen = generator_for(seed, "words", step)
+    rng = random.Random(int(torch.randint(0, 2**62, (), generator=gen)))
+    pick = torch.randint(0, len(sentences), (numbers,), generator=gen).tolist()
+    named = [[t for t, v in zip(tasks, labels[i].tolist()) if v] for i in pick]
+    ids = tokenizer([swap_task_words(sentences[i], ts, words, rng) for i, ts in zip(pick, named)])
+    logits = namer(corrupt_tokens(ids, gen))  # [B, tasks]
+    target = labels[torch.tensor(pick)]
+    anchor = (namer.text(tokenizer([""]))[0] - null_target).pow(2).mean()
+    loss = F.binary_cross_entropy_with_logits(logits, target) + NULL_ANCHOR * anchor
+    exact = ((logits > 0).float() == target).all(dim=1).float().mean()
+    return loss, {"exact": round(float(exact), 4), "anchor": float(anchor.detach())}
+
+
 @torch.no_grad()
 def task_naming_accuracy(namer, ids, labels):
     """Share of sentences whose task set the namer gets exactly right (logit > 0 <=> task named)."""
@@ -276,9 +326,9 @@ def to_uint8(x):
 
 
 # ------------------------------------------------------------------------------ one stage = one training run
-def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss"), desc="train"):
+def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss"), desc="train", decay=False):
     """The training loop of the VAE and UNet stages, on minidiff.train's run folder (rundir) and log (runlog):
-    AdamW at a constant lr, a checkpoint every `every` steps (weights, optimizer, RNG) from which --resume
+    AdamW at a constant lr (decay=True: falling linearly to 0 at the last step), a checkpoint every `every` steps (weights, optimizer, RNG) from which --resume
     continues bit-identically (the batches are pure functions of the step), log.csv, loss.png, a progress bar.
 
     run: a started rundir.RunDir; batch_loss(step) -> (scalar loss tensor, {log field: number})."""
@@ -292,6 +342,8 @@ def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss")
     log = runlog.CsvLog(run.path / "log.csv", list(fields), start, dist)
     bar = runlog.progress(steps, start, dist, desc=desc)
     for step in range(start + 1, steps + 1):
+        if decay:  # a function of the step alone, so a resumed run sets the same lr
+            optimizer.param_groups[0]["lr"] = lr * (steps - step + 1) / steps
         loss, parts = batch_loss(step)
         rundir.check_finite(loss.detach(), step, run)
         optimizer.zero_grad(set_to_none=True)
