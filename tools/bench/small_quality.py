@@ -8,8 +8,9 @@ and of the restored output against the clean photo, and the grid `input | output
 Each held-out photo is scaled (PIL bicubic) to short side --size and centre-cropped to a square: the clean
 photo. Its degraded copy comes from minidiff.train.degrade (seed (--seed, photo index)); the restore is the
 official loop (minidiff.plugin.plugin.restore: --steps UniPC steps, noise seed --seed). PSNR/SSIM on RGB,
-uint8, no border crop (minidiff.eval.metrics: Gaussian-window SSIM, Wang et al. 2004). Writes quality.json,
-quality.md (the table) and grid.png.
+uint8, no border crop (minidiff.eval.metrics: Gaussian-window SSIM, Wang et al. 2004). The VAE ceiling: the
+clean photo encoded (posterior mean) and decoded, with no plugin: no output of a latent model with this VAE
+can be expected above it. Writes quality.json, quality.md (the table) and grid.png.
 """
 import json
 import os
@@ -66,6 +67,19 @@ def measure(models, photos, tasks, steps, seed):
     return table, rows
 
 
+@torch.no_grad()
+def vae_ceiling(vae, photos):
+    """Mean PSNR (dB) of the clean photos through the VAE alone (encode, posterior mean, decode), uint8."""
+    p = next(vae.parameters())
+    values = []
+    for clean in photos:
+        x = torch.from_numpy(np.asarray(clean.convert("RGB"))).permute(2, 0, 1)[None].to(p.dtype) / 127.5 - 1
+        y = vae.decode(vae.encode(x.to(p.device))[0])[0].clamp(-1, 1)  # [3, H, W]
+        out = ((y + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        values.append(psnr(out, np.asarray(clean.convert("RGB"))))
+    return float(np.mean(values))
+
+
 def grid(rows, size):
     """One row per (task, photo): input | output | clean, the task written on the left."""
     label = 80
@@ -119,12 +133,15 @@ def main(argv=None):
     if unknown:
         raise UsageError(f"--tasks {' '.join(unknown)}: no such plugin in {args.models}")
     table, rows = measure(models, photos, args.tasks, args.steps, args.seed)
+    ceiling = vae_ceiling(models.sd.vae, photos)
+    print(f"VAE ceiling (clean photo encoded and decoded) {ceiling:.2f} dB", flush=True)
     record = {"models": os.path.abspath(args.models), "photos": [os.path.basename(q) for q in paths],
+              "vae_ceiling_psnr": ceiling,
               "size": args.size, "steps": args.steps, "seed": args.seed, "sampler": "unipc",
               "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(), "tasks": table}
     os.makedirs(args.output, exist_ok=True)
     save_json_atomic(record, os.path.join(args.output, "quality.json"))
-    text = markdown(table, args.steps)
+    text = markdown(table, args.steps) + f"VAE ceiling: {ceiling:.2f} dB\n"
     atomic_write(os.path.join(args.output, "quality.md"), lambda tmp: open(tmp, "w").write(text))
     sheet = grid(rows, args.size)
     atomic_write(os.path.join(args.output, "grid.png"), lambda tmp: sheet.save(tmp, format="PNG"))
