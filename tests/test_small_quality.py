@@ -1,9 +1,10 @@
 """The shipped small family's restoration quality (issue 18) holds the figures measured for the README, on
 held-out photos that no stage trained on: a regression guard for the whole restore path of the small family
 (its files, the latent scale, the CLIP input size, the plugin loop), not a proof of the issue's targets,
-which the README reports as met or missed. tests/data/heldout: 6 public-domain / CC0 photos (128 x 128 centre crops; see its README.md), each
-degraded by minidiff.train.degrade with seed (0, index) and restored with its task's plugin, 20 UniPC steps,
-noise seed 0 (tools/bench/small_quality.py, the script behind the README's table, measures the same way).
+which the README reports as met or missed. tests/data/heldout: 6 public-domain / CC0 photos (128 x 128 centre
+crops; see its README.md), each degraded by minidiff.train.degrade with seed (0, index) and restored with its
+task's plugin, 20 UniPC steps, noise seed 0 (tools/bench/small_quality.py, the script behind the README's
+table, measures the same way). And the shipped selector's held-out accuracy (the last test).
 """
 import os
 from pathlib import Path

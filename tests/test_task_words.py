@@ -43,7 +43,8 @@ def write_wordnet(folder, synsets, senses):
         (folder / f"data.{name}").write_text("  1 licence header line\n" + "".join(lines[pos]), encoding="latin-1")
         index = ["  1 licence header line\n"]
         for lemma, keys in sorted(senses.get(pos, {}).items()):
-            index.append(f"{lemma} {pos} {len(keys)} 0 {len(keys)} 0 " + " ".join(f"{offsets[k]:08d}" for k in keys) + "  \n")
+            synsets_of = " ".join(f"{offsets[k]:08d}" for k in keys)
+            index.append(f"{lemma} {pos} {len(keys)} 0 {len(keys)} 0 {synsets_of}  \n")
         (folder / f"index.{name}").write_text("".join(index), encoding="latin-1")
 
 

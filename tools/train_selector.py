@@ -17,7 +17,8 @@ RUN_DIR (--output) gets selector.safetensors (for tools/sample.py --selector), P
 README "Which loss"); sigmoid: the selection rule (score > 0) trained directly, the small family's choice;
 logit_scale is kept out of AdamW's weight decay.
 Exit status (tools/_cli.py, README): 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data
-(one line); 3 the loss became NaN/inf; 130 Ctrl-C, 143 SIGTERM (the last checkpoint stays the latest). Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/train/selector_training.py.
+(one line); 3 the loss became NaN/inf; 130 Ctrl-C, 143 SIGTERM (the last checkpoint stays the latest).
+Paper: Liu et al., Diff-Plugin (CVPR 2024) sec. 3.4; see minidiff/train/selector_training.py.
 """
 import hashlib
 import os

@@ -17,7 +17,8 @@ Stages, in order, each a training run of its own under --output with log.csv, lo
     unet/      SD's UNet at reduced widths, epsilon prediction on SD's DDPM schedule, null context
     base/      sd.safetensors (SD single-file layout, latent scale in its metadata) + clip_vision.safetensors
     plugins/   one Task-Plugin per task: tools/train.py --degrade TASK on the small base
-    selector/  the Plugin-Selector: tools/train_selector.py on degraded photos of each task
+    selector/  the Plugin-Selector: tools/train_selector.py on degraded photos of each task; its held-out
+               figures (tools/eval_selector.py) in selector/heldout.json
 --ship DIR then writes the family, fp16, with manifest.json (sha256 of every file) into DIR.
 --start-from DIR (a shipped family, e.g. checkpoints/small) begins a new --output with that family's VAE,
 latent scale, text tower, UNet and plugins as finished stages (fp16 -> fp32), so that the stages a newer
@@ -42,6 +43,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import train as train_tool  # noqa: E402  (tools/train.py: the Task-Plugin stage)
 import train_selector as selector_tool  # noqa: E402  (tools/train_selector.py: the selector stage)
+import eval_selector as eval_selector_tool  # noqa: E402  (tools/eval_selector.py: its held-out figures)
 from _cli import OneLineParser, check_writable, int_range, run  # noqa: E402
 from minidiff.errors import UsageError  # noqa: E402
 from minidiff.io.files import atomic_write, save_json_atomic, sha256_file  # noqa: E402
@@ -164,6 +166,20 @@ def stage_decoder(out, vae, photos, r, args):
     vae.requires_grad_(False)
     small.save_net(vae, done)
     return vae
+
+
+def check_outputs(args, out):
+    """One line, before anything is trained, for an --output / --ship / --start-from that cannot work."""
+    check_writable(out)
+    if args.ship:
+        check_writable(args.ship)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise UsageError(f"--output {out} already holds a recipe; add --resume to continue it "
+                         "or choose another --output")
+    if args.start_from and args.resume:
+        raise UsageError("--start-from begins a new --output; --resume continues one (use one of them)")
+    if args.start_from:
+        check_family(args.start_from)
 
 
 def check_family(family):
@@ -404,9 +420,10 @@ def stage_plugins(out, photos_dir, sd_path, clip_path, r, args):
     return plugins
 
 
-def selector_images(out, photo_paths, r, args):
-    """<out>/selector_images/<task>/: degraded copies of the first photos, the selector's pseudo-labels."""
-    root = out / "selector_images"
+def selector_images(out, photo_paths, r, args, name="selector_images"):
+    """<out>/<name>/<task>/: degraded copies of the first photos (the selector's pseudo-labels; for
+    name="selector_heldout", the held-out photos its evaluation pairs with the held-out instructions)."""
+    root = out / name
     for task in r["tasks"]:
         folder = root / task
         folder.mkdir(parents=True, exist_ok=True)
@@ -421,21 +438,37 @@ def selector_images(out, photo_paths, r, args):
 
 
 def stage_selector(out, photo_paths, sd_path, clip_path, plugins, r, args):
-    """The Plugin-Selector through tools/train_selector.py; selector/selector.safetensors."""
+    """The Plugin-Selector through tools/train_selector.py; selector/selector.safetensors. Then, when --data
+    has a held-out split, tools/eval_selector.py on its degraded photos and the corpus' held-out
+    instructions: selector/heldout.json (Table 5's three settings)."""
     images = selector_images(out, photo_paths, r, args)
     run_dir = out / "selector"
-    if (run_dir / "selector.safetensors").exists():
-        return run_dir / "selector.safetensors"
+    if not (run_dir / "selector.safetensors").exists():
+        train_selector(out, run_dir, images, sd_path, clip_path, plugins, r, args)
+    heldout = heldout_photos(args.data)
+    if heldout and not (run_dir / "heldout.json").exists():
+        argv = ["--selector", str(run_dir / "selector.safetensors"), "--sd", str(sd_path),
+                "--clip", str(clip_path), "--plugins", str(plugins), "--cache", str(out / "selector-cache"),
+                "--json", str(run_dir / "heldout.json"),
+                "--images", str(selector_images(out, heldout, r, args, "selector_heldout"))]
+        code = eval_selector_tool.main(argv)
+        if code:
+            sys.exit(code)
+    return run_dir / "selector.safetensors"
+
+
+def train_selector(out, run_dir, images, sd_path, clip_path, plugins, r, args):
+    """tools/train_selector.py with the recipe's settings (--resume when the run folder exists)."""
     argv = ["--output", str(run_dir), "--images", str(images), "--plugins", str(plugins),
             "--sd", str(sd_path), "--clip", str(clip_path), "--steps", str(r["selector_steps"]),
-            "--lr", str(r["selector_lr"]), "--loss", r["selector_loss"], "--seed", str(args.seed), "--cache", str(out / "selector-cache"),
+            "--lr", str(r["selector_lr"]), "--loss", r["selector_loss"], "--seed", str(args.seed),
+            "--cache", str(out / "selector-cache"),
             "--checkpoint-every", str(max(1, r["selector_steps"] // 3)), "--keep-checkpoints", "2"]
     if run_dir.exists():
         argv.append("--resume")
     code = selector_tool.main(argv)
     if code:
         sys.exit(code)
-    return run_dir / "selector.safetensors"
 
 
 def ship(dest, sd_path, clip_path, plugins, selector_path, recipe_name, working_size):
@@ -466,16 +499,7 @@ def main(argv=None):
     name = "quick" if args.quick else "full"
     r = RECIPES[name]
     out = Path(args.output)
-    check_writable(out)
-    if args.ship:
-        check_writable(args.ship)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise UsageError(f"--output {out} already holds a recipe; add --resume to continue it "
-                         "or choose another --output")
-    if args.start_from and args.resume:
-        raise UsageError("--start-from begins a new --output; --resume continues one (use one of them)")
-    if args.start_from:
-        check_family(args.start_from)
+    check_outputs(args, out)
     paths = training_photos(args.data)
     photos = open_photos(paths, r["size"])
     photo_dir = os.path.dirname(paths[0])

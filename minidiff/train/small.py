@@ -328,8 +328,9 @@ def to_uint8(x):
 # ------------------------------------------------------------------------------ one stage = one training run
 def fit(run, net, batch_loss, *, steps, lr, every, dist, fields=("step", "loss"), desc="train", decay=False):
     """The training loop of the VAE and UNet stages, on minidiff.train's run folder (rundir) and log (runlog):
-    AdamW at a constant lr (decay=True: falling linearly to 0 at the last step), a checkpoint every `every` steps (weights, optimizer, RNG) from which --resume
-    continues bit-identically (the batches are pure functions of the step), log.csv, loss.png, a progress bar.
+    AdamW at a constant lr (decay=True: falling linearly to 0 at the last step), a checkpoint every `every`
+    steps (weights, optimizer, RNG) from which --resume continues bit-identically (the batches are pure
+    functions of the step), log.csv, loss.png, a progress bar.
 
     run: a started rundir.RunDir; batch_loss(step) -> (scalar loss tensor, {log field: number})."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
