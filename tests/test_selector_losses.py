@@ -229,7 +229,7 @@ def test_train_selector_flag_matches_the_library():
     spec = importlib.util.spec_from_file_location("train_selector_for_loss_test", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.parse_args(["--output", "x"]).loss == st.DEFAULT_LOSS == "supcon"
+    assert tool.parse_args(["--output", "x"]).loss == st.DEFAULT_LOSS == "sigmoid"
     assert tool.parse_args(["--output", "x", "--loss", "infonce"]).loss == "infonce"
     assert "loss" in tool.FIXED  # --resume refuses to switch the loss mid-run
     with pytest.raises(SystemExit):

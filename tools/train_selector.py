@@ -13,8 +13,8 @@ minidiff/data/instructions.json; a new task = a new key there). Only the corpus'
 RUN_DIR (--output) gets selector.safetensors (for tools/sample.py --selector), PromptTunner.pt with
 --export-official (the official demo.py loads it), checkpoints/step-NNNNNN/, log.csv, loss.png, config.json.
 --fake-weights: random tiny networks; without --images, 8 random photos per corpus task.
---loss decoupled|infonce|supcon: the reading of eq. 6 (default supcon, by tools/bench/selector_ablation.py;
-README "Which loss"); sigmoid: the selection rule (score > 0) trained directly, the small family's choice;
+--loss decoupled|infonce|supcon: the readings of eq. 6; sigmoid (the default, by tools/bench/selector_ablation.py
+on the small family, README "Which loss"): the selection rule (score > 0) trained directly;
 logit_scale is kept out of AdamW's weight decay.
 Exit status (tools/_cli.py, README): 0 done; 1 failed (unreadable weights, I/O); 2 bad command line or data
 (one line); 3 the loss became NaN/inf; 130 Ctrl-C, 143 SIGTERM (the last checkpoint stays the latest).
@@ -58,12 +58,12 @@ def parse_args(argv=None):
     a("--batch-size", type=int_range(1), default=8, help="photos per update, one positive instruction each (paper: 8)")
     a("--negatives", type=int_range(1), default=7, help="negative instructions per photo, N of eq. 6 (paper: 7)")
     a("--lr", type=positive_float, default=1e-5, help="constant AdamW learning rate (paper: 1e-5)")
-    a("--loss", choices=list(st.LOSSES), default="supcon",
+    a("--loss", choices=list(st.LOSSES), default=st.DEFAULT_LOSS,
       help="reading of eq. 6: decoupled (literal: each photo's own texts, positive out of the denominator), "
            "infonce (all texts of the batch, positive in, same-task texts masked), supcon (all texts of "
-           "the batch, same-task texts are positives; the default, by the README's ablation), sigmoid (not "
-           "eq. 6: every plugin's score on each photo against every text, binary label 'asks for it', "
-           "the selection rule score > 0 trained directly; the small family's recipe)")
+           "the batch, same-task texts are positives); or sigmoid (not eq. 6: every plugin's score on each "
+           "photo against every text, binary label 'asks for it', the selection rule score > 0 trained "
+           "directly; the default, by the README's ablation on the small family)")
     a("--seed", type=int, default=0, help="seed of the initial weights, the text combinations, the batches")
     a("--init", help="start from this selector (official PromptTunner.pt or minidiff .safetensors)")
     a("--checkpoint-every", type=int_range(1), default=500, help="write a checkpoint every K steps (and at the end)")

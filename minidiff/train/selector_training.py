@@ -69,7 +69,7 @@ TRAIN_COMBINATIONS = 1000  # random multi-task requests drawn once from the trai
 MULTI_POSITIVE_SHARE = 0.5  # share of positives drawn from multi-task requests naming the photo's task
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp on the learned temperature (1/tau <= 100)
 LOSSES = ("decoupled", "infonce", "supcon", "sigmoid")  # readings of eq. 6 (module docstring; train_selector.py --loss)
-DEFAULT_LOSS = "supcon"  # chosen by the ablation in README (tools/bench/selector_ablation.py)
+DEFAULT_LOSS = "sigmoid"  # chosen by the ablation on the small family in README (tools/bench/selector_ablation.py)
 WEIGHT_DECAY = 0.01  # AdamW's default (the paper: "default parameters"), on proj_v / proj_t only
 TEXT_CHUNK = 256  # sentences per text-encoder call (and per cache shard)
 PHOTO_CHUNK = 256  # photos per cache shard (a kill loses at most one shard of work)
