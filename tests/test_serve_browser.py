@@ -67,6 +67,9 @@ def test_upload_preset_run_before_after(page):
     assert element(b, "#prompt", "e.value") == "remove rain"
     b.wait("!document.querySelector('#plan').hidden && !document.querySelector('#run').disabled")
     assert element(b, "#scores", "e.rows.length") == 9  # 8 plugins + null
+    if SHOTS:  # the README's picture: seed 42, tools/sample.py's default, so that it shows what the CLI gives
+        b.js("(c => { c.checked = false; c.dispatchEvent(new Event('change')); })"
+             "(document.querySelector('#seed-random')); document.querySelector('#seed').value = 42")
     b.click("#run")
     b.wait("(e => e.complete && e.naturalWidth > 0)(document.querySelector('#after'))", timeout=90)
     assert element(b, "#compare", "!e.hidden")
