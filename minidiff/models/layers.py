@@ -66,13 +66,22 @@ class GroupNorm(nn.GroupNorm):
     errs 2.2e-4 and 2.7e-2 (the contiguous kernel 4e-7 and 3e-6), bf16 6.2e-3 and 6.4e-1 (bf16 rounding: 3e-3).
     GroupNorm(x) = GroupNorm(x - k) for any k shared by a group, so:
       fp32: k = the group's mean (computed in full); errs 3e-7, about 2x the plain kernel's time.
-      bf16: k = the group's mean estimated on a 16 x 16 sample of each channel, and 0 where that mean is
-            within 4 standard deviations of zero (there the kernel's cancellation is harmless, and x - 0 is
-            exact, while x - k would round once more in bf16). Same error as the fp32-centred way (the
-            output's rounding), at 1/3 of its time: a full-precision mean would copy x to fp32 first
-            ([1, 128, 512, 512], the VAE decoder's last level: 160 ms -> 54 ms; plain kernel 29 ms).
+      bf16, nchw_copy=True (the UNet's norms: its activations are small, [2, 320, 64, 64] at 512 px): the
+            NCHW kernel on a contiguous copy, then back to channels-last: the numbers diffusers' bf16 UNet gets
+            (its activations are NCHW), bit for bit, and no slower there ([1, 320, 64, 64]: 1.6 ms vs 1.9 ms).
+            Even with its mean centred, the channels-last bf16 kernel errs more (5.2e-3 vs 3.1e-3 against
+            fp64), which showed as a bf16 UNet 1.25x off diffusers' on an AMX CPU (tests/test_bf16.py).
+      bf16, nchw_copy=False (the VAE's: 128-512 channels at up to 512 x 512): k = the group's mean estimated
+            on a 16 x 16 sample of each channel, and 0 where that mean is within 4 standard deviations of zero
+            (there the kernel's cancellation is harmless). Copies would triple this op's time there
+            ([1, 128, 512, 512]: 48 ms, NCHW copy 153 ms, fp32 centring 160 ms; plain kernel 29 ms); the VAE's
+            bf16 error stays about diffusers' own (tests/test_bf16.py).
     Contiguous (NCHW) inputs go straight to F.group_norm, whose kernel is accurate.
     """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, nchw_copy=False):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.nchw_copy = nchw_copy
 
     def forward(self, x):
         if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
@@ -83,6 +92,9 @@ class GroupNorm(nn.GroupNorm):
             mean = x.mean(dim=(2, 3)).view(B, G, C // G).mean(-1)  # [B, G]: equal-size channels: mean of means
             x = x - mean.repeat_interleave(C // G, dim=1)[:, :, None, None]  # [B, C, H, W], group means ~0
             return F.group_norm(x, G, self.weight, self.bias, self.eps)
+        if self.nchw_copy:
+            y = F.group_norm(x.contiguous(), G, self.weight, self.bias, self.eps)  # [B, C, H, W] NCHW
+            return y.contiguous(memory_format=torch.channels_last)
         sample = x[:, :, ::max(1, H // 16), ::max(1, W // 16)].float()  # [B, C, <=16, <=16]
         mean = sample.mean(dim=(2, 3)).view(B, G, C // G).mean(-1)  # [B, G]
         var = sample.square().mean(dim=(2, 3)).view(B, G, C // G).mean(-1) - mean.square()  # [B, G]

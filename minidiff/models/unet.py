@@ -53,12 +53,12 @@ class ResBlock(nn.Module):
         super().__init__()
         # SiLU in place on the GroupNorm output: one activation-sized buffer less per norm (GroupNorm's backward
         # needs its input, not its output, so this is safe under autograd too)
-        self.in_layers = nn.Sequential(GroupNorm(groups, in_ch), nn.SiLU(inplace=True),
+        self.in_layers = nn.Sequential(GroupNorm(groups, in_ch, nchw_copy=True), nn.SiLU(inplace=True),
                                        nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         # index 2 is Dropout in CompVis (p=0 at inference); kept so that conv stays at out_layers.3
-        self.out_layers = nn.Sequential(GroupNorm(groups, out_ch), nn.SiLU(inplace=True), nn.Dropout(0.0),
-                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.out_layers = nn.Sequential(GroupNorm(groups, out_ch, nchw_copy=True), nn.SiLU(inplace=True),
+                                        nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
@@ -128,7 +128,8 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, ch, heads, context_dim, groups=32):
         super().__init__()
-        self.norm = GroupNorm(groups, ch, eps=1e-6)  # eps 1e-6 here (CompVis Normalize), 1e-5 in ResBlocks
+        # eps 1e-6 here (CompVis Normalize), 1e-5 in ResBlocks; nchw_copy: bf16 as diffusers' (models/layers.py)
+        self.norm = GroupNorm(groups, ch, eps=1e-6, nchw_copy=True)
         self.proj_in = nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim)])
         self.proj_out = nn.Conv2d(ch, ch, 1)
@@ -227,7 +228,7 @@ class UNet(nn.Module):
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(*layers))
-        self.out = nn.Sequential(GroupNorm(cfg.groups, ch), nn.SiLU(),
+        self.out = nn.Sequential(GroupNorm(cfg.groups, ch, nchw_copy=True), nn.SiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, context, skip_residuals=None):
