@@ -253,14 +253,21 @@ def stage_text(out, text, r, args):
 
     small.fit(run, namer, batch_loss, steps=r["text_steps"], lr=r["text_lr"], every=r["every"], dist=dist,
               fields=("step", "loss", "exact"), desc="text")
+    return finish_text_stage(out / "text", namer, corpus, tokenizer, ids, labels, args)
+
+
+def finish_text_stage(folder, namer, corpus, tokenizer, ids, labels, args, **extra):
+    """The end of the text and words stages: exact task-set naming on the training sentences (ids, labels) and
+    the corpus' test part in <folder>/heldout.json (with `extra` figures), the tower in <folder>/text.safetensors
+    (which marks the stage done); returns the tower (eval, frozen)."""
     test, test_labels = small.text_examples(corpus.part("test"), args.seed + 1, combinations=200)
     accuracy = {"train": small.task_naming_accuracy(namer, ids, labels),
                 "heldout": small.task_naming_accuracy(namer, tokenizer(test), test_labels)}
-    save_json_atomic({"sentences": len(test), **{k: round(v, 4) for k, v in accuracy.items()}},
-                     out / "text" / "heldout.json")
-    print(f"text: exact task sets named, training sentences {accuracy['train']:.3f}, held-out "
-          f"{accuracy['heldout']:.3f}", flush=True)
-    small.save_net(namer.text, done)
+    save_json_atomic({"sentences": len(test), **{k: round(v, 4) for k, v in accuracy.items()}, **extra},
+                     folder / "heldout.json")
+    print(f"{folder.name}: exact task sets named, training sentences {accuracy['train']:.3f}, held-out "
+          f"{accuracy['heldout']:.3f}" + "".join(f"; {k} {v}" for k, v in extra.items()), flush=True)
+    small.save_net(namer.text, folder / "text.safetensors")
     return namer.text.eval().requires_grad_(False)
 
 
@@ -290,17 +297,9 @@ def stage_words(out, text, r, args):
 
     small.fit(run, namer, batch_loss, steps=r["words_steps"], lr=r["words_lr"], every=r["every"], dist=dist,
               fields=("step", "loss", "exact", "anchor"), desc="words")
-    test, test_labels = small.text_examples(corpus.part("test"), args.seed + 1, combinations=200)
-    with torch.no_grad():
-        drift = float((small.null_context(namer.text) - null_target).norm() / null_target.norm())
-    accuracy = {"train": small.task_naming_accuracy(namer, tokenizer(sentences), labels),
-                "heldout": small.task_naming_accuracy(namer, tokenizer(test), test_labels)}
-    save_json_atomic({"sentences": len(test), **{k: round(v, 4) for k, v in accuracy.items()},
-                      "null_context_relative_change": round(drift, 6)}, out / "words" / "heldout.json")
-    print(f"words: exact task sets named, training sentences {accuracy['train']:.3f}, held-out "
-          f"{accuracy['heldout']:.3f}; the empty prompt's output moved by {100 * drift:.2f}%", flush=True)
-    small.save_net(namer.text, done)
-    return namer.text.eval().requires_grad_(False)
+    drift = float((small.null_context(namer.text) - null_target).norm() / null_target.norm())  # relative L2
+    return finish_text_stage(out / "words", namer, corpus, tokenizer, tokenizer(sentences), labels, args,
+                             null_context_relative_change=round(drift, 6))
 
 
 def stage_unet(out, latents, context, r, args):
@@ -506,9 +505,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.start_from:
         start_from(out, args.start_from)
+    before = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").exists() else {}
     save_json_atomic({"recipe": name, "data": args.data, "photos": len(paths), "seed": args.seed,
-                      "start_from": args.start_from or (json.loads((out / "recipe.json").read_text()).get(
-                          "start_from") if (out / "recipe.json").exists() else None),
+                      "start_from": args.start_from or before.get("start_from"),  # kept across --resume
                       **{k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}}, out / "recipe.json")
     print(f"small family: {len(paths)} training photos from {args.data}, recipe {name} -> {out}", flush=True)
     times_path = out / "times.json"

@@ -32,7 +32,9 @@ from minidiff.io.files import atomic_write, save_json_atomic  # noqa: E402
 from minidiff.io.imageio import list_images, load_image  # noqa: E402
 from minidiff.plugin.plugin import restore  # noqa: E402
 from minidiff.plugin.restoration import load_models  # noqa: E402
+from minidiff.train.datasets import to_training_tensor  # noqa: E402
 from minidiff.train.degrade import degrade  # noqa: E402
+from minidiff.train.small import to_uint8  # noqa: E402
 
 QUALITY_TASKS = ("lowlight", "dehaze", "derain", "desnow", "highlight", "deblur")
 
@@ -73,10 +75,9 @@ def vae_ceiling(vae, photos):
     p = next(vae.parameters())
     values = []
     for clean in photos:
-        x = torch.from_numpy(np.asarray(clean.convert("RGB"))).permute(2, 0, 1)[None].to(p.dtype) / 127.5 - 1
-        y = vae.decode(vae.encode(x.to(p.device))[0])[0].clamp(-1, 1)  # [3, H, W]
-        out = ((y + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        values.append(psnr(out, np.asarray(clean.convert("RGB"))))
+        x = to_training_tensor(clean.convert("RGB"))[None].to(p.device, p.dtype)  # [1, 3, H, W] in [-1, 1]
+        out = to_uint8(vae.decode(vae.encode(x)[0])[0].float().cpu())  # PIL RGB
+        values.append(psnr(np.asarray(out), np.asarray(clean.convert("RGB"))))
     return float(np.mean(values))
 
 
